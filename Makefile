@@ -1,0 +1,29 @@
+# Everything runs inside .venv, created on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.flowkern-installed
+
+# torch resolves to the local CUDA build here (it runs on the CPU and lets csrc/*.cu compile);
+# triton ships with it on Linux and is listed for platforms where it does not.
+DEPS := torch numpy triton pybind11 ninja pytest pytest-benchmark scikit-learn tqdm pillow matplotlib
+
+.PHONY: setup test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet $(DEPS)
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+test: setup
+	$(PY) -m pytest tests
+
+bench: setup
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

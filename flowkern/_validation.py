@@ -1,0 +1,43 @@
+"""Input checks shared by the functional ops and the layers: clear errors instead of wrong results."""
+import torch
+
+
+def check_tensor(x, name, ndim=None, floating=True):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def check_image(x, name="x", channels=None):
+    """``x`` must be a floating (N, C, H, W) tensor, with ``channels`` channels when given."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape (N, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channels, got shape {tuple(x.shape)}")
+
+
+def check_like(t, x, name, x_name="x"):
+    """``t`` must be on ``x``'s device and of its dtype."""
+    if t.device != x.device:
+        raise ValueError(f"expected {name} on the device of {x_name} ({x.device}), got {t.device}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"expected {name} with the dtype of {x_name} ({x.dtype}), got {t.dtype}")
+
+
+def check_module_input(module, x, name="x"):
+    """``x`` must match the device and dtype of ``module``'s parameters."""
+    param = next(module.parameters(), None)
+    if param is not None:
+        check_like(x, param, name, x_name=f"the parameters of {type(module).__name__}")
+
+
+def check_choice(value, choices, name):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")

@@ -1,0 +1,118 @@
+"""Data that ships with the package's dependencies (no downloads), users' own images, and quantisation.
+
+Images are handled as integer levels (N, C, H, W) plus their number of levels ``n_bins``;
+:func:`dequantize` turns them into the continuous inputs the models take, on [-0.5, 0.5).
+"""
+import math
+import os
+
+import numpy as np
+import torch
+
+TOY_SETS = ("moons", "circles", "8gaussians", "checkerboard")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def load_digits():
+    """scikit-learn's handwritten digits: 1797 grey 8×8 images with 17 levels (0..16).
+
+    Returns ``(levels, labels)``: uint8 (1797, 1, 8, 8) and int64 (1797,). Their ``n_bins`` is 17.
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    levels = torch.from_numpy(digits.images.astype(np.uint8)).unsqueeze(1)
+    return levels, torch.from_numpy(digits.target.astype(np.int64))
+
+
+def toy2d(name: str, n: int, seed: int = 0, noise: float = 0.05) -> torch.Tensor:
+    """``n`` points (n, 2) float32 of a 2-D toy density: moons, circles, 8gaussians or checkerboard."""
+    rng = np.random.default_rng(seed)
+    if name == "moons":
+        from sklearn.datasets import make_moons
+
+        x = make_moons(n, noise=noise, random_state=seed)[0]
+        x = (x - [0.5, 0.25]) * 2.0
+    elif name == "circles":
+        from sklearn.datasets import make_circles
+
+        x = make_circles(n, noise=noise, factor=0.5, random_state=seed)[0] * 3.0
+    elif name == "8gaussians":
+        angles = rng.integers(0, 8, n) * (2 * math.pi / 8)
+        centres = np.stack([np.cos(angles), np.sin(angles)], axis=1) * 2.0
+        x = centres + rng.normal(scale=0.3, size=(n, 2))
+    elif name == "checkerboard":
+        x1 = rng.uniform(-2, 2, n)
+        x2 = rng.uniform(0, 1, n) - rng.integers(0, 2, n) * 2.0 + np.floor(x1) % 2
+        x = np.stack([x1, x2], axis=1) * 1.0
+    else:
+        raise ValueError(f"unknown toy set {name!r}; expected one of: {', '.join(TOY_SETS)}")
+    return torch.from_numpy(np.asarray(x, dtype=np.float32))
+
+
+def load_npz(path, key=None) -> torch.Tensor:
+    """Integer images from a ``.npz``: (N, H, W), (N, H, W, C) or (N, C, H, W) → uint8 (N, C, H, W).
+
+    ``key`` names the array; by default the file's only array, or ``"x"``/``"images"`` if present.
+    """
+    with np.load(path) as archive:
+        if key is None:
+            names = list(archive.keys())
+            key = next((k for k in ("x", "images") if k in names), names[0] if len(names) == 1 else None)
+            if key is None:
+                raise ValueError(f"{path} holds arrays {names}; pass key= to choose one")
+        array = archive[key]
+    return _to_nchw(array, str(path))
+
+
+def load_image_folder(path, size=None, grey=False) -> torch.Tensor:
+    """Every image file in a folder (sorted by name) as uint8 (N, C, H, W); resized to ``size`` if given."""
+    from PIL import Image
+
+    files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+    images = []
+    for name in files:
+        with Image.open(os.path.join(path, name)) as image:
+            image = image.convert("L" if grey else "RGB")
+            if size is not None:
+                image = image.resize((size, size) if isinstance(size, int) else size, Image.BILINEAR)
+            images.append(np.asarray(image))
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise ValueError(f"images in {path} differ in size {sorted(shapes)}; pass size= to resize them")
+    return _to_nchw(np.stack(images), path)
+
+
+def _to_nchw(array, source):
+    if not np.issubdtype(array.dtype, np.integer) or array.min() < 0 or array.max() > 255:
+        raise ValueError(f"{source}: expected integer images in 0..255, got dtype {array.dtype}")
+    if array.ndim == 3:
+        array = array[:, None]
+    elif array.ndim == 4 and array.shape[-1] in (1, 3, 4) and array.shape[1] not in (1, 3, 4):
+        array = array.transpose(0, 3, 1, 2)
+    elif array.ndim != 4:
+        raise ValueError(f"{source}: expected images of shape (N, H, W), (N, H, W, C) or (N, C, H, W), "
+                         f"got {array.shape}")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.uint8))
+
+
+def quantize(images: torch.Tensor, n_bits: int = 8) -> torch.Tensor:
+    """Reduce 8-bit levels (0..255) to ``n_bits`` (0..2**n_bits − 1), as Glow does for 5-bit CelebA."""
+    if not 1 <= n_bits <= 8:
+        raise ValueError(f"n_bits must be in 1..8, got {n_bits}")
+    return torch.div(images.to(torch.int64), 2 ** (8 - n_bits), rounding_mode="floor").to(torch.uint8)
+
+
+def dequantize(levels: torch.Tensor, n_bins: int, generator=None, noise: bool = True) -> torch.Tensor:
+    """Integer levels in 0..n_bins−1 → float32 ``(levels + u) / n_bins − 0.5`` with ``u ~ U[0, 1)``.
+
+    ``noise=False`` puts every value at the centre of its bin (u = 0.5), for deterministic evaluation.
+    """
+    x = levels.to(torch.float32)
+    if noise:
+        u = torch.rand(x.shape, generator=generator, device=x.device)
+    else:
+        u = torch.full_like(x, 0.5)
+    return (x + u) / n_bins - 0.5

@@ -1,0 +1,89 @@
+"""The ops layers call: inputs checked here once, then run by the active backend.
+
+Fused ops (coupling, ActNorm, 1×1 conv) go to ``flowkern.backends.resolve(device)``; the small tensor
+algebra around them (masks, LU assembly, squeeze, Gaussian standardisation) is the reference's own.
+Shapes and conventions are documented in :mod:`flowkern.reference`.
+"""
+from . import backends, reference
+from ._validation import check_choice, check_image, check_like, check_tensor
+from .reference import (  # noqa: F401  (re-exported helpers)
+    conditioner_channels,
+    conv1x1_logdet,
+    coupling_condition,
+    lu_weight,
+    lu_weight_inverse,
+    standard_normal_log_prob,
+    standardize,
+    squeeze,
+    unsqueeze,
+    unstandardize,
+)
+
+
+def _check_coupling(x, h, mask, parity, scale, x_name):
+    check_image(x, x_name)
+    check_choice(mask, reference.MASKS, "mask")
+    check_choice(parity, (0, 1), "parity")
+    check_choice(scale, reference.SCALES, "scale")
+    check_image(h, "h")
+    check_like(h, x, "h", x_name)
+    n, c, height, width = x.shape
+    if mask == "channel" and c < 2:
+        raise ValueError(f"a channel-mask coupling needs at least 2 channels, got shape {tuple(x.shape)}")
+    expected = conditioner_channels(c, mask, parity, scale)[1]
+    if h.shape != (n, expected, height, width):
+        raise ValueError(
+            f"h must have shape {(n, expected, height, width)} for a {mask}-mask {scale} coupling of "
+            f"{x_name} with shape {tuple(x.shape)}, got {tuple(h.shape)}"
+        )
+
+
+def coupling_forward(x, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
+    """Coupling ``x`` (N, C, H, W) given conditioner output ``h`` → ``(y, logdet (N,))``."""
+    _check_coupling(x, h, mask, parity, scale, "x")
+    return backends.resolve(x.device).coupling_forward(x, h, mask, parity, scale, float(bound))
+
+
+def coupling_inverse(y, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
+    """Inverse coupling of ``y`` (N, C, H, W) → ``(x, logdet (N,) of the forward map)``."""
+    _check_coupling(y, h, mask, parity, scale, "y")
+    return backends.resolve(y.device).coupling_inverse(y, h, mask, parity, scale, float(bound))
+
+
+def _check_actnorm(x, log_scale, bias, x_name):
+    check_image(x, x_name)
+    for name, p in (("log_scale", log_scale), ("bias", bias)):
+        check_tensor(p, name, ndim=1)
+        if p.shape[0] != x.shape[1]:
+            raise ValueError(f"{name} must have shape ({x.shape[1]},) for {x_name} of shape {tuple(x.shape)}")
+        if p.device != x.device:
+            raise ValueError(f"expected {name} on the device of {x_name} ({x.device}), got {p.device}")
+
+
+def actnorm_forward(x, log_scale, bias):
+    """``y = x · exp(log_scale) + bias`` per channel of ``x`` (N, C, H, W) → ``(y, logdet (N,))``."""
+    _check_actnorm(x, log_scale, bias, "x")
+    return backends.resolve(x.device).actnorm_forward(x, log_scale, bias)
+
+
+def actnorm_inverse(y, log_scale, bias):
+    """``x = (y − bias) · exp(−log_scale)`` → ``(x, logdet (N,) of the forward map)``."""
+    _check_actnorm(y, log_scale, bias, "y")
+    return backends.resolve(y.device).actnorm_inverse(y, log_scale, bias)
+
+
+def conv1x1(x, weight, bias=None):
+    """Per-pixel channel mixing of ``x`` (N, C_in, H, W) by ``weight`` (C_out, C_in) → (N, C_out, H, W)."""
+    check_image(x, "x")
+    check_tensor(weight, "weight", ndim=2)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must have shape (C_out, {x.shape[1]}) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"expected weight on the device of x ({x.device}), got {weight.device}")
+    if bias is not None:
+        check_tensor(bias, "bias", ndim=1)
+        if bias.shape[0] != weight.shape[0] or bias.device != x.device:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},) on {x.device}, "
+                             f"got {tuple(bias.shape)} on {bias.device}")
+    return backends.resolve(x.device).conv1x1(x, weight, bias)

@@ -1,0 +1,112 @@
+import math
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from .._validation import check_image, check_module_input
+from ..nn import Squeeze
+
+
+class FlowModel(nn.Module):
+    """A normalizing flow with a standard normal prior over every latent it returns.
+
+    Subclasses define ``forward(x) -> (zs, logdet)``, ``inverse(zs) -> x`` and :meth:`latent_shapes`.
+    ``zs`` is a list of per-level latents for multi-scale models and one tensor otherwise.
+    """
+
+    multi_scale = True
+
+    def latent_shapes(self) -> list:
+        """Per-sample shapes of the latents that :meth:`sample` draws, in the order of ``zs``."""
+        raise NotImplementedError
+
+    def _latents(self, zs):
+        return list(zs) if self.multi_scale else [zs]
+
+    def log_prob(self, x):
+        """Per-sample log density of ``x`` in nats, prior included: shape (N,)."""
+        zs, logdet = self(x)
+        return logdet + sum(F.standard_normal_log_prob(z) for z in self._latents(zs))
+
+    def bits_per_dim(self, x, n_bins=256):
+        """Per-sample negative log-likelihood in bits per dimension, shape (N,).
+
+        ``x`` is data dequantised onto a unit-width range (``flowkern.data.dequantize``); ``n_bins`` is the
+        number of levels it was quantised to (2**n_bits; 17 for digits), whose ``D · log(n_bins)`` term turns
+        the density into the probability of the discrete data. ``n_bins=None`` gives the continuous value.
+        """
+        dims = x[0].numel()
+        nll = -self.log_prob(x)
+        if n_bins is not None:
+            nll = nll + dims * math.log(n_bins)
+        return nll / (dims * math.log(2))
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, generator=None):
+        """Draw ``n`` samples with every latent ~ N(0, temperature²)."""
+        param = next(self.parameters())
+        zs = [temperature * torch.randn(n, *shape, generator=generator, device=param.device, dtype=param.dtype)
+              for shape in self.latent_shapes()]
+        return self.inverse(zs if self.multi_scale else zs[0])
+
+
+class _Level(nn.Module):
+    """One scale of a multi-scale flow: its layers, then what leaves the flow there."""
+
+    def __init__(self, flow, exit=None):
+        super().__init__()
+        self.flow = flow
+        self.exit = exit
+
+
+class MultiScaleFlow(FlowModel):
+    """Levels of flow layers; each level but the last ends in a :class:`~flowkern.nn.Split`.
+
+    ``forward`` returns one latent per level: the split-off ``eps`` of each level, then the output of
+    the last level (after its optional :class:`~flowkern.nn.Gaussianize`).
+    """
+
+    def __init__(self, in_channels, image_size, levels, latent_shapes):
+        super().__init__()
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.levels = nn.ModuleList(levels)
+        self._latent_shapes = latent_shapes
+        self._divisor = 2 ** sum(1 for m in self.modules() if isinstance(m, Squeeze))
+
+    def latent_shapes(self):
+        return list(self._latent_shapes)
+
+    def forward(self, x):
+        check_image(x, "x", self.in_channels)
+        check_module_input(self, x)
+        if x.shape[2] % self._divisor or x.shape[3] % self._divisor:
+            raise ValueError(f"{type(self).__name__} needs H and W divisible by {self._divisor}, "
+                             f"got shape {tuple(x.shape)}")
+        zs, logdet = [], 0
+        last = len(self.levels) - 1
+        for i, level in enumerate(self.levels):
+            x, level_logdet = level.flow(x)
+            logdet = logdet + level_logdet
+            if level.exit is not None:
+                x, exit_logdet = level.exit(x)
+                logdet = logdet + exit_logdet
+                if i < last:
+                    x, eps = x
+                    zs.append(eps)
+        zs.append(x)
+        return zs, logdet
+
+    def inverse(self, zs):
+        if not isinstance(zs, (list, tuple)) or len(zs) != len(self.levels):
+            raise ValueError(f"{type(self).__name__}.inverse expects the list of {len(self.levels)} latents "
+                             f"that forward returns")
+        x = zs[-1]
+        last = len(self.levels) - 1
+        for i in range(last, -1, -1):
+            level = self.levels[i]
+            if level.exit is not None:
+                x = level.exit.inverse(x if i == last else (x, zs[i]))
+            x = level.flow.inverse(x)
+        return x

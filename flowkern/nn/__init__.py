@@ -1,0 +1,13 @@
+"""Flow layers. Each maps ``y, logdet = layer(x)`` with ``logdet`` of shape (N,) and ``x = layer.inverse(y)``."""
+from .actnorm import ActNorm
+from .conditioners import GlowConditioner, MLPConditioner, ResNetConditioner
+from .coupling import AdditiveCoupling, AffineCoupling
+from .flowstep import FlowSequential, FlowStep
+from .invconv import InvConv1x1
+from .split import Gaussianize, Split
+from .squeeze import Squeeze
+
+__all__ = [
+    "ActNorm", "AdditiveCoupling", "AffineCoupling", "FlowSequential", "FlowStep", "Gaussianize",
+    "GlowConditioner", "InvConv1x1", "MLPConditioner", "ResNetConditioner", "Split", "Squeeze",
+]

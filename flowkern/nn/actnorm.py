@@ -1,0 +1,64 @@
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import functional as F
+from .._validation import check_image, check_module_input
+
+
+class ActNorm(nn.Module):
+    """Per-channel affine normalisation ``y = x · exp(log_scale) + bias`` (Kingma & Dhariwal 2018).
+
+    The first forward in training mode sets ``log_scale`` and ``bias`` so that the output has zero mean
+    and unit variance per channel on that batch (statistics all-reduced across processes when
+    ``torch.distributed`` is initialised). The ``initialized`` flag is a buffer, so a model restored from
+    a ``state_dict`` is not initialised again. A channel with zero variance keeps scale 1.
+
+    Shapes: x (N, C, H, W) → y (N, C, H, W), logdet (N,) = H · W · Σ log_scale.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.channels = channels
+        self.eps = eps
+        self.log_scale = nn.Parameter(torch.zeros(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("initialized", torch.tensor(False))
+        self._initialized = False  # host copy of the buffer: no device sync on every forward
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initialized = bool(self.initialized)
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Set the parameters from the batch ``x`` (N, C, H, W) so that the output is standardised."""
+        xf = x.double().transpose(0, 1).reshape(self.channels, -1)
+        stats = torch.stack([xf.sum(1), xf.pow(2).sum(1), torch.full_like(xf[:, 0], xf.shape[1])])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+        total, total_sq, count = stats
+        mean = total / count
+        std = (total_sq / count - mean.pow(2)).clamp_min(0).sqrt()
+        log_scale = torch.where(std > self.eps, -torch.log(std.clamp_min(self.eps)), torch.zeros_like(std))
+        self.log_scale.copy_(log_scale)
+        self.bias.copy_(-mean * torch.exp(log_scale))
+        self.initialized.fill_(True)
+        self._initialized = True
+
+    def _check(self, x, name):
+        check_image(x, name, self.channels)
+        check_module_input(self, x, name)
+
+    def forward(self, x):
+        self._check(x, "x")
+        if self.training and not self._initialized:
+            self.initialize(x)
+        return F.actnorm_forward(x, self.log_scale, self.bias)
+
+    def inverse(self, y):
+        self._check(y, "y")
+        return F.actnorm_inverse(y, self.log_scale, self.bias)[0]
+
+    def extra_repr(self):
+        return f"{self.channels}"

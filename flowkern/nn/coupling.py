@@ -1,0 +1,69 @@
+from torch import nn
+
+from .. import functional as F
+from .._validation import check_choice, check_image, check_module_input
+from ..reference import MASKS, SCALES
+from .conditioners import GlowConditioner
+
+
+class AffineCoupling(nn.Module):
+    """Affine coupling: the transformed part becomes ``x · s + shift`` with ``(raw, shift) = net(pass)``.
+
+    Args:
+        channels: C, the input's channel count.
+        hidden_channels: width of the default Glow conditioner.
+        mask: ``"channel"`` (halves of the channels; uneven for odd C) or ``"checkerboard"``.
+        parity: 0 or 1, which half or which squares are transformed (see :mod:`flowkern.reference`).
+        scale: ``"sigmoid"`` (Glow, ``s = sigmoid(raw + 2)``) or ``"exp"`` (RealNVP,
+            ``s = exp(bound · tanh(raw))``); ``"additive"`` makes ``s = 1``.
+        bound: the ``"exp"`` scale's bound on ``|log s|``.
+        conditioner: a module mapping (N, C_in, H, W) to (N, C_out, H, W), or a factory
+            ``conditioner(C_in, C_out) -> nn.Module``; by default a :class:`GlowConditioner`.
+            ``(C_in, C_out)`` is :attr:`conditioner_channels`.
+
+    Shapes: x (N, C, H, W) → y (N, C, H, W), logdet (N,).
+    """
+
+    def __init__(self, channels, hidden_channels=512, mask="channel", parity=0, scale="sigmoid",
+                 bound=2.0, conditioner=None):
+        super().__init__()
+        check_choice(mask, MASKS, "mask")
+        check_choice(parity, (0, 1), "parity")
+        check_choice(scale, SCALES, "scale")
+        if mask == "channel" and channels < 2:
+            raise ValueError(f"a channel-mask coupling needs at least 2 channels, got {channels}")
+        self.channels, self.mask, self.parity, self.scale, self.bound = channels, mask, parity, scale, bound
+        self.conditioner_channels = F.conditioner_channels(channels, mask, parity, scale)
+        if conditioner is None:
+            conditioner = GlowConditioner(*self.conditioner_channels, hidden_channels)
+        elif not isinstance(conditioner, nn.Module):
+            conditioner = conditioner(*self.conditioner_channels)
+        self.conditioner = conditioner
+
+    def _conditioner_output(self, x, name):
+        check_image(x, name, self.channels)
+        check_module_input(self, x, name)
+        return self.conditioner(F.coupling_condition(x, self.mask, self.parity))
+
+    def _options(self):
+        return dict(mask=self.mask, parity=self.parity, scale=self.scale, bound=self.bound)
+
+    def forward(self, x):
+        return F.coupling_forward(x, self._conditioner_output(x, "x"), **self._options())
+
+    def inverse(self, y):
+        # The pass-through part of y equals that of x, so the conditioner sees the same input.
+        return F.coupling_inverse(y, self._conditioner_output(y, "y"), **self._options())[0]
+
+    def extra_repr(self):
+        return f"{self.channels}, mask={self.mask!r}, parity={self.parity}, scale={self.scale!r}"
+
+
+class AdditiveCoupling(AffineCoupling):
+    """Additive coupling (NICE, Glow's volume-preserving variant): ``y = x + shift`` on the transformed part.
+
+    Shapes: x (N, C, H, W) → y (N, C, H, W), logdet (N,) of zeros.
+    """
+
+    def __init__(self, channels, hidden_channels=512, mask="channel", parity=0, conditioner=None):
+        super().__init__(channels, hidden_channels, mask, parity, "additive", conditioner=conditioner)

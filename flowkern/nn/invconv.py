@@ -1,0 +1,68 @@
+import torch
+from torch import nn
+
+from .. import functional as F
+from .._validation import check_image, check_module_input
+
+
+class InvConv1x1(nn.Module):
+    """Invertible 1×1 convolution (Kingma & Dhariwal 2018), initialised to a random rotation.
+
+    With ``lu=True`` the weight is ``W = P · L · (U + diag(sign · exp(log_s)))``: the log-det is
+    ``H · W · Σ log_s`` and the inverse weight comes from triangular solves. With ``lu=False`` the
+    weight is a free matrix, its log-det from ``slogdet`` and its inverse from a float64 solve.
+    ``P`` and ``sign`` are buffers, so they survive ``state_dict`` round trips.
+
+    Shapes: x (N, C, H, W) → y (N, C, H, W), logdet (N,).
+    """
+
+    def __init__(self, channels: int, lu: bool = True):
+        super().__init__()
+        self.channels = channels
+        self.lu = lu
+        rotation = torch.linalg.qr(torch.randn(channels, channels, dtype=torch.float64))[0]
+        if lu:
+            perm, lower, upper = torch.linalg.lu(rotation)
+            diag = torch.diagonal(upper)
+            self.register_buffer("perm", perm.float())
+            self.register_buffer("sign", torch.sign(diag).float())
+            self.lower = nn.Parameter(torch.tril(lower, -1).float())
+            self.upper = nn.Parameter(torch.triu(upper, 1).float())
+            self.log_s = nn.Parameter(torch.log(diag.abs()).float())
+        else:
+            self.weight = nn.Parameter(rotation.float())
+
+    def _factors(self):
+        return self.perm, self.lower, self.upper, self.sign, self.log_s
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The (C, C) mixing matrix."""
+        return F.lu_weight(*self._factors()) if self.lu else self.weight
+
+    def inverse_weight_matrix(self) -> torch.Tensor:
+        """The (C, C) inverse mixing matrix."""
+        if self.lu:
+            return F.lu_weight_inverse(*self._factors())
+        return torch.linalg.inv(self.weight.double()).to(self.weight.dtype)
+
+    def _logdet(self, x):
+        if self.lu:
+            return F.conv1x1_logdet(x, self.log_s)
+        per_pixel = torch.linalg.slogdet(self.weight.double())[1]
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return (per_pixel * (x.shape[2] * x.shape[3])).to(dtype).expand(x.shape[0])
+
+    def _check(self, x, name):
+        check_image(x, name, self.channels)
+        check_module_input(self, x, name)
+
+    def forward(self, x):
+        self._check(x, "x")
+        return F.conv1x1(x, self.weight_matrix()), self._logdet(x)
+
+    def inverse(self, y):
+        self._check(y, "y")
+        return F.conv1x1(y, self.inverse_weight_matrix())
+
+    def extra_repr(self):
+        return f"{self.channels}, lu={self.lu}"

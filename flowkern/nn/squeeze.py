@@ -1,0 +1,34 @@
+import torch
+from torch import nn
+
+from .. import functional as F
+from .._validation import check_image
+
+
+class Squeeze(nn.Module):
+    """Space-to-channel: each f×f block of pixels becomes f² channels (volume preserving).
+
+    Shapes: x (N, C, H, W) → y (N, C·f², H/f, W/f), logdet (N,) of zeros.
+    """
+
+    def __init__(self, factor: int = 2):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        check_image(x, "x")
+        if x.shape[2] % self.factor or x.shape[3] % self.factor:
+            raise ValueError(f"Squeeze(factor={self.factor}) needs H and W divisible by {self.factor}, "
+                             f"got shape {tuple(x.shape)}")
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return F.squeeze(x, self.factor), x.new_zeros(x.shape[0], dtype=dtype)
+
+    def inverse(self, y):
+        check_image(y, "y")
+        if y.shape[1] % (self.factor ** 2):
+            raise ValueError(f"Squeeze.inverse needs a channel count divisible by {self.factor ** 2}, "
+                             f"got shape {tuple(y.shape)}")
+        return F.unsqueeze(y, self.factor)
+
+    def extra_repr(self):
+        return f"factor={self.factor}"

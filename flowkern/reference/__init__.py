@@ -1,0 +1,23 @@
+"""The pure-PyTorch reference path: the specification of every op and the baseline of every benchmark.
+
+The fused ops (``OPS``) exist with these signatures in every backend; the helpers below them are small
+tensor algebra that no backend needs to replace.
+"""
+from .actnorm import actnorm_forward, actnorm_inverse
+from .conv1x1 import conv1x1, conv1x1_logdet, lu_weight, lu_weight_inverse
+from .coupling import (
+    MASKS,
+    SCALES,
+    checkerboard,
+    channel_split_sizes,
+    conditioner_channels,
+    coupling_condition,
+    coupling_forward,
+    coupling_inverse,
+    transformed_channels,
+)
+from .gaussian import standard_normal_log_prob, standardize, unstandardize
+from .squeeze import squeeze, unsqueeze
+
+NAME = "reference"
+OPS = ("coupling_forward", "coupling_inverse", "actnorm_forward", "actnorm_inverse", "conv1x1")
