@@ -1,0 +1,77 @@
+"""Embedded data sets, users' own images, quantisation."""
+import numpy as np
+import pytest
+import torch
+
+from flowkern import data
+
+
+def test_digits():
+    levels, labels = data.load_digits()
+    assert levels.shape == (1797, 1, 8, 8) and levels.dtype == torch.uint8
+    assert levels.min() == 0 and levels.max() == 16
+    assert set(labels.tolist()) == set(range(10))
+
+
+@pytest.mark.parametrize("name", data.TOY_SETS)
+def test_toy_sets(name):
+    x = data.toy2d(name, 500, seed=3)
+    assert x.shape == (500, 2) and x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert torch.equal(x, data.toy2d(name, 500, seed=3))
+    assert not torch.equal(x, data.toy2d(name, 500, seed=4))
+    assert 0.3 < x.std(dim=0).min() and x.abs().max() < 6
+
+
+def test_checkerboard_toy_set_fills_alternate_squares():
+    x = data.toy2d("checkerboard", 4000)
+    cells = (torch.floor(x[:, 0]) + torch.floor(x[:, 1])) % 2
+    assert torch.all(cells == 0)
+
+
+def test_unknown_toy_set():
+    with pytest.raises(ValueError, match="expected one of: moons"):
+        data.toy2d("spirals", 10)
+
+
+def test_quantize_and_dequantize():
+    images = torch.randint(0, 256, (4, 3, 5, 5), dtype=torch.uint8)
+    five_bit = data.quantize(images, 5)
+    assert five_bit.max() <= 31 and torch.equal(five_bit, images // 8)
+    x = data.dequantize(five_bit, 32)
+    assert x.min() >= -0.5 and x.max() < 0.5
+    assert torch.equal(torch.floor((x + 0.5) * 32).to(torch.uint8), five_bit)
+    centre = data.dequantize(five_bit, 32, noise=False)
+    torch.testing.assert_close(centre, (five_bit.float() + 0.5) / 32 - 0.5)
+    with pytest.raises(ValueError, match="n_bits must be in 1..8"):
+        data.quantize(images, 9)
+
+
+def test_npz_loader(tmp_path):
+    hwc = np.random.randint(0, 256, (5, 6, 7, 3), dtype=np.uint8)
+    np.savez(tmp_path / "rgb.npz", images=hwc, labels=np.arange(5))
+    loaded = data.load_npz(tmp_path / "rgb.npz")
+    assert loaded.shape == (5, 3, 6, 7) and torch.equal(loaded, torch.from_numpy(hwc).permute(0, 3, 1, 2))
+    np.savez(tmp_path / "grey.npz", np.random.randint(0, 17, (4, 8, 8)))
+    assert data.load_npz(tmp_path / "grey.npz").shape == (4, 1, 8, 8)
+    np.savez(tmp_path / "two.npz", a=hwc, b=hwc)
+    with pytest.raises(ValueError, match="pass key="):
+        data.load_npz(tmp_path / "two.npz")
+    np.savez(tmp_path / "float.npz", x=np.random.rand(3, 4, 4))
+    with pytest.raises(ValueError, match="integer images"):
+        data.load_npz(tmp_path / "float.npz")
+
+
+def test_image_folder_loader(tmp_path):
+    from PIL import Image
+
+    arrays = [np.random.randint(0, 256, (6, 4, 3), dtype=np.uint8) for _ in range(3)]
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(tmp_path / f"{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    loaded = data.load_image_folder(tmp_path)
+    assert loaded.shape == (3, 3, 6, 4)
+    assert torch.equal(loaded[1], torch.from_numpy(arrays[1]).permute(2, 0, 1))
+    assert data.load_image_folder(tmp_path, size=8, grey=True).shape == (3, 1, 8, 8)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        data.load_image_folder(tmp_path / "empty")

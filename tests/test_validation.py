@@ -1,0 +1,84 @@
+"""Bad input gets ValueError/TypeError with a message that says what was expected."""
+import pytest
+import torch
+
+import flowkern
+import flowkern.functional as F
+import flowkern.nn as fnn
+
+LAYERS = [
+    ("ActNorm", lambda: fnn.ActNorm(4)),
+    ("InvConv1x1", lambda: fnn.InvConv1x1(4)),
+    ("AffineCoupling", lambda: fnn.AffineCoupling(4, 8)),
+    ("AdditiveCoupling", lambda: fnn.AdditiveCoupling(4, 8, mask="checkerboard")),
+    ("FlowStep", lambda: fnn.FlowStep(4, 8)),
+    ("Split", lambda: fnn.Split(4)),
+    ("Gaussianize", lambda: fnn.Gaussianize(4)),
+]
+
+
+@pytest.mark.parametrize("name,factory", LAYERS, ids=[n for n, _ in LAYERS])
+def test_layer_rejects_wrong_rank_channels_dtype_and_device(name, factory):
+    layer = factory()
+    with pytest.raises(ValueError, match=r"shape \(N, C, H, W\)|4 dimensions"):
+        layer(torch.randn(4, 3, 3))
+    with pytest.raises(ValueError, match="must have 4 channels, got shape"):
+        layer(torch.randn(2, 5, 3, 3))
+    with pytest.raises(TypeError, match="dtype"):
+        layer(torch.randn(2, 4, 3, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="floating-point"):
+        layer(torch.ones(2, 4, 3, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="device"):
+        layer(torch.randn(2, 4, 3, 3, device="meta"))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        layer([[1.0]])
+
+
+def test_inverse_rejects_wrong_channels():
+    with pytest.raises(ValueError, match="y must have 4 channels"):
+        fnn.ActNorm(4).inverse(torch.randn(2, 3, 2, 2))
+    with pytest.raises(ValueError, match="z1 must have 2 channels"):
+        fnn.Split(4).inverse((torch.randn(2, 3, 2, 2), torch.randn(2, 2, 2, 2)))
+
+
+def test_constructor_arguments_are_checked():
+    with pytest.raises(ValueError, match="mask must be one of 'channel', 'checkerboard'"):
+        fnn.AffineCoupling(4, mask="diagonal")
+    with pytest.raises(ValueError, match="scale must be one of"):
+        fnn.AffineCoupling(4, scale="softplus")
+    with pytest.raises(ValueError, match="parity must be one of 0, 1"):
+        fnn.AffineCoupling(4, parity=2)
+    with pytest.raises(ValueError, match="at least 2 channels"):
+        fnn.AffineCoupling(1)
+    with pytest.raises(ValueError, match="coupling must be 'affine' or 'additive'"):
+        fnn.FlowStep(4, coupling="spline")
+    with pytest.raises(ValueError, match="divisible by 2\\*\\*levels = 8"):
+        flowkern.Glow(3, 12, levels=3)
+    with pytest.raises(ValueError, match="divisible by 2\\*\\*\\(scales - 1\\)"):
+        flowkern.RealNVP(3, 6, scales=3)
+
+
+def test_functional_ops_check_shapes():
+    x = torch.randn(2, 5, 3, 3)
+    with pytest.raises(ValueError, match=r"h must have shape \(2, 4, 3, 3\) for a channel-mask sigmoid"):
+        F.coupling_forward(x, torch.randn(2, 5, 3, 3))
+    with pytest.raises(ValueError, match=r"h must have shape \(2, 10, 3, 3\) for a checkerboard-mask exp"):
+        F.coupling_inverse(x, torch.randn(2, 4, 3, 3), mask="checkerboard", scale="exp")
+    with pytest.raises(TypeError, match="dtype"):
+        F.coupling_forward(x, torch.randn(2, 4, 3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"log_scale must have shape \(5,\)"):
+        F.actnorm_forward(x, torch.zeros(4), torch.zeros(5))
+    with pytest.raises(ValueError, match=r"weight must have shape \(C_out, 5\)"):
+        F.conv1x1(x, torch.randn(5, 4))
+
+
+def test_models_check_inputs():
+    model = flowkern.Glow(3, 8, levels=2, steps=1, hidden_channels=4)
+    with pytest.raises(ValueError, match="must have 3 channels"):
+        model(torch.randn(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model(torch.randn(2, 3, 6, 6))
+    with pytest.raises(ValueError, match="list of 2 latents"):
+        model.inverse(torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"shape \(N, 2\)"):
+        flowkern.RealNVP2d()(torch.randn(4, 3))
