@@ -3,10 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flowkern-installed
+BENCH_STAMP := $(VENV)/.flowkern-peers
 
 # torch resolves to the local CUDA build here (it runs on the CPU and lets csrc/*.cu compile);
 # triton ships with it on Linux and is listed for platforms where it does not.
 DEPS := torch numpy triton pybind11 ninja pytest pytest-benchmark scikit-learn tqdm pillow matplotlib
+# peer flow libraries, measured beside flowkern by the benchmark suite
+PEERS := normflows FrEIA
 
 .PHONY: setup test bench clean
 
@@ -22,8 +25,13 @@ $(STAMP): pyproject.toml setup.py
 test: setup
 	$(PY) -m pytest tests
 
-bench: setup
-	$(PY) -m benchmarks.run
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet $(PEERS)
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+	$(PY) -m benchmarks.report --readme README.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

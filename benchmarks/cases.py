@@ -1,0 +1,293 @@
+"""Benchmark cases and the providers that run them.
+
+Providers, all measured in one run: ``eager`` (the reference ops called directly), ``compile``
+(``torch.compile`` of the same reference code), each flowkern backend other than the reference (through
+the layers' path, ``flowkern.functional``), and the peer libraries normflows and FrEIA where installed.
+A case's ``build(provider)`` returns a zero-argument callable to time, or None where the provider has no
+counterpart of the case.
+"""
+import importlib.util
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import flowkern
+import flowkern.functional as F
+from flowkern import reference as R
+
+PEERS = tuple(p for p in ("normflows", "FrEIA") if importlib.util.find_spec(p) is not None)
+
+
+def providers():
+    backends = [b for b in flowkern.available_backends() if b not in ("reference", "auto")]
+    return ["eager", "compile", *backends, *PEERS]
+
+
+def backend_of(provider):
+    """The flowkern backend a provider runs under (the reference for eager, compile and peers)."""
+    return provider if provider in flowkern.available_backends() else "reference"
+
+
+@dataclass
+class Case:
+    name: str
+    params: dict
+    build: object  # build(provider) -> callable or None
+    bytes_moved: int = 0  # bytes the op must move: inputs read once, outputs written once
+    tags: tuple = field(default_factory=tuple)
+
+    @property
+    def label(self):
+        return f"{self.name} " + " ".join(f"{k}={v}" for k, v in self.params.items())
+
+
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def _op(provider, reference_fn, functional_fn, args):
+    if provider == "eager":
+        return lambda: reference_fn(*args)
+    if provider == "compile":
+        compiled = _compiled(reference_fn)
+        return lambda: compiled(*args)
+    if provider in PEERS:
+        return None
+    return lambda: functional_fn(*args)
+
+
+def _backward(run, grads):
+    def step():
+        outputs = run()
+        torch.autograd.backward(outputs, grads)
+    return step
+
+
+def _grads_like(outputs):
+    return [torch.randn_like(o) for o in outputs]
+
+
+def coupling_cases(n, c, size, dtype, device):
+    es = torch.finfo(dtype).bits // 8
+    pixels = n * size * size
+    c_t = c // 2
+    x = torch.randn(n, c, size, size, dtype=dtype, device=device)
+    h = torch.randn(n, 2 * c_t, size, size, dtype=dtype, device=device)
+    params = dict(N=n, C=c, HW=f"{size}x{size}", dtype=str(dtype).replace("torch.", ""))
+    io = (2 * c + 2 * c_t) * pixels * es
+
+    def forward(provider):
+        return _op(provider, R.coupling_forward, F.coupling_forward, (x, h))
+
+    def inverse(provider):
+        return _op(provider, R.coupling_inverse, F.coupling_inverse, (x, h))
+
+    def forward_backward(provider):
+        xg, hg = x.clone().requires_grad_(), h.clone().requires_grad_()
+        run = _op(provider, R.coupling_forward, F.coupling_forward, (xg, hg))
+        return None if run is None else _backward(run, _grads_like(R.coupling_forward(x, h)))
+
+    # backward reads dy, the transformed half of x and h; writes dx and dh
+    backward_io = (c + c_t + 2 * c_t + c + 2 * c_t) * pixels * es
+    return [Case("coupling_forward", params, forward, io, ("op",)),
+            Case("coupling_inverse", params, inverse, io, ("op",)),
+            Case("coupling_forward_backward", params, forward_backward, io + backward_io, ("op",))]
+
+
+def _lu_factors(c, device):
+    layer = flowkern.nn.InvConv1x1(c).to(device)
+    return [t.detach() for t in (layer.perm, layer.lower, layer.upper, layer.sign, layer.log_s)]
+
+
+def _actnorm_conv1x1_reference(x, log_scale, bias, weight):
+    return R.conv1x1(R.actnorm_forward(x, log_scale, bias)[0], weight)
+
+
+def _actnorm_conv1x1_folded(x, log_scale, bias, weight):
+    # W · (x · s + b) = (W · diag(s)) · x + W · b: one pass over x
+    scale = log_scale.exp()
+    return F.conv1x1(x, weight * scale, weight @ bias)
+
+
+def channel_mixing_cases(n, c, size, dtype, device):
+    es = torch.finfo(dtype).bits // 8
+    x = torch.randn(n, c, size, size, dtype=dtype, device=device)
+    log_scale, bias = 0.1 * torch.randn(c, device=device), torch.randn(c, device=device)
+    weight = R.lu_weight(*_lu_factors(c, device))
+    params = dict(N=n, C=c, HW=f"{size}x{size}", dtype=str(dtype).replace("torch.", ""))
+    io = 2 * x.numel() * es
+
+    def actnorm(provider):
+        return _op(provider, R.actnorm_forward, F.actnorm_forward, (x, log_scale.to(dtype), bias.to(dtype)))
+
+    def conv(provider):
+        return _op(provider, R.conv1x1, F.conv1x1, (x, weight.to(dtype)))
+
+    def fused(provider):
+        return _op(provider, _actnorm_conv1x1_reference, _actnorm_conv1x1_folded,
+                   (x, log_scale.to(dtype), bias.to(dtype), weight.to(dtype)))
+
+    return [Case("actnorm_forward", params, actnorm, io, ("op",)),
+            Case("conv1x1", params, conv, io, ("op",)),
+            Case("actnorm_conv1x1", params, fused, io, ("op",))]
+
+
+class _PeerConditioner(nn.Sequential):
+    """Glow's conditioner without ActNorm, for the peers: conv3×3 → ReLU → conv1×1 → ReLU → conv3×3."""
+
+    def __init__(self, c_in, c_out, hidden):
+        super().__init__(nn.Conv2d(c_in, hidden, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(hidden, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, c_out, 3, padding=1))
+
+
+def _module_runner(provider, module, x, backward):
+    """Time ``module(x)`` (and its backward) for a flowkern module, its compiled form, or a peer."""
+    if provider in PEERS:
+        return None
+    if provider == "compile":
+        module = _compiled(module)
+    xg = x.clone().requires_grad_(backward)
+
+    def step():
+        y, logdet = module(xg)
+        if backward:
+            torch.autograd.backward([y, logdet], [gy, gl])
+    with torch.no_grad():
+        y, logdet = module(x)
+    gy, gl = torch.randn_like(y), torch.randn_like(logdet)
+    return step
+
+
+def _peer_step(provider, c, hidden, x, backward):
+    if provider == "normflows":
+        import normflows
+
+        block = normflows.flows.GlowBlock(c, hidden, split_mode="channel", scale=True).to(x.device, x.dtype)
+
+        def run(v):
+            return block(v)
+    elif provider == "FrEIA":
+        import FrEIA.modules as Fm
+
+        block = Fm.AllInOneBlock([tuple(x.shape[1:])], subnet_constructor=lambda i, o: _PeerConditioner(
+            i, o, hidden), permute_soft=True).to(x.device, x.dtype)
+
+        def run(v):
+            (y,), logdet = block([v])
+            return y, logdet
+    else:
+        return None
+    xg = x.clone().requires_grad_(backward)
+    run(x)  # data-dependent initialisation
+    y, logdet = run(x)
+    gy, gl = torch.randn_like(y), torch.randn_like(logdet)
+
+    def step():
+        y, logdet = run(xg)
+        if backward:
+            torch.autograd.backward([y, logdet], [gy, gl])
+    return step
+
+
+def flow_step_cases(n, c, size, hidden, dtype, device):
+    x = torch.randn(n, c, size, size, dtype=dtype, device=device)
+    params = dict(N=n, C=c, HW=f"{size}x{size}", hidden=hidden, dtype=str(dtype).replace("torch.", ""))
+
+    def make(backward):
+        def build(provider):
+            if provider in PEERS:
+                return _peer_step(provider, c, hidden, x, backward)
+            torch.manual_seed(0)
+            step = flowkern.nn.FlowStep(c, hidden).to(device, dtype)
+            step(x)  # ActNorm's initialisation
+            return _module_runner(provider, step, x, backward)
+        return build
+
+    return [Case("flow_step_forward", params, make(False), tags=("layer",)),
+            Case("flow_step_forward_backward", params, make(True), tags=("layer",))]
+
+
+def _data(n, c, size, dtype, device):
+    return (torch.rand(n, c, size, size, device=device) - 0.5).to(dtype)
+
+
+def _train_step(provider, model, x):
+    if provider in PEERS:
+        return None
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loss_fn = lambda v: model.bits_per_dim(v).mean()  # noqa: E731
+    if provider == "compile":
+        loss_fn = _compiled(loss_fn)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(x).backward()
+        optimizer.step()
+    return step
+
+
+def model_cases(n, c, size, levels, steps, hidden, dtype, device):
+    params = dict(N=n, C=c, HW=f"{size}x{size}", K=steps, L=levels, hidden=hidden,
+                  dtype=str(dtype).replace("torch.", ""))
+    x = _data(n, c, size, dtype, device)
+
+    def glow():
+        torch.manual_seed(0)
+        model = flowkern.Glow(c, size, levels, steps, hidden).to(device, dtype)
+        model(x)  # ActNorm's initialisation
+        return model
+
+    def train(provider):
+        return _train_step(provider, glow(), x)
+
+    def log_prob(provider):
+        if provider in PEERS:
+            return None
+        model = glow().eval()
+        fn = _compiled(model.log_prob) if provider == "compile" else model.log_prob
+
+        def run():
+            with torch.no_grad():
+                fn(x)
+        return run
+
+    def sample(provider):
+        if provider in PEERS or provider == "compile":
+            return None
+        model = glow().eval()
+        return lambda: model.sample(n, temperature=0.7)
+
+    def realnvp(provider):
+        torch.manual_seed(0)
+        model = flowkern.RealNVP(c, size, scales=levels, hidden_channels=hidden // 4, blocks=2).to(device, dtype)
+        return _train_step(provider, model, x)
+
+    realnvp_params = dict(params, hidden=hidden // 4, blocks=2)
+    realnvp_params.pop("K")
+    return [Case("glow_train_step", params, train, tags=("model",)),
+            Case("glow_log_prob", params, log_prob, tags=("model",)),
+            Case("glow_sample", params, sample, tags=("model",)),
+            Case("realnvp_train_step", realnvp_params, realnvp, tags=("model",))]
+
+
+def all_cases(device, full=False):
+    """The suite. Default sizes fit a 2-core CPU in minutes; ``full`` adds the real Glow shapes."""
+    dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+    if device.type == "cuda" or full:
+        op_shapes = [(64, 12, 32), (64, 24, 16), (64, 48, 8), (64, 12, 64), (64, 48, 64)]
+        step_shape, model_shape = (64, 48, 8, 512), (64, 3, 32, 3, 32, 512)
+        small_model = (64, 3, 32, 3, 4, 128)
+    else:
+        op_shapes = [(16, 12, 32), (16, 48, 8)]
+        step_shape, model_shape, small_model = (16, 12, 16, 64), None, (16, 3, 16, 2, 4, 32)
+    cases = []
+    for dtype in dtypes:
+        for n, c, size in op_shapes:
+            cases += coupling_cases(n, c, size, dtype, device)
+            cases += channel_mixing_cases(n, c, size, dtype, device)
+    cases += flow_step_cases(*step_shape, torch.float32, device)
+    cases += model_cases(*small_model, torch.float32, device)
+    if model_shape is not None:
+        cases += model_cases(*model_shape, torch.float32, device)[:1]
+    return cases

@@ -1,0 +1,100 @@
+"""Timing, peak memory, op/kernel counts and the copy-bandwidth ceiling, on CPU or CUDA."""
+import contextlib
+import os
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device, warmup=3, min_time=0.5, min_reps=10, max_reps=1000):
+    """Per-call times in seconds after warm-up: CUDA events on a GPU, a monotonic clock on the CPU."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times, spent = [], 0.0
+    while len(times) < max_reps and (len(times) < min_reps or spent < min_time):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            fn()
+            seconds = time.perf_counter() - t0
+        times.append(seconds)
+        spent += seconds
+    return times
+
+
+def summarize(times):
+    """Median and the 10th/90th percentiles, in milliseconds."""
+    ordered = sorted(times)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"median_ms": statistics.median(ordered) * 1e3, "p10_ms": pick(0.1) * 1e3,
+            "p90_ms": pick(0.9) * 1e3, "reps": len(ordered)}
+
+
+def profile_call(fn, device):
+    """Peak memory allocated during one call (bytes above the level before it), and the number of
+    kernels launched (CUDA) or of top-level aten ops dispatched (CPU, where compiled code runs none)."""
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    else:
+        activities = [ProfilerActivity.CPU]
+    with _quiet_stderr(), profile(activities=activities, profile_memory=device.type == "cpu") as prof:
+        fn()
+        synchronize(device)
+    events = prof.events()
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - base
+        kernels = sum(1 for e in events if e.device_type.name == "CUDA")
+        return {"peak_mb": peak / 2 ** 20, "launches": kernels}
+    aten_ops = sum(1 for e in events if e.name.startswith("aten::")
+                   and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    return {"peak_mb": cpu_peak_bytes(prof) / 2 ** 20, "aten_ops": aten_ops}
+
+
+def cpu_peak_bytes(prof):
+    """Highest level of CPU memory allocated inside a profiled region, above its starting level, from the
+    profiler's allocation records (``profile_memory=True``)."""
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    level = peak = 0
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        level += record.nbytes()
+        peak = max(peak, level)
+    return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side logs each start and stop to file descriptor 2; keep the tables readable."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def copy_bandwidth(device, megabytes=None):
+    """Device-to-device copy bandwidth in GB/s (bytes read + bytes written over time), median of runs."""
+    megabytes = megabytes or (1024 if device.type == "cuda" else 256)
+    src = torch.randn(megabytes * 2 ** 18, device=device)
+    dst = torch.empty_like(src)
+    times = time_call(lambda: dst.copy_(src), device, warmup=3, min_reps=20, min_time=0.5)
+    return 2 * src.numel() * src.element_size() / statistics.median(times) / 1e9

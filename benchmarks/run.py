@@ -1,0 +1,150 @@
+"""Run the benchmark suite: one table per case, results under ``benchmarks/results/<device>/``.
+
+    python -m benchmarks.run              # default sizes (minutes on a 2-core CPU); every provider on a GPU
+    python -m benchmarks.run --full       # the real Glow shapes
+    python -m benchmarks.run --cases coupling --providers eager,compile
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import traceback
+import warnings
+
+import torch
+
+import flowkern
+
+from . import cases as suite
+from .measure import copy_bandwidth, profile_call, summarize, time_call
+from .report import write_reports
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} {os.cpu_count()}-core CPU"
+
+
+def device_slug(device):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{os.cpu_count()}core"
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name.lower()).strip("-")
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device, bandwidth):
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+        "triton": triton_version, "flowkern": flowkern.__version__, "python": platform.python_version(),
+        "commit": git_commit(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "threads": torch.get_num_threads(), "copy_bandwidth_gbs": bandwidth,
+        "backends": flowkern.available_backends(with_reasons=True),
+    }
+
+
+def measure_case(case, providers, device, bandwidth, min_time):
+    rows = []
+    for provider in providers:
+        row = {"provider": provider}
+        try:
+            with flowkern.use_backend(suite.backend_of(provider)):
+                fn = case.build(provider)
+                if fn is None:
+                    continue
+                row.update(summarize(time_call(fn, device, min_time=min_time)))
+                row.update(profile_call(fn, device))
+        except Exception as exc:  # one failing provider must not hide the others' numbers
+            row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            traceback.print_exc(file=sys.stderr)
+        rows.append(row)
+    by_name = {r["provider"]: r for r in rows if "median_ms" in r}
+    for row in rows:
+        if "median_ms" not in row:
+            continue
+        for base in ("eager", "compile"):
+            if base in by_name:
+                row[f"speedup_vs_{base}"] = by_name[base]["median_ms"] / row["median_ms"]
+        if case.bytes_moved:
+            gbs = case.bytes_moved / (row["median_ms"] / 1e3) / 1e9
+            row["bandwidth_gbs"] = gbs
+            row["fraction_of_copy"] = gbs / bandwidth
+    return rows
+
+
+def format_table(case, rows):
+    header = f"{case.label}" + (f"  ({case.bytes_moved / 2 ** 20:.1f} MiB to move)" if case.bytes_moved else "")
+    count = "aten_ops" if any("aten_ops" in r for r in rows) else "launches"
+    lines = [header, f"  {'provider':<11}{'median ms':>11}{'p10..p90 ms':>19}{'vs eager':>10}{'vs compile':>12}"
+                     f"{'GB/s':>9}{'of copy':>9}{'peak MiB':>10}{count:>10}"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"  {r['provider']:<11}failed: {r['error']}")
+            continue
+        opt = lambda key, fmt, unit="": format(r[key], fmt) + unit if key in r else "-"  # noqa: E731
+        lines.append(
+            f"  {r['provider']:<11}{r['median_ms']:>11.3f}{r['p10_ms']:>9.3f}..{r['p90_ms']:<8.3f}"
+            f"{opt('speedup_vs_eager', '.2f', 'x'):>10}{opt('speedup_vs_compile', '.2f', 'x'):>12}"
+            f"{opt('bandwidth_gbs', '.1f'):>9}{opt('fraction_of_copy', '.0%'):>9}"
+            f"{r['peak_mb']:>10.1f}{r.get(count, '-'):>10}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="real Glow shapes (default on a GPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cases", default="", help="comma-separated substrings of case names to run")
+    parser.add_argument("--providers", default="", help="comma-separated providers (default: all)")
+    parser.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per row")
+    parser.add_argument("--out", default=None, help="results folder (default results/<device>)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    warnings.filterwarnings("ignore", message=".*torch.lu is deprecated")  # raised inside a peer library
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
+    providers = suite.providers()
+    if args.providers:
+        providers = [p for p in args.providers.split(",") if p in providers]
+    cases = suite.all_cases(device, full=args.full)
+    if args.cases:
+        cases = [c for c in cases if any(s in c.name for s in args.cases.split(","))]
+    min_time = args.min_time if args.min_time is not None else (1.0 if device.type == "cuda" else 0.3)
+
+    bandwidth = copy_bandwidth(device)
+    env = environment(device, bandwidth)
+    print(f"flowkern benchmarks on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
+          f"commit {env['commit']}, copy bandwidth {bandwidth:.1f} GB/s")
+    print(f"providers: {', '.join(providers)}\n")
+    results = []
+    for case in cases:
+        rows = measure_case(case, providers, device, bandwidth, min_time)
+        results.append({"case": case.name, "label": case.label, "params": case.params, "tags": list(case.tags),
+                        "bytes_moved": case.bytes_moved, "rows": rows})
+        print(format_table(case, rows), "\n", flush=True)
+
+    out = args.out or os.path.join(RESULTS, device_slug(device))
+    paths = write_reports({"environment": env, "command": " ".join(["python -m benchmarks.run", *(argv or sys.argv[1:])]),
+                           "results": results}, out)
+    print("wrote", ", ".join(paths))
+
+
+if __name__ == "__main__":
+    main()
