@@ -48,21 +48,27 @@ def plot(report, path):
     results = [r for r in report["results"] if any("median_ms" in row for row in r["rows"])]
     providers = sorted({row["provider"] for r in results for row in r["rows"] if "median_ms" in row},
                        key=lambda p: (p != "eager", p != "compile", p))
-    fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(results) * len(providers)), 5))
-    width = 0.8 / len(providers)
+    fig, ax = plt.subplots(figsize=(10, 1.0 + 0.22 * len(results) * len(providers)))
+    height = 0.8 / len(providers)
     for i, provider in enumerate(providers):
         values = [next((row.get("speedup_vs_eager", 0) for row in r["rows"] if row["provider"] == provider), 0)
                   for r in results]
-        ax.bar([k + i * width for k in range(len(results))], values, width, label=provider)
-    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(results))])
-    ax.set_xticklabels([r["label"] for r in results], rotation=60, ha="right", fontsize=7)
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_ylabel("speed-up over eager reference (median)")
+        ax.barh([k + i * height for k in range(len(results))], values, height, label=provider)
+    ax.set_yticks([k + 0.4 - height / 2 for k in range(len(results))])
+    ax.set_yticklabels([r["label"] for r in results], fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("speed-up over the eager reference (median)")
     ax.set_title(f"flowkern on {report['environment']['device']}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def replot(folder):
+    with open(os.path.join(folder, "results.json")) as f:
+        plot(json.load(f), os.path.join(folder, "speedup.png"))
 
 
 def write_reports(report, folder):
