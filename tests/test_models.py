@@ -176,3 +176,13 @@ def test_toy_training_with_realnvp2d():
         after = -model.log_prob(data).mean().item()
     print(f"moons nats/sample: {before:.3f} before, {after:.3f} after 200 steps")
     assert after < before - 1.0
+
+
+def test_reference_glow_traces_without_graph_breaks():
+    import torch._dynamo as dynamo
+
+    model = randomize_(initialize(glow(), image_batch(8, 3, 8)), 0.02)
+    model.train()  # ActNorm is initialised: training mode must not branch on tensor data either
+    explanation = dynamo.explain(model.log_prob)(image_batch(4, 3, 8))
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
