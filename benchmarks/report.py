@@ -34,7 +34,8 @@ def markdown(report, cases=None):
             lines.append(
                 f"| {r['provider']} | {r['median_ms']:.3f} | {r['p10_ms']:.3f}..{r['p90_ms']:.3f} | "
                 f"{_cell(r, 'speedup_vs_eager', '.2f', '×')} | {_cell(r, 'speedup_vs_compile', '.2f', '×')} | "
-                f"{_cell(r, 'fraction_of_copy', '.0%')} | {r['peak_mb']:.1f} | {r.get('launches', r.get('aten_ops'))} |")
+                f"{_cell(r, 'fraction_of_copy', '.0%')} | {r['peak_mb']:.1f} | "
+                f"{r.get('launches', r.get('aten_ops'))} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -6,7 +6,6 @@
 """
 import argparse
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -141,8 +140,8 @@ def main(argv=None):
         print(format_table(case, rows), "\n", flush=True)
 
     out = args.out or os.path.join(RESULTS, device_slug(device))
-    paths = write_reports({"environment": env, "command": " ".join(["python -m benchmarks.run", *(argv or sys.argv[1:])]),
-                           "results": results}, out)
+    command = " ".join(["python -m benchmarks.run", *(argv or sys.argv[1:])])
+    paths = write_reports({"environment": env, "command": command, "results": results}, out)
     print("wrote", ", ".join(paths))
 
 

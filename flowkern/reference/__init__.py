@@ -19,5 +19,12 @@ from .coupling import (
 from .gaussian import standard_normal_log_prob, standardize, unstandardize
 from .squeeze import squeeze, unsqueeze
 
-NAME = "reference"
 OPS = ("coupling_forward", "coupling_inverse", "actnorm_forward", "actnorm_inverse", "conv1x1")
+
+__all__ = [
+    "OPS", "MASKS", "SCALES",
+    "actnorm_forward", "actnorm_inverse", "conv1x1", "coupling_forward", "coupling_inverse",
+    "channel_split_sizes", "checkerboard", "conditioner_channels", "conv1x1_logdet", "coupling_condition",
+    "lu_weight", "lu_weight_inverse", "squeeze", "standard_normal_log_prob", "standardize",
+    "transformed_channels", "unsqueeze", "unstandardize",
+]

@@ -40,7 +40,8 @@ def lu_weight(perm, lower, upper, sign, log_s):
 def lu_weight_inverse(perm, lower, upper, sign, log_s):
     """``W⁻¹`` by forward then backward substitution: ``(U + diag)⁻¹ · (L⁻¹ · Pᵀ)``."""
     unit_lower, upper_full = _lu_factors(lower, upper, sign, log_s)
-    half = torch.linalg.solve_triangular(unit_lower, perm.to(unit_lower.dtype).transpose(0, 1), upper=False, unitriangular=True)
+    perm_t = perm.to(unit_lower.dtype).transpose(0, 1)
+    half = torch.linalg.solve_triangular(unit_lower, perm_t, upper=False, unitriangular=True)
     return torch.linalg.solve_triangular(upper_full, half, upper=True)
 
 
