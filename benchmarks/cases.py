@@ -7,7 +7,7 @@ A case's ``build(provider)`` returns a zero-argument callable to time, or None w
 counterpart of the case.
 """
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,37 +35,46 @@ class Case:
     params: dict
     build: object  # build(provider) -> callable or None
     bytes_moved: int = 0  # bytes the op must move: inputs read once, outputs written once
-    tags: tuple = field(default_factory=tuple)
 
     @property
     def label(self):
         return f"{self.name} " + " ".join(f"{k}={v}" for k, v in self.params.items())
 
 
+def _params(n, c, size, dtype, **extra):
+    return dict(N=n, C=c, HW=f"{size}x{size}", **extra, dtype=str(dtype).replace("torch.", ""))
+
+
 def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
-def _op(provider, reference_fn, functional_fn, args):
+def _op_fn(provider, reference_fn, functional_fn):
+    """The implementation of an op that ``provider`` runs, or None (peers have no op-level counterpart)."""
     if provider == "eager":
-        return lambda: reference_fn(*args)
+        return reference_fn
     if provider == "compile":
-        compiled = _compiled(reference_fn)
-        return lambda: compiled(*args)
-    if provider in PEERS:
-        return None
-    return lambda: functional_fn(*args)
+        return _compiled(reference_fn)
+    return None if provider in PEERS else functional_fn
 
 
-def _backward(run, grads):
+def _op(provider, reference_fn, functional_fn, args):
+    fn = _op_fn(provider, reference_fn, functional_fn)
+    return None if fn is None else lambda: fn(*args)
+
+
+def _flow_step(run, inputs, backward):
+    """Time ``run(*inputs) -> (y, logdet)``, with its backward from fixed random output gradients."""
+    if backward:
+        inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    with torch.no_grad():
+        grads = [torch.randn_like(o) for o in run(*inputs)]
+
     def step():
-        outputs = run()
-        torch.autograd.backward(outputs, grads)
+        outputs = run(*inputs)
+        if backward:
+            torch.autograd.backward(outputs, grads)
     return step
-
-
-def _grads_like(outputs):
-    return [torch.randn_like(o) for o in outputs]
 
 
 def coupling_cases(n, c, size, dtype, device):
@@ -74,7 +83,7 @@ def coupling_cases(n, c, size, dtype, device):
     c_t = c // 2
     x = torch.randn(n, c, size, size, dtype=dtype, device=device)
     h = torch.randn(n, 2 * c_t, size, size, dtype=dtype, device=device)
-    params = dict(N=n, C=c, HW=f"{size}x{size}", dtype=str(dtype).replace("torch.", ""))
+    params = _params(n, c, size, dtype)
     io = (2 * c + 2 * c_t) * pixels * es
 
     def forward(provider):
@@ -84,15 +93,14 @@ def coupling_cases(n, c, size, dtype, device):
         return _op(provider, R.coupling_inverse, F.coupling_inverse, (x, h))
 
     def forward_backward(provider):
-        xg, hg = x.clone().requires_grad_(), h.clone().requires_grad_()
-        run = _op(provider, R.coupling_forward, F.coupling_forward, (xg, hg))
-        return None if run is None else _backward(run, _grads_like(R.coupling_forward(x, h)))
+        fn = _op_fn(provider, R.coupling_forward, F.coupling_forward)
+        return None if fn is None else _flow_step(fn, (x, h), backward=True)
 
     # backward reads dy, the transformed half of x and h; writes dx and dh
     backward_io = (c + c_t + 2 * c_t + c + 2 * c_t) * pixels * es
-    return [Case("coupling_forward", params, forward, io, ("op",)),
-            Case("coupling_inverse", params, inverse, io, ("op",)),
-            Case("coupling_forward_backward", params, forward_backward, io + backward_io, ("op",))]
+    return [Case("coupling_forward", params, forward, io),
+            Case("coupling_inverse", params, inverse, io),
+            Case("coupling_forward_backward", params, forward_backward, io + backward_io)]
 
 
 def _lu_factors(c, device):
@@ -115,7 +123,7 @@ def channel_mixing_cases(n, c, size, dtype, device):
     x = torch.randn(n, c, size, size, dtype=dtype, device=device)
     log_scale, bias = 0.1 * torch.randn(c, device=device), torch.randn(c, device=device)
     weight = R.lu_weight(*_lu_factors(c, device))
-    params = dict(N=n, C=c, HW=f"{size}x{size}", dtype=str(dtype).replace("torch.", ""))
+    params = _params(n, c, size, dtype)
     io = 2 * x.numel() * es
 
     def actnorm(provider):
@@ -128,9 +136,9 @@ def channel_mixing_cases(n, c, size, dtype, device):
         return _op(provider, _actnorm_conv1x1_reference, _actnorm_conv1x1_folded,
                    (x, log_scale.to(dtype), bias.to(dtype), weight.to(dtype)))
 
-    return [Case("actnorm_forward", params, actnorm, io, ("op",)),
-            Case("conv1x1", params, conv, io, ("op",)),
-            Case("actnorm_conv1x1", params, fused, io, ("op",))]
+    return [Case("actnorm_forward", params, actnorm, io),
+            Case("conv1x1", params, conv, io),
+            Case("actnorm_conv1x1", params, fused, io)]
 
 
 class _PeerConditioner(nn.Sequential):
@@ -141,25 +149,8 @@ class _PeerConditioner(nn.Sequential):
                          nn.Conv2d(hidden, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, c_out, 3, padding=1))
 
 
-def _module_runner(provider, module, x, backward):
-    """Time ``module(x)`` (and its backward) for a flowkern module, its compiled form, or a peer."""
-    if provider in PEERS:
-        return None
-    if provider == "compile":
-        module = _compiled(module)
-    xg = x.clone().requires_grad_(backward)
-
-    def step():
-        y, logdet = module(xg)
-        if backward:
-            torch.autograd.backward([y, logdet], [gy, gl])
-    with torch.no_grad():
-        y, logdet = module(x)
-    gy, gl = torch.randn_like(y), torch.randn_like(logdet)
-    return step
-
-
-def _peer_step(provider, c, hidden, x, backward):
+def _peer_block(provider, c, hidden, x):
+    """The peer's Glow step as ``run(x) -> (y, logdet)``, initialised on ``x``."""
     if provider == "normflows":
         import normflows
 
@@ -167,7 +158,7 @@ def _peer_step(provider, c, hidden, x, backward):
 
         def run(v):
             return block(v)
-    elif provider == "FrEIA":
+    else:
         import FrEIA.modules as Fm
 
         block = Fm.AllInOneBlock([tuple(x.shape[1:])], subnet_constructor=lambda i, o: _PeerConditioner(
@@ -176,36 +167,26 @@ def _peer_step(provider, c, hidden, x, backward):
         def run(v):
             (y,), logdet = block([v])
             return y, logdet
-    else:
-        return None
-    xg = x.clone().requires_grad_(backward)
     run(x)  # data-dependent initialisation
-    y, logdet = run(x)
-    gy, gl = torch.randn_like(y), torch.randn_like(logdet)
-
-    def step():
-        y, logdet = run(xg)
-        if backward:
-            torch.autograd.backward([y, logdet], [gy, gl])
-    return step
+    return run
 
 
 def flow_step_cases(n, c, size, hidden, dtype, device):
     x = torch.randn(n, c, size, size, dtype=dtype, device=device)
-    params = dict(N=n, C=c, HW=f"{size}x{size}", hidden=hidden, dtype=str(dtype).replace("torch.", ""))
+    params = _params(n, c, size, dtype, hidden=hidden)
 
     def make(backward):
         def build(provider):
             if provider in PEERS:
-                return _peer_step(provider, c, hidden, x, backward)
+                return _flow_step(_peer_block(provider, c, hidden, x), (x,), backward)
             torch.manual_seed(0)
             step = flowkern.nn.FlowStep(c, hidden).to(device, dtype)
             step(x)  # ActNorm's initialisation
-            return _module_runner(provider, step, x, backward)
+            return _flow_step(_compiled(step) if provider == "compile" else step, (x,), backward)
         return build
 
-    return [Case("flow_step_forward", params, make(False), tags=("layer",)),
-            Case("flow_step_forward_backward", params, make(True), tags=("layer",))]
+    return [Case("flow_step_forward", params, make(False)),
+            Case("flow_step_forward_backward", params, make(True))]
 
 
 def _data(n, c, size, dtype, device):
@@ -228,8 +209,7 @@ def _train_step(provider, model, x):
 
 
 def model_cases(n, c, size, levels, steps, hidden, dtype, device):
-    params = dict(N=n, C=c, HW=f"{size}x{size}", K=steps, L=levels, hidden=hidden,
-                  dtype=str(dtype).replace("torch.", ""))
+    params = _params(n, c, size, dtype, K=steps, L=levels, hidden=hidden)
     x = _data(n, c, size, dtype, device)
 
     def glow():
@@ -263,12 +243,11 @@ def model_cases(n, c, size, levels, steps, hidden, dtype, device):
         model = flowkern.RealNVP(c, size, scales=levels, hidden_channels=hidden // 4, blocks=2).to(device, dtype)
         return _train_step(provider, model, x)
 
-    realnvp_params = dict(params, hidden=hidden // 4, blocks=2)
-    realnvp_params.pop("K")
-    return [Case("glow_train_step", params, train, tags=("model",)),
-            Case("glow_log_prob", params, log_prob, tags=("model",)),
-            Case("glow_sample", params, sample, tags=("model",)),
-            Case("realnvp_train_step", realnvp_params, realnvp, tags=("model",))]
+    realnvp_params = _params(n, c, size, dtype, L=levels, hidden=hidden // 4, blocks=2)
+    return [Case("glow_train_step", params, train),
+            Case("glow_log_prob", params, log_prob),
+            Case("glow_sample", params, sample),
+            Case("realnvp_train_step", realnvp_params, realnvp)]
 
 
 def all_cases(device, full=False):

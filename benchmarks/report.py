@@ -67,11 +67,6 @@ def plot(report, path):
     plt.close(fig)
 
 
-def replot(folder):
-    with open(os.path.join(folder, "results.json")) as f:
-        plot(json.load(f), os.path.join(folder, "speedup.png"))
-
-
 def write_reports(report, folder):
     os.makedirs(folder, exist_ok=True)
     paths = [os.path.join(folder, name) for name in ("results.json", "summary.md", "speedup.png")]

@@ -19,9 +19,7 @@ import flowkern
 
 from . import cases as suite
 from .measure import copy_bandwidth, profile_call, summarize, time_call
-from .report import write_reports
-
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
+from .report import RESULTS, write_reports
 
 
 def device_name(device):
@@ -135,7 +133,7 @@ def main(argv=None):
     results = []
     for case in cases:
         rows = measure_case(case, providers, device, bandwidth, min_time)
-        results.append({"case": case.name, "label": case.label, "params": case.params, "tags": list(case.tags),
+        results.append({"case": case.name, "label": case.label, "params": case.params,
                         "bytes_moved": case.bytes_moved, "rows": rows})
         print(format_table(case, rows), "\n", flush=True)
 

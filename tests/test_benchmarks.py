@@ -18,7 +18,7 @@ def test_runner_measures_a_case_and_writes_reports(tmp_path):
     assert row["peak_mb"] > 0 and row["aten_ops"] > 0
     env = run.environment(device, 10.0)
     data = {"environment": env, "command": "python -m benchmarks.run",
-            "results": [{"case": case.name, "label": case.label, "params": case.params, "tags": [],
+            "results": [{"case": case.name, "label": case.label, "params": case.params,
                          "bytes_moved": case.bytes_moved, "rows": rows}]}
     paths = report.write_reports(data, str(tmp_path))
     assert json.load(open(paths[0]))["results"][0]["rows"][0]["provider"] == "eager"

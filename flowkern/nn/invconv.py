@@ -3,6 +3,7 @@ from torch import nn
 
 from .. import functional as F
 from .._validation import check_image, check_module_input
+from ..reference._dtypes import compute_dtype
 
 
 class InvConv1x1(nn.Module):
@@ -49,8 +50,7 @@ class InvConv1x1(nn.Module):
         if self.lu:
             return F.conv1x1_logdet(x, self.log_s)
         per_pixel = torch.linalg.slogdet(self.weight.double())[1]
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return (per_pixel * (x.shape[2] * x.shape[3])).to(dtype).expand(x.shape[0])
+        return (per_pixel * (x.shape[2] * x.shape[3])).to(compute_dtype(x.dtype)).expand(x.shape[0])
 
     def _check(self, x, name):
         check_image(x, name, self.channels)

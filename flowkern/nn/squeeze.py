@@ -1,8 +1,8 @@
-import torch
 from torch import nn
 
 from .. import functional as F
 from .._validation import check_image
+from ..reference._dtypes import compute_dtype
 
 
 class Squeeze(nn.Module):
@@ -20,8 +20,7 @@ class Squeeze(nn.Module):
         if x.shape[2] % self.factor or x.shape[3] % self.factor:
             raise ValueError(f"Squeeze(factor={self.factor}) needs H and W divisible by {self.factor}, "
                              f"got shape {tuple(x.shape)}")
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return F.squeeze(x, self.factor), x.new_zeros(x.shape[0], dtype=dtype)
+        return F.squeeze(x, self.factor), x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype))
 
     def inverse(self, y):
         check_image(y, "y")
