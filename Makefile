@@ -11,7 +11,7 @@ DEPS := torch numpy triton pybind11 ninja pytest pytest-benchmark scikit-learn t
 # peer flow libraries, measured beside flowkern by the benchmark suite
 PEERS := normflows FrEIA
 
-.PHONY: setup test bench clean
+.PHONY: setup test test-gpu bench clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,15 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
+# the fused backends that must load, so that none of their tests is skipped
+REQUIRE_BACKENDS ?= triton
+
 test: setup
-	$(PY) -m pytest tests
+	FLOWKERN_REQUIRE_BACKENDS=$(REQUIRE_BACKENDS) $(PY) -m pytest tests
+
+# only the tests that need a CUDA device (bfloat16 kernels, ...); `make test` on a GPU machine runs them too
+test-gpu: setup
+	FLOWKERN_REQUIRE_BACKENDS=$(REQUIRE_BACKENDS) $(PY) -m pytest -m gpu tests
 
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet $(PEERS)

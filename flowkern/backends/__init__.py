@@ -12,10 +12,10 @@ from .. import reference
 AUTO = "auto"
 
 # name -> module path, imported on first use; an ImportError or BackendUnavailable says why not.
-_MODULES = {"reference": "flowkern.reference"}
+_MODULES = {"reference": "flowkern.reference", "triton": "flowkern.backends.triton"}
 
 # Fastest first, per device type; "reference" is always last and always available.
-AUTO_PREFERENCE = {"cuda": ("reference",), "cpu": ("reference",)}
+AUTO_PREFERENCE = {"cuda": ("triton", "reference"), "cpu": ("reference",)}
 
 
 class BackendUnavailable(RuntimeError):

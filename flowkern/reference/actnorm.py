@@ -14,7 +14,8 @@ def _prepare(x, log_scale, bias):
     return x.to(ct), log_scale.to(ct).view(1, c, 1, 1), bias.to(ct).view(1, c, 1, 1)
 
 
-def _logdet(x, log_scale):
+def actnorm_logdet(x, log_scale):
+    """``H · W · Σ log_scale`` for every sample of ``x`` (N, C, H, W), shape (N,)."""
     ct = compute_dtype(x.dtype)
     per_sample = log_scale.to(ct).sum() * (x.shape[2] * x.shape[3])
     return per_sample.expand(x.shape[0])
@@ -23,10 +24,10 @@ def _logdet(x, log_scale):
 def actnorm_forward(x, log_scale, bias):
     """(x (N, C, H, W), log_scale (C,), bias (C,)) → (y, logdet (N,))."""
     xc, ls, b = _prepare(x, log_scale, bias)
-    return (xc * torch.exp(ls) + b).to(x.dtype), _logdet(x, log_scale)
+    return (xc * torch.exp(ls) + b).to(x.dtype), actnorm_logdet(x, log_scale)
 
 
 def actnorm_inverse(y, log_scale, bias):
     """(y (N, C, H, W), log_scale (C,), bias (C,)) → (x, logdet (N,) of the forward map)."""
     yc, ls, b = _prepare(y, log_scale, bias)
-    return ((yc - b) * torch.exp(-ls)).to(y.dtype), _logdet(y, log_scale)
+    return ((yc - b) * torch.exp(-ls)).to(y.dtype), actnorm_logdet(y, log_scale)

@@ -1,0 +1,164 @@
+"""The 1×1 convolution as a per-pixel channel mixing, one pass over the activations.
+
+Glow's channel counts are small (12 to 96), so this is memory-bound: a program holds a block of pixels
+of one sample with all of its channels and the whole weight, and reads each input element once. The
+weight gradient ``Σ_pixels ∂y · xᵀ`` is reduced over pixels by a fixed set of programs whose partial
+sums are added in a fixed order: deterministic, no atomics. ``W`` from the LU factors and its gradient
+with respect to ``L``, ``U`` and ``log_s`` are (C, C) algebra left to PyTorch.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ...reference._dtypes import compute_dtype
+from ._common import accumulator, check_launchable, empty, inner_dense, register
+
+_K_BLOCK = 16  # input channels per step of the matrix product (tl.dot needs at least 16)
+
+
+@triton.jit
+def _conv1x1_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, CI, CO, HW, x_sn, x_sc, w_so, w_si,
+    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, CO_PAD: tl.constexpr, K_BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    n = tl.program_id(0)
+    pix = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = pix < HW
+    co = tl.arange(0, CO_PAD)
+    acc = tl.zeros((CO_PAD, BLOCK), dtype=ACC)
+    for k0 in range(0, CI, K_BLOCK):
+        ci = k0 + tl.arange(0, K_BLOCK)
+        x = tl.load(x_ptr + n * x_sn + ci[:, None] * x_sc + pix[None, :],
+                    mask=(ci < CI)[:, None] & inside[None, :], other=0.0).to(ACC)
+        w = tl.load(w_ptr + co[:, None] * w_so + ci[None, :] * w_si,
+                    mask=(co < CO)[:, None] & (ci < CI)[None, :], other=0.0).to(ACC)
+        acc += tl.dot(w, x, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + co, mask=co < CO, other=0.0).to(ACC)[:, None]
+    tl.store(out_ptr + n * CO * HW + co[:, None] * HW + pix[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(co < CO)[:, None] & inside[None, :])
+
+
+@triton.jit
+def _conv1x1_weight_grad_kernel(
+    g_ptr, x_ptr, gw_ptr, gb_ptr, CI, CO, HW, g_sn, g_sc, x_sn, x_sc, blocks_per_sample, blocks,
+    ACC: tl.constexpr, CO_BLOCK: tl.constexpr, CI_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program (i, j) sums ``g · xᵀ`` for output channels block i over pixel blocks j, j + P, j + 2P, …"""
+    co = tl.program_id(0) * CO_BLOCK + tl.arange(0, CO_BLOCK)
+    ci = tl.arange(0, CI_PAD)
+    acc = tl.zeros((CO_BLOCK, CI_PAD), dtype=ACC)
+    acc_b = tl.zeros((CO_BLOCK,), dtype=ACC)
+    for blk in range(tl.program_id(1), blocks, tl.num_programs(1)):
+        n = blk // blocks_per_sample
+        pix = (blk % blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
+        inside = pix < HW
+        g = tl.load(g_ptr + n * g_sn + co[:, None] * g_sc + pix[None, :],
+                    mask=(co < CO)[:, None] & inside[None, :], other=0.0).to(ACC)
+        x = tl.load(x_ptr + n * x_sn + ci[:, None] * x_sc + pix[None, :],
+                    mask=(ci < CI)[:, None] & inside[None, :], other=0.0).to(ACC)
+        acc += tl.dot(g, tl.trans(x), input_precision="ieee")
+        acc_b += tl.sum(g, axis=1)
+    part = tl.program_id(1)
+    tl.store(gw_ptr + part * CO * CI + co[:, None] * CI + ci[None, :], acc,
+             mask=(co < CO)[:, None] & (ci < CI)[None, :])
+    tl.store(gb_ptr + part * CO + co, acc_b, mask=co < CO)
+
+
+def _pad(channels):
+    return max(16, triton.next_power_of_2(channels))
+
+
+def _pixel_block(hw, channels):
+    # keep the (channels × pixels) accumulator near 8K values per program
+    return max(16, min(triton.next_power_of_2(hw), 8192 // _pad(channels), 256))
+
+
+@functools.lru_cache(maxsize=None)
+def _programs_per_device(device):
+    if device.type != "cuda":
+        return 4
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _conv(x, weight, bias):
+    check_launchable(x, "conv1x1")
+    x = inner_dense(x)
+    n, ci, height, width = x.shape
+    co = weight.shape[0]
+    hw = height * width
+    block = _pixel_block(hw, max(ci, co))
+    out = empty((n, co, height, width), dtype=x.dtype, device=x.device)
+    _conv1x1_kernel[(n, triton.cdiv(hw, block))](
+        x, weight, weight if bias is None else bias, out, ci, co, hw, x.stride(0), x.stride(1),
+        weight.stride(0), weight.stride(1),
+        HAS_BIAS=bias is not None, ACC=accumulator(x.dtype), CO_PAD=_pad(co), K_BLOCK=_K_BLOCK, BLOCK=block,
+    )
+    return out
+
+
+def _conv_fake(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
+
+
+def _weight_grad(grad_out, x):
+    check_launchable(x, "conv1x1 backward")
+    grad_out, x = inner_dense(grad_out), inner_dense(x)
+    n, ci, height, width = x.shape
+    co = grad_out.shape[1]
+    hw = height * width
+    co_block = min(_pad(co), 32)
+    block = max(16, min(triton.next_power_of_2(hw), 64))
+    blocks_per_sample = triton.cdiv(hw, block)
+    blocks = n * blocks_per_sample
+    co_blocks = triton.cdiv(co, co_block)
+    parts = max(1, min(blocks, _programs_per_device(x.device) // co_blocks))
+    ct = compute_dtype(x.dtype)
+    grad_w = empty((parts, co, ci), dtype=ct, device=x.device)
+    grad_b = empty((parts, co), dtype=ct, device=x.device)
+    _conv1x1_weight_grad_kernel[(co_blocks, parts)](
+        grad_out, x, grad_w, grad_b, ci, co, hw, grad_out.stride(0), grad_out.stride(1),
+        x.stride(0), x.stride(1), blocks_per_sample, blocks,
+        ACC=accumulator(x.dtype), CO_BLOCK=co_block, CI_PAD=_pad(ci), BLOCK=block,
+    )
+    return grad_w.sum(dim=0), grad_b.sum(dim=0)
+
+
+def _weight_grad_fake(grad_out, x):
+    ct = compute_dtype(x.dtype)
+    return x.new_empty((grad_out.shape[1], x.shape[1]), dtype=ct), x.new_empty(grad_out.shape[1], dtype=ct)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        grad_x = torch.ops.flowkern.triton_conv1x1(grad_out, weight.t(), None)
+    if need_w or need_b:
+        grad_w, grad_b = torch.ops.flowkern.triton_conv1x1_weight_grad(grad_out, x)
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(ctx.bias_dtype) if need_b else None
+    return grad_x, grad_w, grad_b
+
+
+register("triton_conv1x1_weight_grad", "(Tensor grad_out, Tensor x) -> (Tensor, Tensor)",
+         _weight_grad, _weight_grad_fake)
+register("triton_conv1x1", "(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
+         _conv, _conv_fake, _backward, _setup_context)
+_op = torch.ops.flowkern.triton_conv1x1.default
+
+
+def conv1x1(x, weight, bias=None):
+    """(x (N, C_in, H, W), weight (C_out, C_in), bias (C_out,) or None) → y (N, C_out, H, W)."""
+    return _op(x, weight, bias)

@@ -1,0 +1,196 @@
+"""Every fused backend against the reference: each op and variant, dtypes, layouts, gradients, determinism."""
+import pytest
+import torch
+
+from flowkern import reference
+from kernels import FUSED_BACKENDS, LAYOUTS, assert_close, load_backend, make, value_and_grads
+
+
+@pytest.fixture(params=FUSED_BACKENDS)
+def fused(request, monkeypatch):
+    return load_backend(request.param, monkeypatch)
+
+
+def coupling_inputs(mask, parity, scale, dtype, layout, shape=(3, 5, 7, 5)):
+    n, c, h, w = shape
+    x = make(shape, dtype, layout)
+    h_channels = reference.conditioner_channels(c, mask, parity, scale)[1]
+    return x, make((n, h_channels, h, w), dtype, layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+@pytest.mark.parametrize("scale", reference.SCALES)
+@pytest.mark.parametrize("mask,parity", [("channel", 0), ("channel", 1), ("checkerboard", 0), ("checkerboard", 1)])
+def test_coupling_matches_reference(fused, mask, parity, scale, direction, dtype, layout):
+    x, h = coupling_inputs(mask, parity, scale, dtype, layout)
+    op = f"coupling_{direction}"
+    upstream = (torch.randn(x.shape), torch.randn(x.shape[0]))
+
+    def run(module):
+        return value_and_grads(lambda a, b: getattr(module, op)(a, b, mask, parity, scale, 2.0), (x, h), upstream)
+
+    got, got_grads = run(fused)
+    expected, expected_grads = run(reference)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    assert_close(got, expected, dtype, f"{op} outputs")
+    assert_close(got_grads, expected_grads, dtype, f"{op} gradients (x, h)")
+
+
+def test_coupling_log_det_is_exact_on_large_scales(fused):
+    # raw far into both tails of the sigmoid and of tanh: the fused log-sigmoid and tanh stay accurate
+    x, h = coupling_inputs("channel", 0, "sigmoid", torch.float64, "contiguous", (2, 4, 3, 3))
+    h = h * 30
+    for scale in ("sigmoid", "exp"):
+        got = fused.coupling_forward(x, h, "channel", 0, scale, 2.0)
+        expected = reference.coupling_forward(x, h, "channel", 0, scale, 2.0)
+        assert_close(got, expected, torch.float64, scale)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+def test_actnorm_matches_reference(fused, direction, dtype, layout):
+    x = make((3, 5, 7, 5), dtype, layout)
+    log_scale, bias = 0.5 * torch.randn(5), torch.randn(5)
+    op = f"actnorm_{direction}"
+    upstream = (torch.randn(x.shape), torch.randn(x.shape[0]))
+    got, got_grads = value_and_grads(getattr(fused, op), (x, log_scale, bias), upstream)
+    expected, expected_grads = value_and_grads(getattr(reference, op), (x, log_scale, bias), upstream)
+    assert_close(got, expected, dtype, f"{op} outputs")
+    # the per-channel sums run over 175 products of O(1): float32 rounding grows with that count
+    tolerance_dtype = torch.float16 if dtype == torch.float16 else torch.float32
+    assert_close(got_grads, expected_grads, tolerance_dtype, f"{op} gradients (x, log_scale, bias)")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("c_in,c_out,with_bias", [(5, 5, False), (5, 7, True), (20, 20, True), (48, 40, False)])
+def test_conv1x1_matches_reference(fused, c_in, c_out, with_bias, dtype, layout):
+    x = make((3, c_in, 7, 5), dtype, layout)
+    weight = torch.randn(c_out, c_in) / c_in ** 0.5
+    bias = torch.randn(c_out) if with_bias else None
+    upstream = (torch.randn(3, c_out, 7, 5),)
+    got, got_grads = value_and_grads(fused.conv1x1, (x, weight, bias), upstream)
+    expected, expected_grads = value_and_grads(reference.conv1x1, (x, weight, bias), upstream)
+    assert_close(got, expected, dtype, "conv1x1 output")
+    tolerance_dtype = torch.float16 if dtype == torch.float16 else torch.float32
+    assert_close(got_grads, expected_grads, tolerance_dtype, "conv1x1 gradients (x, weight, bias)")
+
+
+def test_conv1x1_transposed_weight_view(fused):
+    x, weight = make((2, 6, 3, 5)), torch.randn(6, 6)
+    assert_close([fused.conv1x1(x, weight.t())], [reference.conv1x1(x, weight.t())], torch.float32, "W.t()")
+
+
+GRADCHECK_CASES = [
+    ("coupling_forward", ("channel", 1, "sigmoid", 2.0)),
+    ("coupling_inverse", ("channel", 0, "exp", 1.5)),
+    ("coupling_forward", ("checkerboard", 0, "exp", 2.0)),
+    ("coupling_inverse", ("checkerboard", 1, "sigmoid", 2.0)),
+    ("coupling_inverse", ("channel", 1, "additive", 2.0)),
+]
+
+
+@pytest.mark.parametrize("op,options", GRADCHECK_CASES)
+def test_coupling_gradcheck(fused, op, options):
+    mask, parity, scale, bound = options
+    x, h = coupling_inputs(mask, parity, scale, torch.float64, "contiguous", (2, 3, 3, 2))
+    x.requires_grad_()
+    h.requires_grad_()
+    fn = getattr(fused, op)
+    assert torch.autograd.gradcheck(lambda a, b: fn(a, b, mask, parity, scale, bound), (x, h), fast_mode=True)
+
+
+def test_actnorm_and_conv1x1_gradcheck(fused):
+    x = make((2, 3, 3, 2), torch.float64).requires_grad_()
+    log_scale = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    bias4 = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fused.actnorm_forward, (x, log_scale, bias), fast_mode=True)
+    assert torch.autograd.gradcheck(fused.actnorm_inverse, (x, log_scale, bias), fast_mode=True)
+    assert torch.autograd.gradcheck(fused.conv1x1, (x, weight, bias4), fast_mode=True)
+
+
+def test_float64_stays_float64(fused):
+    x, h = coupling_inputs("checkerboard", 1, "exp", torch.float64, "channel-slice")
+    got = fused.coupling_inverse(x, h, "checkerboard", 1, "exp", 2.0)
+    assert got[0].dtype == got[1].dtype == torch.float64
+    assert_close(got, reference.coupling_inverse(x, h, "checkerboard", 1, "exp", 2.0), torch.float64, "inverse")
+
+
+def test_log_det_and_outputs_are_bitwise_deterministic(fused):
+    x, h = coupling_inputs("channel", 0, "sigmoid", torch.float32, "contiguous", (2, 6, 33, 35))
+    first = fused.coupling_forward(x, h)
+    second = fused.coupling_forward(x, h)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    weight, upstream = torch.randn(6, 6), torch.randn(2, 6, 33, 35)
+    grads = [value_and_grads(fused.conv1x1, (x, weight, None), (upstream,))[1] for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_round_trip_through_fused_ops(fused):
+    x, h = coupling_inputs("channel", 1, "sigmoid", torch.float32, "channel-slice", (2, 7, 9, 4))
+    y, logdet = fused.coupling_forward(x, h, "channel", 1)
+    x_back, logdet_back = fused.coupling_inverse(y, h, "channel", 1)
+    torch.testing.assert_close(x_back, x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logdet_back, logdet, rtol=1e-6, atol=1e-5)
+
+
+def _opcheck_samples(name):
+    """(op overload, args) for every torch op a backend registers, inputs requiring grad where they can."""
+    x = make((2, 5, 3, 5)).requires_grad_()
+    h = make((2, 4, 3, 5)).requires_grad_()  # channel mask, parity 0, sigmoid: 2 transformed channels
+    h_odd = make((2, 6, 3, 5)).requires_grad_()  # channel mask, parity 1: 3 transformed channels
+    h_board = make((2, 10, 3, 5)).requires_grad_()
+    log_scale, bias = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
+    weight, bias7 = torch.randn(7, 5, requires_grad=True), torch.randn(7, requires_grad=True)
+    grad_y, grad_logdet = torch.randn(2, 5, 3, 5), torch.randn(2)
+    if name == "triton":
+        ops = torch.ops.flowkern
+        return [
+            (ops.triton_coupling_forward.default, (x, h, "channel", 0, "sigmoid", 2.0)),
+            (ops.triton_coupling_inverse.default, (x, h_board, "checkerboard", 1, "exp", 1.5)),
+            (ops.triton_coupling_backward.default,
+             (grad_y, grad_logdet, x.detach(), h_odd.detach(), "channel", 1, "sigmoid", 2.0, True)),
+            (ops.triton_actnorm.default, (x, log_scale, bias, False)),
+            (ops.triton_actnorm_backward.default, (grad_y, x.detach(), log_scale.detach(), bias.detach(), True)),
+            (ops.triton_conv1x1.default, (x, weight, bias7)),
+            (ops.triton_conv1x1.default, (x, weight, None)),
+            (ops.triton_conv1x1_weight_grad.default, (torch.randn(2, 7, 3, 5), x.detach())),
+        ]
+    raise AssertionError(f"no opcheck samples for backend {name!r}")
+
+
+@pytest.mark.parametrize("name", FUSED_BACKENDS)
+def test_opcheck(name, monkeypatch):
+    load_backend(name, monkeypatch)
+    for op, args in _opcheck_samples(name):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask,parity,scale", [("channel", 0, "sigmoid"), ("checkerboard", 1, "exp"),
+                                               ("channel", 1, "additive")])
+def test_bfloat16_on_gpu(fused, mask, parity, scale):
+    """bfloat16 in, float32 arithmetic and log-det; the interpreter gets bfloat16 wrong, so GPU only."""
+    dtype = torch.bfloat16
+    x, h = coupling_inputs(mask, parity, scale, dtype, "channel-slice", (4, 6, 33, 17))
+    upstream = (torch.randn(x.shape), torch.randn(x.shape[0]))
+    for op in ("coupling_forward", "coupling_inverse"):
+        def run(module):
+            return value_and_grads(lambda a, b: getattr(module, op)(a, b, mask, parity, scale, 2.0), (x, h), upstream)
+        got, got_grads = run(fused)
+        expected, expected_grads = run(reference)
+        assert got[0].dtype == dtype and got[1].dtype == torch.float32
+        assert_close(got, expected, dtype, f"{op} outputs")
+        assert_close(got_grads, expected_grads, dtype, f"{op} gradients")
+    log_scale, bias, weight = 0.3 * torch.randn(6), torch.randn(6), torch.randn(6, 6) / 6 ** 0.5
+    for op, args in (("actnorm_forward", (x, log_scale, bias)), ("actnorm_inverse", (x, log_scale, bias)),
+                     ("conv1x1", (x, weight, bias))):
+        got = getattr(fused, op)(*args)
+        expected = getattr(reference, op)(*args)
+        got, expected = (got, expected) if isinstance(got, tuple) else ((got,), (expected,))
+        assert_close(got, expected, dtype, op)
