@@ -4,9 +4,12 @@ Fused ops (coupling, ActNorm, 1×1 conv) go to ``flowkern.backends.resolve(devic
 algebra around them (masks, LU assembly, squeeze, Gaussian standardisation) is the reference's own.
 Shapes and conventions are documented in :mod:`flowkern.reference`.
 """
+import torch
+
 from . import backends, reference
 from ._validation import check_choice, check_image, check_like, check_tensor
 from .reference import (  # noqa: F401  (re-exported helpers)
+    actnorm_logdet,
     conditioner_channels,
     conv1x1_logdet,
     coupling_condition,
@@ -87,3 +90,21 @@ def conv1x1(x, weight, bias=None):
             raise ValueError(f"bias must have shape ({weight.shape[0]},) on {x.device}, "
                              f"got {tuple(bias.shape)} on {bias.device}")
     return backends.resolve(x.device).conv1x1(x, weight, bias)
+
+
+def actnorm_conv1x1(x, log_scale, bias, weight):
+    """ActNorm then a 1×1 conv in one pass: ``W·(x·e^log_scale + bias) = (W·diag(e^log_scale))·x + W·bias``.
+
+    x (N, C, H, W), log_scale and bias (C,), weight (C_out, C) → y (N, C_out, H, W). Log-dets are not
+    included: they are ``actnorm_logdet`` plus the convolution's.
+    """
+    _check_actnorm(x, log_scale, bias, "x")
+    scale = torch.exp(log_scale).to(weight.dtype)
+    return conv1x1(x, weight * scale, weight @ bias.to(weight.dtype))
+
+
+def actnorm_conv1x1_inverse(y, log_scale, bias, inverse_weight):
+    """Inverse of :func:`actnorm_conv1x1` given ``W⁻¹`` (C, C): ``x = diag(e^−log_scale)·W⁻¹·y − bias·e^−log_scale``."""
+    _check_actnorm(y, log_scale, bias, "y")
+    inv_scale = torch.exp(-log_scale).to(inverse_weight.dtype)
+    return conv1x1(y, inv_scale[:, None] * inverse_weight, -bias.to(inv_scale.dtype) * inv_scale)

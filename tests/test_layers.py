@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+import flowkern
 import flowkern.nn as fnn
 from helpers import bruteforce_logdet, initialize, max_abs, randomize_
 
@@ -155,3 +156,23 @@ def test_user_conditioner_module_is_used():
     x = torch.randn(2, 4, 3, 3)
     y, _ = layer(x)
     assert max_abs(layer.inverse(y), x) < 1e-5
+
+
+def test_flow_step_folds_actnorm_into_the_conv_exactly():
+    x = torch.randn(4, 6, 5, 7, dtype=torch.float64)
+    step = flowkern.nn.FlowStep(6, 8).double()
+    step(x)  # initialises ActNorm through the unfolded path
+    randomize_(step, 0.05)
+    unfolded = flowkern.nn.FlowStep(6, 8, fold_actnorm=False).double()
+    unfolded.load_state_dict(step.state_dict())
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    (y, logdet), (y_ref, logdet_ref) = step(xs[0]), unfolded(xs[1])
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logdet, logdet_ref, rtol=1e-12, atol=1e-12)
+    (y.sum() + logdet.sum()).backward()
+    (y_ref.sum() + logdet_ref.sum()).backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad)
+    for (name, p), q in zip(step.named_parameters(), unfolded.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(step.inverse(y), x, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(step.inverse(y), unfolded.inverse(y), rtol=1e-12, atol=1e-12)

@@ -46,7 +46,8 @@ class InvConv1x1(nn.Module):
             return F.lu_weight_inverse(*self._factors())
         return torch.linalg.inv(self.weight.double()).to(self.weight.dtype)
 
-    def _logdet(self, x):
+    def logdet(self, x):
+        """Log-det of the layer over ``x`` (N, C, H, W), shape (N,)."""
         if self.lu:
             return F.conv1x1_logdet(x, self.log_s)
         per_pixel = torch.linalg.slogdet(self.weight.double())[1]
@@ -58,7 +59,7 @@ class InvConv1x1(nn.Module):
 
     def forward(self, x):
         self._check(x, "x")
-        return F.conv1x1(x, self.weight_matrix()), self._logdet(x)
+        return F.conv1x1(x, self.weight_matrix()), self.logdet(x)
 
     def inverse(self, y):
         self._check(y, "y")

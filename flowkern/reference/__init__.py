@@ -3,7 +3,7 @@
 The fused ops (``OPS``) exist with these signatures in every backend; the helpers below them are small
 tensor algebra that no backend needs to replace.
 """
-from .actnorm import actnorm_forward, actnorm_inverse
+from .actnorm import actnorm_forward, actnorm_inverse, actnorm_logdet
 from .conv1x1 import conv1x1, conv1x1_logdet, lu_weight, lu_weight_inverse
 from .coupling import (
     MASKS,
@@ -24,7 +24,7 @@ OPS = ("coupling_forward", "coupling_inverse", "actnorm_forward", "actnorm_inver
 __all__ = [
     "OPS", "MASKS", "SCALES",
     "actnorm_forward", "actnorm_inverse", "conv1x1", "coupling_forward", "coupling_inverse",
-    "channel_split_sizes", "checkerboard", "conditioner_channels", "conv1x1_logdet", "coupling_condition",
+    "actnorm_logdet", "channel_split_sizes", "checkerboard", "conditioner_channels", "conv1x1_logdet", "coupling_condition",
     "lu_weight", "lu_weight_inverse", "squeeze", "standard_normal_log_prob", "standardize",
     "transformed_channels", "unsqueeze", "unstandardize",
 ]
