@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from flowkern import reference
+from flowkern.backends._ops import SCHEMAS
 from kernels import FUSED_BACKENDS, LAYOUTS, assert_close, load_backend, make, value_and_grads
 
 
@@ -139,8 +140,8 @@ def test_round_trip_through_fused_ops(fused):
     torch.testing.assert_close(logdet_back, logdet, rtol=1e-6, atol=1e-5)
 
 
-def _opcheck_samples(name):
-    """(op overload, args) for every torch op a backend registers, inputs requiring grad where they can."""
+def _opcheck_samples(ops):
+    """(op overload, args) for every torch op a fused backend registers, inputs requiring grad where they can."""
     x = make((2, 5, 3, 5)).requires_grad_()
     h = make((2, 4, 3, 5)).requires_grad_()  # channel mask, parity 0, sigmoid: 2 transformed channels
     h_odd = make((2, 6, 3, 5)).requires_grad_()  # channel mask, parity 1: 3 transformed channels
@@ -148,26 +149,22 @@ def _opcheck_samples(name):
     log_scale, bias = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
     weight, bias7 = torch.randn(7, 5, requires_grad=True), torch.randn(7, requires_grad=True)
     grad_y, grad_logdet = torch.randn(2, 5, 3, 5), torch.randn(2)
-    if name == "triton":
-        ops = torch.ops.flowkern
-        return [
-            (ops.triton_coupling_forward.default, (x, h, "channel", 0, "sigmoid", 2.0)),
-            (ops.triton_coupling_inverse.default, (x, h_board, "checkerboard", 1, "exp", 1.5)),
-            (ops.triton_coupling_backward.default,
-             (grad_y, grad_logdet, x.detach(), h_odd.detach(), "channel", 1, "sigmoid", 2.0, True)),
-            (ops.triton_actnorm.default, (x, log_scale, bias, False)),
-            (ops.triton_actnorm_backward.default, (grad_y, x.detach(), log_scale.detach(), bias.detach(), True)),
-            (ops.triton_conv1x1.default, (x, weight, bias7)),
-            (ops.triton_conv1x1.default, (x, weight, None)),
-            (ops.triton_conv1x1_weight_grad.default, (torch.randn(2, 7, 3, 5), x.detach())),
-        ]
-    raise AssertionError(f"no opcheck samples for backend {name!r}")
+    return [
+        (ops.coupling_forward, (x, h, "channel", 0, "sigmoid", 2.0)),
+        (ops.coupling_inverse, (x, h_board, "checkerboard", 1, "exp", 1.5)),
+        (ops.coupling_backward, (grad_y, grad_logdet, x.detach(), h_odd.detach(), "channel", 1, "sigmoid", 2.0, True)),
+        (ops.actnorm, (x, log_scale, bias, False)),
+        (ops.actnorm_backward, (grad_y, x.detach(), log_scale.detach(), bias.detach(), True)),
+        (ops.conv1x1, (x, weight, bias7)),
+        (ops.conv1x1, (x, weight, None)),
+        (ops.conv1x1_weight_grad, (torch.randn(2, 7, 3, 5), x.detach())),
+    ]
 
 
-@pytest.mark.parametrize("name", FUSED_BACKENDS)
-def test_opcheck(name, monkeypatch):
-    load_backend(name, monkeypatch)
-    for op, args in _opcheck_samples(name):
+def test_opcheck(fused):
+    samples = _opcheck_samples(fused.ops)
+    assert {op for op, _ in samples} == {getattr(fused.ops, name) for name in SCHEMAS}, "every op is checked"
+    for op, args in samples:
         torch.library.opcheck(op, args)
 
 

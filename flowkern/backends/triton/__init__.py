@@ -1,17 +1,32 @@
-"""Fused Triton kernels for the flow-step ops, registered as ``flowkern::triton_*`` torch ops.
+"""Fused Triton kernels for the flow-step ops, registered as ``torch.ops.flowkern.triton_*``.
 
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``, set before
 Triton is first imported), which is how the kernels are tested without a GPU.
 """
 import torch
 
+from .._ops import NAMESPACE, SCHEMAS, FusedOps
 from ._common import interpreting
 
 if not (torch.cuda.is_available() or interpreting()):
     raise RuntimeError("Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 to run them on the CPU")
 
-from .actnorm import actnorm_forward, actnorm_inverse  # noqa: E402
-from .conv1x1 import conv1x1  # noqa: E402
-from .coupling import coupling_forward, coupling_inverse  # noqa: E402
+from . import actnorm, conv1x1, coupling  # noqa: E402
 
-__all__ = ["actnorm_forward", "actnorm_inverse", "conv1x1", "coupling_forward", "coupling_inverse"]
+PREFIX = "triton_"
+_KERNELS = {
+    "coupling_forward": coupling.coupling_forward,
+    "coupling_inverse": coupling.coupling_inverse,
+    "coupling_backward": coupling.coupling_backward,
+    "actnorm": actnorm.actnorm,
+    "actnorm_backward": actnorm.actnorm_backward,
+    "conv1x1": conv1x1.conv1x1,
+    "conv1x1_weight_grad": conv1x1.conv1x1_weight_grad,
+}
+for _name, _kernel in _KERNELS.items():
+    torch.library.define(f"{NAMESPACE}::{PREFIX}{_name}", SCHEMAS[_name])
+    torch.library.impl(f"{NAMESPACE}::{PREFIX}{_name}", ("cpu", "cuda"), _kernel)
+
+ops = FusedOps(PREFIX).register_fakes_and_autograd()
+globals().update(ops.functions())
+__all__ = ["ops", "PREFIX", *ops.functions()]

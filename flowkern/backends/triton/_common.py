@@ -5,9 +5,6 @@ import torch
 import triton
 import triton.language as tl
 
-NAMESPACE = "flowkern"
-
-
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU with its interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -53,14 +50,3 @@ def accumulator(dtype: torch.dtype):
 
 def pixel_block(pixels: int, largest: int = 1024) -> int:
     return max(16, min(largest, triton.next_power_of_2(pixels)))
-
-
-def register(name: str, schema: str, impl, fake, backward=None, setup_context=None) -> str:
-    """Define ``flowkern::name`` with a CPU (interpreter) and CUDA kernel, a fake and optional autograd."""
-    qualname = f"{NAMESPACE}::{name}"
-    torch.library.define(qualname, schema)
-    torch.library.impl(qualname, ("cpu", "cuda"), impl)
-    torch.library.register_fake(qualname, fake)
-    if backward is not None:
-        torch.library.register_autograd(qualname, backward, setup_context=setup_context)
-    return qualname

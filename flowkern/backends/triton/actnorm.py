@@ -9,8 +9,7 @@ import triton
 import triton.language as tl
 
 from ...reference._dtypes import compute_dtype
-from ...reference.actnorm import actnorm_logdet
-from ._common import accumulator, check_launchable, empty, inner_dense, pixel_block, register
+from ._common import accumulator, check_launchable, empty, inner_dense, pixel_block
 
 
 @triton.jit
@@ -69,7 +68,8 @@ def _launch_shape(x):
     return (n, triton.cdiv(hw, block)), hw, block
 
 
-def _run(x, log_scale, bias, inverse):
+def actnorm(x, log_scale, bias, inverse):
+    """ActNorm or its inverse of x (N, C, H, W) → (N, C, H, W) contiguous."""
     check_launchable(x, "actnorm")
     x, log_scale, bias = inner_dense(x), log_scale.contiguous(), bias.contiguous()
     grid, hw, block = _launch_shape(x)
@@ -81,11 +81,7 @@ def _run(x, log_scale, bias, inverse):
     return out
 
 
-def _fake(x, log_scale, bias, inverse):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _backward_impl(grad_out, inp, log_scale, bias, inverse):
+def actnorm_backward(grad_out, inp, log_scale, bias, inverse):
     check_launchable(inp, "actnorm backward")
     grad_out, inp = inner_dense(grad_out), inner_dense(inp)
     log_scale, bias = log_scale.contiguous(), bias.contiguous()
@@ -99,38 +95,3 @@ def _backward_impl(grad_out, inp, log_scale, bias, inverse):
         INVERSE=inverse, ACC=accumulator(inp.dtype), BLOCK=block,
     )
     return grad_in, partial[0].sum(dim=1).to(log_scale.dtype), partial[1].sum(dim=1).to(bias.dtype)
-
-
-def _backward_fake(grad_out, inp, log_scale, bias, inverse):
-    return torch.empty_like(inp, memory_format=torch.contiguous_format), torch.empty_like(log_scale), \
-        torch.empty_like(bias)
-
-
-def _setup_context(ctx, inputs, output):
-    x, log_scale, bias, inverse = inputs
-    ctx.save_for_backward(x, log_scale, bias)
-    ctx.inverse = inverse
-
-
-def _backward(ctx, grad_out):
-    x, log_scale, bias = ctx.saved_tensors
-    grads = torch.ops.flowkern.triton_actnorm_backward(grad_out, x, log_scale, bias, ctx.inverse)
-    return (*grads, None)
-
-
-register("triton_actnorm_backward",
-         "(Tensor grad_out, Tensor input, Tensor log_scale, Tensor bias, bool inverse) -> (Tensor, Tensor, Tensor)",
-         _backward_impl, _backward_fake)
-register("triton_actnorm", "(Tensor x, Tensor log_scale, Tensor bias, bool inverse) -> Tensor",
-         _run, _fake, _backward, _setup_context)
-_op = torch.ops.flowkern.triton_actnorm.default
-
-
-def actnorm_forward(x, log_scale, bias):
-    """(x (N, C, H, W), log_scale (C,), bias (C,)) → (y contiguous, logdet (N,))."""
-    return _op(x, log_scale, bias, False), actnorm_logdet(x, log_scale)
-
-
-def actnorm_inverse(y, log_scale, bias):
-    """(y (N, C, H, W), log_scale (C,), bias (C,)) → (x contiguous, logdet (N,) of the forward map)."""
-    return _op(y, log_scale, bias, True), actnorm_logdet(y, log_scale)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ...reference._dtypes import compute_dtype
-from ._common import accumulator, check_launchable, empty, inner_dense, register
+from ._common import accumulator, check_launchable, empty, inner_dense
 
 _K_BLOCK = 16  # input channels per step of the matrix product (tl.dot needs at least 16)
 
@@ -84,7 +84,8 @@ def _programs_per_device(device):
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _conv(x, weight, bias):
+def conv1x1(x, weight, bias):
+    """x (N, C_in, H, W), weight (C_out, C_in), bias (C_out,) or None → (N, C_out, H, W)."""
     check_launchable(x, "conv1x1")
     x = inner_dense(x)
     n, ci, height, width = x.shape
@@ -100,11 +101,8 @@ def _conv(x, weight, bias):
     return out
 
 
-def _conv_fake(x, weight, bias):
-    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
-
-
-def _weight_grad(grad_out, x):
+def conv1x1_weight_grad(grad_out, x):
+    """(Σ_pixels ∂y·xᵀ (C_out, C_in), Σ_pixels ∂y (C_out,)), both in float32 (float64 for float64)."""
     check_launchable(x, "conv1x1 backward")
     grad_out, x = inner_dense(grad_out), inner_dense(x)
     n, ci, height, width = x.shape
@@ -125,40 +123,3 @@ def _weight_grad(grad_out, x):
         ACC=accumulator(x.dtype), CO_BLOCK=co_block, CI_PAD=_pad(ci), BLOCK=block,
     )
     return grad_w.sum(dim=0), grad_b.sum(dim=0)
-
-
-def _weight_grad_fake(grad_out, x):
-    ct = compute_dtype(x.dtype)
-    return x.new_empty((grad_out.shape[1], x.shape[1]), dtype=ct), x.new_empty(grad_out.shape[1], dtype=ct)
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _backward(ctx, grad_out):
-    x, weight = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad
-    grad_x = grad_w = grad_b = None
-    if need_x:
-        grad_x = torch.ops.flowkern.triton_conv1x1(grad_out, weight.t(), None)
-    if need_w or need_b:
-        grad_w, grad_b = torch.ops.flowkern.triton_conv1x1_weight_grad(grad_out, x)
-        grad_w = grad_w.to(weight.dtype) if need_w else None
-        grad_b = grad_b.to(ctx.bias_dtype) if need_b else None
-    return grad_x, grad_w, grad_b
-
-
-register("triton_conv1x1_weight_grad", "(Tensor grad_out, Tensor x) -> (Tensor, Tensor)",
-         _weight_grad, _weight_grad_fake)
-register("triton_conv1x1", "(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
-         _conv, _conv_fake, _backward, _setup_context)
-_op = torch.ops.flowkern.triton_conv1x1.default
-
-
-def conv1x1(x, weight, bias=None):
-    """(x (N, C_in, H, W), weight (C_out, C_in), bias (C_out,) or None) → y (N, C_out, H, W)."""
-    return _op(x, weight, bias)

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from ...reference import channel_split_sizes, conditioner_channels
 from ...reference._dtypes import compute_dtype
-from ._common import accumulator, check_launchable, empty, inner_dense, pixel_block, register
+from ._common import accumulator, check_launchable, empty, inner_dense, pixel_block
 
 _MASK = {"channel": 0, "checkerboard": 1}
 _SCALE = {"sigmoid": 0, "exp": 1, "additive": 2}
@@ -171,6 +171,7 @@ def _check_h(x, h, mask, parity, scale):
 
 
 def _run(x, h, mask, parity, scale, bound, inverse):
+    """Coupling or inverse coupling of x (N, C, H, W) → (out (N, C, H, W) contiguous, logdet (N,))."""
     check_launchable(x, "coupling")
     _check_h(x, h, mask, parity, scale)
     x, h = inner_dense(x), inner_dense(h)
@@ -188,20 +189,7 @@ def _run(x, h, mask, parity, scale, bound, inverse):
     return out, partial.sum(dim=1)
 
 
-def _forward_impl(x, h, mask, parity, scale, bound):
-    return _run(x, h, mask, parity, scale, bound, inverse=False)
-
-
-def _inverse_impl(y, h, mask, parity, scale, bound):
-    return _run(y, h, mask, parity, scale, bound, inverse=True)
-
-
-def _fake(x, h, mask, parity, scale, bound):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            x.new_empty(x.shape[0], dtype=compute_dtype(x.dtype)))
-
-
-def _backward_impl(grad_out, grad_logdet, inp, h, mask, parity, scale, bound, inverse):
+def coupling_backward(grad_out, grad_logdet, inp, h, mask, parity, scale, bound, inverse):
     check_launchable(inp, "coupling backward")
     _check_h(inp, h, mask, parity, scale)
     grad_out, inp, h = inner_dense(grad_out), inner_dense(inp), inner_dense(h)
@@ -219,48 +207,9 @@ def _backward_impl(grad_out, grad_logdet, inp, h, mask, parity, scale, bound, in
     return grad_in, grad_h
 
 
-def _backward_fake(grad_out, grad_logdet, inp, h, mask, parity, scale, bound, inverse):
-    return (torch.empty_like(inp, memory_format=torch.contiguous_format),
-            torch.empty_like(h, memory_format=torch.contiguous_format))
+def coupling_forward(x, h, mask, parity, scale, bound):
+    return _run(x, h, mask, parity, scale, bound, inverse=False)
 
 
-_BACKWARD = register(
-    "triton_coupling_backward",
-    "(Tensor grad_out, Tensor grad_logdet, Tensor input, Tensor h, str mask, int parity, str scale, "
-    "float bound, bool inverse) -> (Tensor, Tensor)",
-    _backward_impl, _backward_fake,
-)
-
-
-def _setup_context(ctx, inputs, output):
-    x, h, mask, parity, scale, bound = inputs
-    ctx.save_for_backward(x, h)
-    ctx.options = (mask, parity, scale, bound)
-
-
-def _make_backward(inverse):
-    def backward(ctx, grad_out, grad_logdet):
-        x, h = ctx.saved_tensors
-        if grad_logdet is None:
-            grad_logdet = x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype))
-        grad_x, grad_h = torch.ops.flowkern.triton_coupling_backward(
-            grad_out, grad_logdet, x, h, *ctx.options, inverse)
-        return grad_x, grad_h, None, None, None, None
-    return backward
-
-
-_SCHEMA = "(Tensor x, Tensor h, str mask, int parity, str scale, float bound) -> (Tensor, Tensor)"
-register("triton_coupling_forward", _SCHEMA, _forward_impl, _fake, _make_backward(False), _setup_context)
-register("triton_coupling_inverse", _SCHEMA, _inverse_impl, _fake, _make_backward(True), _setup_context)
-_forward_op = torch.ops.flowkern.triton_coupling_forward.default
-_inverse_op = torch.ops.flowkern.triton_coupling_inverse.default
-
-
-def coupling_forward(x, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
-    """(x (N, C, H, W), h) → (y (N, C, H, W) contiguous, logdet (N,)); see :mod:`flowkern.reference.coupling`."""
-    return _forward_op(x, h, mask, parity, scale, bound)
-
-
-def coupling_inverse(y, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
-    """(y (N, C, H, W), h) → (x (N, C, H, W) contiguous, logdet (N,) of the forward map)."""
-    return _inverse_op(y, h, mask, parity, scale, bound)
+def coupling_inverse(y, h, mask, parity, scale, bound):
+    return _run(y, h, mask, parity, scale, bound, inverse=True)

@@ -1,0 +1,166 @@
+"""The torch ops a fused backend registers, with the fake implementations and autograd they share.
+
+A fused backend defines seven ops in the ``flowkern`` namespace under its prefix (``triton_`` for the
+Triton kernels, none for the compiled extension) with the schemas below, and kernels for them. This
+module adds what does not depend on the kernels: fake implementations (shapes for ``torch.compile``) and
+the autograd formulas wiring each op to its backward op. :class:`FusedOps` then gives the backend the
+signatures of :mod:`flowkern.reference`.
+"""
+import torch
+
+from ..reference._dtypes import compute_dtype
+from ..reference.actnorm import actnorm_logdet
+
+NAMESPACE = "flowkern"
+
+_COUPLING = "(Tensor x, Tensor h, str mask, int parity, str scale, float bound) -> (Tensor, Tensor)"
+SCHEMAS = {
+    "coupling_forward": _COUPLING,
+    "coupling_inverse": _COUPLING,
+    "coupling_backward": "(Tensor grad_out, Tensor grad_logdet, Tensor input, Tensor h, str mask, int parity, "
+                         "str scale, float bound, bool inverse) -> (Tensor, Tensor)",
+    "actnorm": "(Tensor x, Tensor log_scale, Tensor bias, bool inverse) -> Tensor",
+    "actnorm_backward": "(Tensor grad_out, Tensor input, Tensor log_scale, Tensor bias, bool inverse) "
+                        "-> (Tensor, Tensor, Tensor)",
+    "conv1x1": "(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
+    "conv1x1_weight_grad": "(Tensor grad_out, Tensor x) -> (Tensor, Tensor)",
+}
+
+
+def _dense_like(t):
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def _coupling_fake(x, h, mask, parity, scale, bound):
+    return _dense_like(x), x.new_empty(x.shape[0], dtype=compute_dtype(x.dtype))
+
+
+def _coupling_backward_fake(grad_out, grad_logdet, inp, h, mask, parity, scale, bound, inverse):
+    return _dense_like(inp), _dense_like(h)
+
+
+def _actnorm_fake(x, log_scale, bias, inverse):
+    return _dense_like(x)
+
+
+def _actnorm_backward_fake(grad_out, inp, log_scale, bias, inverse):
+    return _dense_like(inp), torch.empty_like(log_scale), torch.empty_like(bias)
+
+
+def _conv1x1_fake(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
+
+
+def _conv1x1_weight_grad_fake(grad_out, x):
+    ct = compute_dtype(x.dtype)
+    return x.new_empty((grad_out.shape[1], x.shape[1]), dtype=ct), x.new_empty(grad_out.shape[1], dtype=ct)
+
+
+_FAKES = {
+    "coupling_forward": _coupling_fake,
+    "coupling_inverse": _coupling_fake,
+    "coupling_backward": _coupling_backward_fake,
+    "actnorm": _actnorm_fake,
+    "actnorm_backward": _actnorm_backward_fake,
+    "conv1x1": _conv1x1_fake,
+    "conv1x1_weight_grad": _conv1x1_weight_grad_fake,
+}
+
+
+def _coupling_autograd(ops, inverse):
+    def setup_context(ctx, inputs, output):
+        x, h, mask, parity, scale, bound = inputs
+        ctx.save_for_backward(x, h)
+        ctx.options = (mask, parity, scale, bound)
+
+    def backward(ctx, grad_out, grad_logdet):
+        x, h = ctx.saved_tensors
+        if grad_logdet is None:
+            grad_logdet = x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype))
+        grad_x, grad_h = ops.coupling_backward(grad_out, grad_logdet, x, h, *ctx.options, inverse)
+        return grad_x, grad_h, None, None, None, None
+    return backward, setup_context
+
+
+def _actnorm_autograd(ops):
+    def setup_context(ctx, inputs, output):
+        x, log_scale, bias, inverse = inputs
+        ctx.save_for_backward(x, log_scale, bias)
+        ctx.inverse = inverse
+
+    def backward(ctx, grad_out):
+        x, log_scale, bias = ctx.saved_tensors
+        return (*ops.actnorm_backward(grad_out, x, log_scale, bias, ctx.inverse), None)
+    return backward, setup_context
+
+
+def _conv1x1_autograd(ops):
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = ops.conv1x1(grad_out, weight.t(), None)  # Wᵀ·∂y: the same kernel
+        if need_w or need_b:
+            grad_w, grad_b = ops.conv1x1_weight_grad(grad_out, x)
+            grad_w = grad_w.to(weight.dtype) if need_w else None
+            grad_b = grad_b.to(ctx.bias_dtype) if need_b else None
+        return grad_x, grad_w, grad_b
+    return backward, setup_context
+
+
+class FusedOps:
+    """The ops registered under ``prefix``, called with the signatures of :mod:`flowkern.reference`."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        for name in SCHEMAS:
+            setattr(self, name, getattr(getattr(torch.ops, NAMESPACE), prefix + name).default)
+
+    def register_fakes_and_autograd(self):
+        for name, fake in _FAKES.items():
+            torch.library.register_fake(f"{NAMESPACE}::{self.prefix}{name}", fake)
+        autograd = {
+            "coupling_forward": _coupling_autograd(self, inverse=False),
+            "coupling_inverse": _coupling_autograd(self, inverse=True),
+            "actnorm": _actnorm_autograd(self),
+            "conv1x1": _conv1x1_autograd(self),
+        }
+        for name, (backward, setup_context) in autograd.items():
+            torch.library.register_autograd(f"{NAMESPACE}::{self.prefix}{name}", backward,
+                                            setup_context=setup_context)
+        return self
+
+    def functions(self) -> dict:
+        """The fused ops of :data:`flowkern.reference.OPS`, for a backend module's namespace."""
+        coupling_forward, coupling_inverse, actnorm, conv1x1 = (
+            self.coupling_forward, self.coupling_inverse, self.actnorm, self.conv1x1)
+
+        def coupling_forward_fn(x, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
+            """(x (N, C, H, W), h) → (y (N, C, H, W) contiguous, logdet (N,))."""
+            return coupling_forward(x, h, mask, parity, scale, bound)
+
+        def coupling_inverse_fn(y, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
+            """(y (N, C, H, W), h) → (x (N, C, H, W) contiguous, logdet (N,) of the forward map)."""
+            return coupling_inverse(y, h, mask, parity, scale, bound)
+
+        def actnorm_forward_fn(x, log_scale, bias):
+            """(x (N, C, H, W), log_scale (C,), bias (C,)) → (y contiguous, logdet (N,))."""
+            return actnorm(x, log_scale, bias, False), actnorm_logdet(x, log_scale)
+
+        def actnorm_inverse_fn(y, log_scale, bias):
+            """(y (N, C, H, W), log_scale (C,), bias (C,)) → (x contiguous, logdet (N,) of the forward map)."""
+            return actnorm(y, log_scale, bias, True), actnorm_logdet(y, log_scale)
+
+        def conv1x1_fn(x, weight, bias=None):
+            """(x (N, C_in, H, W), weight (C_out, C_in), bias (C_out,) or None) → y (N, C_out, H, W)."""
+            return conv1x1(x, weight, bias)
+
+        return {"coupling_forward": coupling_forward_fn, "coupling_inverse": coupling_inverse_fn,
+                "actnorm_forward": actnorm_forward_fn, "actnorm_inverse": actnorm_inverse_fn,
+                "conv1x1": conv1x1_fn}
