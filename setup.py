@@ -1,4 +1,98 @@
-"""Build script: package metadata lives in pyproject.toml."""
+"""Builds flowkern._C, the compiled ops of backend "native"; package metadata lives in pyproject.toml.
+
+A CUDA build when torch has CUDA and nvcc is found, a CPU build otherwise. Switches:
+FLOWKERN_NO_CUDA=1 (CPU build), FLOWKERN_FORCE_CUDA=1 (fail if CUDA cannot be built),
+FLOWKERN_NO_EXTENSION=1 (no compiled ops at all), TORCH_CUDA_ARCH_LIST (default: the visible GPUs, else 9.0).
+"""
+import glob
+import importlib.util
+import os
+import platform
+import re
+import shutil
+import subprocess
+
 from setuptools import setup
 
-setup()
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+def _toolkit_of(nvcc):
+    """The CUDA toolkit directory an nvcc belongs to (nvcc may be a wrapper script elsewhere)."""
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60)
+        match = re.search(r"TOP=(\S+)", out.stdout + out.stderr)
+        if match:
+            return os.path.realpath(os.path.join(match.group(1), ".."))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def _find_cuda_home():
+    for key in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(key):
+            return os.environ[key]
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+    return _toolkit_of(nvcc) if nvcc else None
+
+
+def _cuda_include_dirs():
+    """Headers the CUDA torch wheel ships beside the toolkit's (cuBLAS and friends under nvidia/cu*/include)."""
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    dirs = []
+    for base in spec.submodule_search_locations:
+        dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+    return dirs
+
+
+def _extensions():
+    if _flag("FLOWKERN_NO_EXTENSION"):
+        return [], {}
+    cuda_home = _find_cuda_home()
+    if cuda_home:
+        os.environ.setdefault("CUDA_HOME", cuda_home)  # read when torch.utils.cpp_extension is imported
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    use_cuda = torch.version.cuda is not None and cuda_home is not None and not _flag("FLOWKERN_NO_CUDA")
+    if _flag("FLOWKERN_FORCE_CUDA"):
+        if torch.version.cuda is None or cuda_home is None:
+            raise RuntimeError("FLOWKERN_FORCE_CUDA=1 but torch has no CUDA or no nvcc was found")
+        use_cuda = True
+    if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # no GPU to ask: Hopper
+
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-DFLOWKERN_PYTHON_MODULE"]
+    if platform.machine() in ("x86_64", "AMD64") and all(_cpu_has(f) for f in ("avx2", "fma", "f16c")):
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]  # at::vec, 256 bits
+    extra = {"cxx": cxx}
+    kwargs = dict(name="flowkern._C", sources=sources, include_dirs=[os.path.join(ROOT, "csrc")],
+                  extra_compile_args=extra, py_limited_api=False)
+    if use_cuda:
+        kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
+        kwargs["include_dirs"] += _cuda_include_dirs()
+        extra["nvcc"] = ["-O3", "-lineinfo", "-DFLOWKERN_PYTHON_MODULE"]
+        ext = CUDAExtension(**kwargs)
+    else:
+        ext = CppExtension(**kwargs)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+def _cpu_has(feature):
+    try:
+        with open("/proc/cpuinfo") as f:
+            return re.search(rf"\b{feature}\b", f.read()) is not None
+    except OSError:
+        return False
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

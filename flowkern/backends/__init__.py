@@ -12,10 +12,14 @@ from .. import reference
 AUTO = "auto"
 
 # name -> module path, imported on first use; an ImportError or BackendUnavailable says why not.
-_MODULES = {"reference": "flowkern.reference", "triton": "flowkern.backends.triton"}
+_MODULES = {
+    "reference": "flowkern.reference",
+    "triton": "flowkern.backends.triton",
+    "native": "flowkern.backends.native",
+}
 
 # Fastest first, per device type; "reference" is always last and always available.
-AUTO_PREFERENCE = {"cuda": ("triton", "reference"), "cpu": ("reference",)}
+AUTO_PREFERENCE = {"cuda": ("triton", "native", "reference"), "cpu": ("native", "reference")}
 
 
 class BackendUnavailable(RuntimeError):

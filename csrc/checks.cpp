@@ -1,0 +1,73 @@
+#include "flowkern/checks.h"
+
+#include <c10/util/Exception.h>
+
+namespace flowkern {
+
+void check_image(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.dim() == 4, op, ": expected ", name, " of shape (N, C, H, W), got ", t.dim(), " dimensions ",
+              t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": expected a floating-point ", name, ", got ",
+              t.scalar_type());
+}
+
+void check_same_device_and_dtype(const at::Tensor& t, const at::Tensor& like, const char* name, const char* op) {
+  TORCH_CHECK(t.device() == like.device(), op, ": expected ", name, " on ", like.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": expected ", name, " of dtype ", like.scalar_type(),
+              ", got ", t.scalar_type());
+}
+
+void check_vector(const at::Tensor& t, int64_t size, const at::Tensor& like, const char* name, const char* op) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, op, ": expected ", name, " of shape (", size, "), got ",
+              t.sizes());
+  TORCH_CHECK(t.device() == like.device(), op, ": expected ", name, " on ", like.device(), ", got ", t.device());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": expected a floating-point ", name, ", got ",
+              t.scalar_type());
+}
+
+void check_weight(const at::Tensor& weight, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), op, ": expected weight of shape (C_out, ",
+              x.size(1), "), got ", weight.sizes());
+  TORCH_CHECK(weight.device() == x.device(), op, ": expected weight on ", x.device(), ", got ", weight.device());
+  TORCH_CHECK(at::isFloatingType(weight.scalar_type()), op, ": expected a floating-point weight, got ",
+              weight.scalar_type());
+}
+
+CouplingOptions coupling_options(const at::Tensor& x, const at::Tensor& h, c10::string_view mask, int64_t parity,
+                                 c10::string_view scale, double bound, const char* op) {
+  check_image(x, "input", op);
+  check_image(h, "h", op);
+  check_same_device_and_dtype(h, x, "h", op);
+  TORCH_CHECK(mask == "channel" || mask == "checkerboard", op, ": mask must be 'channel' or 'checkerboard', got '",
+              std::string(mask), "'");
+  TORCH_CHECK(parity == 0 || parity == 1, op, ": parity must be 0 or 1, got ", parity);
+  Scale s;
+  if (scale == "sigmoid") {
+    s = Scale::Sigmoid;
+  } else if (scale == "exp") {
+    s = Scale::Exp;
+  } else if (scale == "additive") {
+    s = Scale::Additive;
+  } else {
+    TORCH_CHECK(false, op, ": scale must be 'sigmoid', 'exp' or 'additive', got '", std::string(scale), "'");
+  }
+  const bool checkerboard = mask == "checkerboard";
+  TORCH_CHECK(checkerboard || x.size(1) >= 2, op, ": a channel-mask coupling needs at least 2 channels, got ",
+              x.sizes());
+  const CouplingChannels channels = coupling_channels(x.size(1), checkerboard, parity);
+  const int64_t h_channels = s == Scale::Additive ? channels.n_t : 2 * channels.n_t;
+  TORCH_CHECK(h.size(0) == x.size(0) && h.size(1) == h_channels && h.size(2) == x.size(2) && h.size(3) == x.size(3),
+              op, ": expected h of shape (", x.size(0), ", ", h_channels, ", ", x.size(2), ", ", x.size(3),
+              ") for a ", std::string(mask), "-mask ", std::string(scale), " coupling of an input of shape ",
+              x.sizes(), ", got ", h.sizes());
+  return {checkerboard, parity, s, bound, channels};
+}
+
+at::Tensor inner_dense(const at::Tensor& t) {
+  const int64_t height = t.size(2), width = t.size(3);
+  if ((width == 1 || t.stride(3) == 1) && (height == 1 || t.stride(2) == width)) return t;
+  return t.contiguous();
+}
+
+}  // namespace flowkern

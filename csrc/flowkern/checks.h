@@ -1,0 +1,52 @@
+// Argument checks and small helpers shared by every kernel file (host code only).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <type_traits>
+
+#include "math.h"
+
+namespace flowkern {
+
+struct CouplingOptions {
+  bool checkerboard;
+  int64_t parity;
+  Scale scale;
+  double bound;
+  CouplingChannels channels;
+};
+
+// Validates mask/parity/scale and the shapes of x (N, C, H, W) and h; op names the caller in messages.
+CouplingOptions coupling_options(const at::Tensor& x, const at::Tensor& h, c10::string_view mask, int64_t parity,
+                                 c10::string_view scale, double bound, const char* op);
+
+// x, unless its (H, W) planes are not dense: then a contiguous copy. Kernels take N and C strides.
+at::Tensor inner_dense(const at::Tensor& t);
+
+void check_image(const at::Tensor& t, const char* name, const char* op);
+void check_same_device_and_dtype(const at::Tensor& t, const at::Tensor& like, const char* name, const char* op);
+void check_vector(const at::Tensor& t, int64_t size, const at::Tensor& like, const char* name, const char* op);
+void check_weight(const at::Tensor& weight, const at::Tensor& x, const char* op);
+
+// Calls f with the Scale as a compile-time constant.
+template <typename F>
+void dispatch_scale(Scale scale, F&& f) {
+  switch (scale) {
+    case Scale::Sigmoid: return f(std::integral_constant<Scale, Scale::Sigmoid>{});
+    case Scale::Exp: return f(std::integral_constant<Scale, Scale::Exp>{});
+    case Scale::Additive: return f(std::integral_constant<Scale, Scale::Additive>{});
+  }
+}
+
+template <typename F>
+void dispatch_bool(bool value, F&& f) {
+  if (value) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+}  // namespace flowkern
