@@ -2,35 +2,49 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.flowkern-deps
 STAMP := $(VENV)/.flowkern-installed
 BENCH_STAMP := $(VENV)/.flowkern-peers
+CMAKE_BUILD := build/cmake
 
 # torch resolves to the local CUDA build here (it runs on the CPU and lets csrc/*.cu compile);
 # triton ships with it on Linux and is listed for platforms where it does not.
 DEPS := torch numpy triton pybind11 ninja pytest pytest-benchmark scikit-learn tqdm pillow matplotlib
 # peer flow libraries, measured beside flowkern by the benchmark suite
 PEERS := normflows FrEIA
+CSRC := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 
-.PHONY: setup test test-gpu bench clean
+# the fused backends that must load, so that none of their tests is skipped
+REQUIRE_BACKENDS ?= triton,native
+
+.PHONY: setup test test-gpu ctest bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py
+$(DEPS_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet $(DEPS)
+	touch $@
+
+# flowkern in editable mode, building flowkern._C (CUDA kernels too when torch has CUDA and nvcc is found)
+$(STAMP): $(DEPS_STAMP) setup.py tools/cuda_toolkit.py $(CSRC)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
-# the fused backends that must load, so that none of their tests is skipped
-REQUIRE_BACKENDS ?= triton
-
-test: setup
+test: setup ctest
 	FLOWKERN_REQUIRE_BACKENDS=$(REQUIRE_BACKENDS) $(PY) -m pytest tests
 
 # only the tests that need a CUDA device (bfloat16 kernels, ...); `make test` on a GPU machine runs them too
 test-gpu: setup
 	FLOWKERN_REQUIRE_BACKENDS=$(REQUIRE_BACKENDS) $(PY) -m pytest -m gpu tests
+
+# the libtorch build of csrc/ with CMake, and its C++ test program
+ctest: $(DEPS_STAMP)
+	TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0} cmake -S . -B $(CMAKE_BUILD) \
+		$$($(PY) tools/cuda_toolkit.py --cmake-args)
+	cmake --build $(CMAKE_BUILD) -j 2
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet $(PEERS)
@@ -41,4 +55,4 @@ bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.report --readme README.md
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache flowkern/_C*.so

@@ -5,57 +5,26 @@ FLOWKERN_NO_CUDA=1 (CPU build), FLOWKERN_FORCE_CUDA=1 (fail if CUDA cannot be bu
 FLOWKERN_NO_EXTENSION=1 (no compiled ops at all), TORCH_CUDA_ARCH_LIST (default: the visible GPUs, else 9.0).
 """
 import glob
-import importlib.util
 import os
 import platform
 import re
-import shutil
-import subprocess
+import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
+from tools.cuda_toolkit import find_cuda_home, wheel_cuda_dirs  # noqa: E402
 
 
 def _flag(name):
     return os.environ.get(name, "0") not in ("", "0")
 
 
-def _toolkit_of(nvcc):
-    """The CUDA toolkit directory an nvcc belongs to (nvcc may be a wrapper script elsewhere)."""
-    try:
-        out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60)
-        match = re.search(r"TOP=(\S+)", out.stdout + out.stderr)
-        if match:
-            return os.path.realpath(os.path.join(match.group(1), ".."))
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-
-
-def _find_cuda_home():
-    for key in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(key):
-            return os.environ[key]
-    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
-    return _toolkit_of(nvcc) if nvcc else None
-
-
-def _cuda_include_dirs():
-    """Headers the CUDA torch wheel ships beside the toolkit's (cuBLAS and friends under nvidia/cu*/include)."""
-    spec = importlib.util.find_spec("nvidia")
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    dirs = []
-    for base in spec.submodule_search_locations:
-        dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
-    return dirs
-
-
 def _extensions():
     if _flag("FLOWKERN_NO_EXTENSION"):
         return [], {}
-    cuda_home = _find_cuda_home()
+    cuda_home = find_cuda_home()
     if cuda_home:
         os.environ.setdefault("CUDA_HOME", cuda_home)  # read when torch.utils.cpp_extension is imported
     import torch
@@ -78,7 +47,7 @@ def _extensions():
                   extra_compile_args=extra, py_limited_api=False)
     if use_cuda:
         kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
-        kwargs["include_dirs"] += _cuda_include_dirs()
+        kwargs["include_dirs"] += wheel_cuda_dirs("include")
         extra["nvcc"] = ["-O3", "-lineinfo", "-DFLOWKERN_PYTHON_MODULE"]
         ext = CUDAExtension(**kwargs)
     else:

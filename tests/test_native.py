@@ -1,0 +1,79 @@
+"""The compiled extension: its schemas, its refusals of bad input, and flowkern without it."""
+import sys
+
+import pytest
+import torch
+
+import flowkern
+from flowkern import backends
+from flowkern.backends._ops import NAMESPACE, SCHEMAS
+
+
+@pytest.fixture
+def native():
+    reason = flowkern.available_backends(with_reasons=True)["native"]
+    if reason is not None:
+        pytest.skip(f"backend 'native' unavailable: {reason}")
+    return backends._load("native")
+
+
+def test_cpp_schemas_are_the_shared_ones(native):
+    for name, schema in SCHEMAS.items():
+        expected = torch._C.parse_schema(f"{NAMESPACE}::{name}{schema}")
+        assert getattr(native.ops, name)._schema == expected, name
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda ops: ops.coupling_forward(torch.randn(2, 4, 3, 3), torch.randn(2, 3, 3, 3), "channel", 0, "sigmoid", 2.0),
+     r"expected h of shape \(2, 4, 3, 3\) for a channel-mask sigmoid coupling"),
+    (lambda ops: ops.coupling_forward(torch.randn(2, 4, 3), torch.randn(2, 4, 3), "channel", 0, "sigmoid", 2.0),
+     r"expected input of shape \(N, C, H, W\), got 3 dimensions"),
+    (lambda ops: ops.coupling_inverse(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), "stripes", 0, "exp", 2.0),
+     r"mask must be 'channel' or 'checkerboard', got 'stripes'"),
+    (lambda ops: ops.coupling_forward(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3).double(), "channel", 0,
+                                      "sigmoid", 2.0),
+     r"expected h of dtype Float, got Double"),
+    (lambda ops: ops.actnorm(torch.randn(2, 4, 3, 3), torch.zeros(3), torch.zeros(4), False),
+     r"expected log_scale of shape \(4\)"),
+    (lambda ops: ops.conv1x1(torch.randn(2, 4, 3, 3), torch.randn(4, 5), None),
+     r"expected weight of shape \(C_out, 4\)"),
+    (lambda ops: ops.coupling_forward(torch.randint(0, 3, (2, 4, 3, 3)), torch.randint(0, 3, (2, 4, 3, 3)),
+                                      "channel", 0, "sigmoid", 2.0),
+     r"expected a floating-point input, got Long"),
+])
+def test_bad_input_raises_a_clear_error(native, call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call(native.ops)
+
+
+def test_native_kernels_are_deterministic_across_thread_counts(native):
+    x, h = torch.randn(3, 8, 33, 17), torch.randn(3, 8, 33, 17)
+    upstream = torch.randn(3, 8, 33, 17)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            y, logdet = native.coupling_forward(x, h)
+            grads = native.ops.conv1x1_weight_grad(upstream, x)
+            results.append((y, logdet, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_flowkern_works_and_says_why_when_the_extension_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flowkern._C", None)  # import of flowkern._C now fails
+    monkeypatch.delattr(flowkern, "_C", raising=False)
+    monkeypatch.delitem(sys.modules, "flowkern.backends.native", raising=False)
+    monkeypatch.setattr(backends, "_loaded", {k: v for k, v in backends._loaded.items() if k != "native"})
+    monkeypatch.setattr(backends, "_reasons", {})
+    monkeypatch.setattr(backends, "_auto", {})
+    status = flowkern.available_backends(with_reasons=True)
+    assert "flowkern._C" in status["native"]
+    assert "native" not in flowkern.available_backends()
+    with pytest.raises(backends.BackendUnavailable, match="backend 'native' is unavailable"):
+        flowkern.set_backend("native")
+    step = flowkern.nn.FlowStep(4, 8)
+    y, logdet = step(torch.randn(2, 4, 3, 3))
+    assert y.shape == (2, 4, 3, 3) and backends.resolve(y.device) is flowkern.reference
