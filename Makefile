@@ -9,7 +9,7 @@ CMAKE_BUILD := build/cmake
 
 # torch resolves to the local CUDA build here (it runs on the CPU and lets csrc/*.cu compile);
 # triton ships with it on Linux and is listed for platforms where it does not.
-DEPS := torch numpy triton pybind11 ninja pytest pytest-benchmark scikit-learn tqdm pillow matplotlib
+DEPS := torch numpy triton pybind11 ninja cmake pytest pytest-benchmark scikit-learn tqdm pillow matplotlib
 # peer flow libraries, measured beside flowkern by the benchmark suite
 PEERS := normflows FrEIA
 CSRC := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
@@ -39,12 +39,12 @@ test: setup ctest
 test-gpu: setup
 	FLOWKERN_REQUIRE_BACKENDS=$(REQUIRE_BACKENDS) $(PY) -m pytest -m gpu tests
 
-# the libtorch build of csrc/ with CMake, and its C++ test program
+# the libtorch build of csrc/ with CMake (from PyPI: it knows CUDA C++20), and its C++ test program
 ctest: $(DEPS_STAMP)
-	TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0} cmake -S . -B $(CMAKE_BUILD) \
-		$$($(PY) tools/cuda_toolkit.py --cmake-args)
-	cmake --build $(CMAKE_BUILD) -j 2
-	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+	TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0} $(VENV)/bin/cmake -S . -B $(CMAKE_BUILD) \
+		$$($(PY) tools/cuda_toolkit.py --cmake-args) $(CMAKE_ARGS)
+	$(VENV)/bin/cmake --build $(CMAKE_BUILD) -j 2
+	$(VENV)/bin/ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet $(PEERS)

@@ -54,7 +54,8 @@ def cmake_args():
     cuda_home = find_cuda_home()
     if torch.version.cuda is None or cuda_home is None:
         return args
-    args += [f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}", f"-DCUDAToolkit_ROOT={cuda_home}"]
+    args += [f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}", f"-DCUDAToolkit_ROOT={cuda_home}",
+             f"-DCMAKE_CUDA_COMPILER={os.path.join(cuda_home, 'bin', 'nvcc')}"]
     for lib_dir in wheel_cuda_dirs("lib"):
         nvrtc = sorted(glob.glob(os.path.join(lib_dir, "libnvrtc.so*")))
         if nvrtc and not os.path.exists(os.path.join(cuda_home, "lib64", "libnvrtc.so")):
