@@ -39,12 +39,12 @@ def _extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # no GPU to ask: Hopper
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-DFLOWKERN_PYTHON_MODULE"]
+    cxx = ["-O3", "-fopenmp", "-DFLOWKERN_PYTHON_MODULE"]  # at::parallel_for is OpenMP in torch's headers
     if platform.machine() in ("x86_64", "AMD64") and all(_cpu_has(f) for f in ("avx2", "fma", "f16c")):
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]  # at::vec, 256 bits
     extra = {"cxx": cxx}
     kwargs = dict(name="flowkern._C", sources=sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                  extra_compile_args=extra, py_limited_api=False)
+                  extra_compile_args=extra, extra_link_args=["-fopenmp"], py_limited_api=False)
     if use_cuda:
         kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
         kwargs["include_dirs"] += wheel_cuda_dirs("include")

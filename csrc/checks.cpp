@@ -34,6 +34,35 @@ void check_weight(const at::Tensor& weight, const at::Tensor& x, const char* op)
               weight.scalar_type());
 }
 
+void check_actnorm(const at::Tensor& x, const at::Tensor& log_scale, const at::Tensor& bias, const char* op) {
+  check_image(x, "input", op);
+  check_vector(log_scale, x.size(1), x, "log_scale", op);
+  check_vector(bias, x.size(1), x, "bias", op);
+}
+
+void check_conv1x1(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   const char* op) {
+  check_image(x, "input", op);
+  check_weight(weight, x, op);
+  if (bias) check_vector(*bias, weight.size(0), x, "bias", op);
+}
+
+void check_conv1x1_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, const char* op) {
+  check_image(grad_out, "grad_out", op);
+  check_image(x, "input", op);
+  check_same_device_and_dtype(grad_out, x, "grad_out", op);
+  TORCH_CHECK(grad_out.size(0) == x.size(0) && grad_out.size(2) == x.size(2) && grad_out.size(3) == x.size(3), op,
+              ": expected grad_out of shape (", x.size(0), ", C_out, ", x.size(2), ", ", x.size(3), "), got ",
+              grad_out.sizes());
+}
+
+void check_grad_out(const at::Tensor& grad_out, const at::Tensor& input, const char* op) {
+  check_image(grad_out, "grad_out", op);
+  check_same_device_and_dtype(grad_out, input, "grad_out", op);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": expected grad_out of shape ", input.sizes(), ", got ",
+              grad_out.sizes());
+}
+
 CouplingOptions coupling_options(const at::Tensor& x, const at::Tensor& h, c10::string_view mask, int64_t parity,
                                  c10::string_view scale, double bound, const char* op) {
   check_image(x, "input", op);

@@ -14,18 +14,10 @@ namespace {
 
 using at::vec::Vectorized;
 
-void check_actnorm(const at::Tensor& x, const at::Tensor& log_scale, const at::Tensor& bias, const char* op) {
-  check_image(x, "input", op);
-  check_vector(log_scale, x.size(1), x, "log_scale", op);
-  check_vector(bias, x.size(1), x, "bias", op);
-}
-
-// Per-channel factors in the arithmetic dtype: e^{±log_scale} and the bias.
-template <typename acc_t>
-std::pair<at::Tensor, at::Tensor> channel_factors(const at::Tensor& log_scale, const at::Tensor& bias,
-                                                  bool inverse, at::ScalarType acc_dtype) {
-  at::Tensor ls = log_scale.to(acc_dtype);
-  return {(inverse ? -ls : ls).exp().contiguous(), bias.to(acc_dtype).contiguous()};
+// The per-channel factor of flowkern::actnorm from log_scale: e^{log_scale}, e^{−log_scale} for the inverse.
+template <bool Inverse, typename acc_t>
+acc_t channel_scale(acc_t log_scale) {
+  return ScalarMath::exp(Inverse ? -log_scale : log_scale);
 }
 
 at::Tensor actnorm_cpu(const at::Tensor& x_in, const at::Tensor& log_scale, const at::Tensor& bias, bool inverse) {
@@ -33,10 +25,11 @@ at::Tensor actnorm_cpu(const at::Tensor& x_in, const at::Tensor& log_scale, cons
   const at::Tensor x = inner_dense(x_in);
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
   at::Tensor out = at::empty({n, c, x.size(2), x.size(3)}, x.options());
+  const auto acc_dtype = at::toOpMathType(x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "actnorm_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto [scale_t, bias_t] = channel_factors<acc_t>(log_scale, bias, inverse, at::toOpMathType(x.scalar_type()));
-    const acc_t *sp = scale_t.const_data_ptr<acc_t>(), *bp = bias_t.const_data_ptr<acc_t>();
+    const at::Tensor ls = log_scale.to(acc_dtype).contiguous(), b = bias.to(acc_dtype).contiguous();
+    const acc_t *lsp = ls.const_data_ptr<acc_t>(), *bp = b.const_data_ptr<acc_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* outp = out.mutable_data_ptr<scalar_t>();
     const int64_t xsn = x.stride(0), xsc = x.stride(1);
@@ -45,15 +38,16 @@ at::Tensor actnorm_cpu(const at::Tensor& x_in, const at::Tensor& log_scale, cons
       at::parallel_for(0, n * c, 1, [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
           const int64_t ch = row % c;
+          const acc_t scale = channel_scale<Inverse>(lsp[ch]);
           const scalar_t* in = xp + (row / c) * xsn + ch * xsc;
           scalar_t* o = outp + row * hw;
           int64_t p = 0;
           if constexpr (std::is_same_v<scalar_t, acc_t>) {
             using Vec = Vectorized<acc_t>;
-            const Vec s(sp[ch]), b(bp[ch]);
+            const Vec s(scale), b(bp[ch]);
             for (; p + Vec::size() <= hw; p += Vec::size()) actnorm<Inverse>(Vec::loadu(in + p), s, b).store(o + p);
           }
-          for (; p < hw; ++p) o[p] = actnorm<Inverse>(acc_t(in[p]), sp[ch], bp[ch]);
+          for (; p < hw; ++p) o[p] = actnorm<Inverse>(acc_t(in[p]), scale, bp[ch]);
         }
       });
     });
@@ -67,10 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> actnorm_backward_cpu(const at::Te
                                                                     const at::Tensor& bias, bool inverse) {
   const char* op = "flowkern::actnorm_backward";
   check_actnorm(input_in, log_scale, bias, op);
-  check_image(grad_out_in, "grad_out", op);
-  check_same_device_and_dtype(grad_out_in, input_in, "grad_out", op);
-  TORCH_CHECK(grad_out_in.sizes() == input_in.sizes(), op, ": expected grad_out of shape ", input_in.sizes(),
-              ", got ", grad_out_in.sizes());
+  check_grad_out(grad_out_in, input_in, op);
   const at::Tensor g = grad_out_in.contiguous(), v = input_in.contiguous();
   const int64_t n = v.size(0), c = v.size(1), hw = v.size(2) * v.size(3);
   at::Tensor grad_in = at::empty_like(v);
@@ -78,8 +69,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> actnorm_backward_cpu(const at::Te
   at::Tensor partial = at::empty({2, n, c}, v.options().dtype(acc_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "actnorm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto [scale_t, bias_t] = channel_factors<acc_t>(log_scale, bias, inverse, acc_dtype);
-    const acc_t *sp = scale_t.const_data_ptr<acc_t>(), *bp = bias_t.const_data_ptr<acc_t>();
+    const at::Tensor ls = log_scale.to(acc_dtype).contiguous(), b = bias.to(acc_dtype).contiguous();
+    const acc_t *lsp = ls.const_data_ptr<acc_t>(), *bp = b.const_data_ptr<acc_t>();
     const scalar_t *gp = g.const_data_ptr<scalar_t>(), *vp = v.const_data_ptr<scalar_t>();
     scalar_t* gin = grad_in.mutable_data_ptr<scalar_t>();
     acc_t* part = partial.mutable_data_ptr<acc_t>();
@@ -88,11 +79,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> actnorm_backward_cpu(const at::Te
       at::parallel_for(0, n * c, 1, [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
           const int64_t ch = row % c, base = row * hw;
+          const acc_t scale = channel_scale<Inverse>(lsp[ch]);
           acc_t sum_log = 0, sum_bias = 0;
           int64_t p = 0;
           if constexpr (std::is_same_v<scalar_t, acc_t>) {
             using Vec = Vectorized<acc_t>;
-            const Vec s(sp[ch]), b(bp[ch]);
+            const Vec s(scale), b(bp[ch]);
             Vec vlog(acc_t(0)), vbias(acc_t(0));
             for (; p + Vec::size() <= hw; p += Vec::size()) {
               Vec gi, gl, gb;
@@ -106,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> actnorm_backward_cpu(const at::Te
           }
           for (; p < hw; ++p) {
             acc_t gi, gl, gb;
-            actnorm_backward<Inverse>(acc_t(gp[base + p]), acc_t(vp[base + p]), sp[ch], bp[ch], gi, gl, gb);
+            actnorm_backward<Inverse>(acc_t(gp[base + p]), acc_t(vp[base + p]), scale, bp[ch], gi, gl, gb);
             gin[base + p] = gi;
             sum_log += gl;
             sum_bias += gb;

@@ -17,6 +17,20 @@ using at::vec::Vectorized;
 template <typename scalar_t>
 constexpr bool vectorised = std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
 
+// One transformed element in the arithmetic dtype; adds its log s to total. For additive coupling, raw is
+// the shift (h holds nothing else) and is not used.
+template <Scale S, bool Inverse, typename acc_t>
+inline acc_t transform_element(acc_t v, acc_t raw, acc_t shift, acc_t bound, acc_t& total) {
+  if constexpr (S == Scale::Additive) {
+    return Inverse ? v - shift : v + shift;
+  } else {
+    acc_t logs, s, dlogs;
+    scale_terms<S, ScalarMath>(raw, bound, logs, s, dlogs);
+    total += logs;
+    return couple<Inverse>(v, s, shift);
+  }
+}
+
 // One transformed plane of the channel mask; returns its Σ log s.
 template <Scale S, bool Inverse, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 acc_t transform_plane(const scalar_t* x, const scalar_t* raw, const scalar_t* shift, scalar_t* out, int64_t len,
@@ -31,25 +45,15 @@ acc_t transform_plane(const scalar_t* x, const scalar_t* raw, const scalar_t* sh
       if constexpr (S == Scale::Additive) {
         (Inverse ? v - sh : v + sh).store(out + i);
       } else {
-        Vec logs, dlogs;
-        log_scale<S, VecMath>(Vec::loadu(raw + i), Vec(bound), logs, dlogs);
-        couple<Inverse, VecMath>(v, logs, sh).store(out + i);
+        Vec logs, s, dlogs;
+        scale_terms<S, VecMath>(Vec::loadu(raw + i), Vec(bound), logs, s, dlogs);
+        couple<Inverse>(v, s, sh).store(out + i);
         sum = sum + logs;
       }
     }
     total = lane_sum(sum);
   }
-  for (; i < len; ++i) {
-    const acc_t v = x[i], sh = shift[i];
-    if constexpr (S == Scale::Additive) {
-      out[i] = Inverse ? v - sh : v + sh;
-    } else {
-      acc_t logs, dlogs;
-      log_scale<S, ScalarMath>(acc_t(raw[i]), bound, logs, dlogs);
-      out[i] = couple<Inverse, ScalarMath>(v, logs, sh);
-      total += logs;
-    }
-  }
+  for (; i < len; ++i) out[i] = transform_element<S, Inverse>(acc_t(x[i]), acc_t(raw[i]), acc_t(shift[i]), bound, total);
   return total;
 }
 
@@ -65,15 +69,7 @@ acc_t transform_checkerboard_plane(const scalar_t* x, const scalar_t* raw, const
         out[p] = x[p];
         continue;
       }
-      const acc_t v = x[p], sh = shift[p];
-      if constexpr (S == Scale::Additive) {
-        out[p] = Inverse ? v - sh : v + sh;
-      } else {
-        acc_t logs, dlogs;
-        log_scale<S, ScalarMath>(acc_t(raw[p]), bound, logs, dlogs);
-        out[p] = couple<Inverse, ScalarMath>(v, logs, sh);
-        total += logs;
-      }
+      out[p] = transform_element<S, Inverse>(acc_t(x[p]), acc_t(raw[p]), acc_t(shift[p]), bound, total);
     }
   }
   return total;
@@ -178,13 +174,10 @@ std::tuple<at::Tensor, at::Tensor> coupling_backward_cpu(const at::Tensor& grad_
                                                          bool inverse) {
   const char* op = "flowkern::coupling_backward";
   const CouplingOptions o = coupling_options(input_in, h_in, mask, parity, scale, bound, op);
-  check_image(grad_out_in, "grad_out", op);
-  check_same_device_and_dtype(grad_out_in, input_in, "grad_out", op);
-  TORCH_CHECK(grad_out_in.sizes() == input_in.sizes(), op, ": expected grad_out of shape ", input_in.sizes(),
-              ", got ", grad_out_in.sizes());
+  check_grad_out(grad_out_in, input_in, op);
   check_vector(grad_logdet, input_in.size(0), input_in, "grad_logdet", op);
-  const at::Tensor g = inner_dense(grad_out_in).contiguous(), v = inner_dense(input_in).contiguous();
-  const at::Tensor h = inner_dense(h_in).contiguous();
+  const at::Tensor g = grad_out_in.contiguous(), v = input_in.contiguous();
+  const at::Tensor h = h_in.contiguous();
   const int64_t n = v.size(0), c = v.size(1), height = v.size(2), width = v.size(3), hw = height * width;
   const CouplingChannels ch = o.channels;
   at::Tensor grad_in = at::empty_like(v, at::MemoryFormat::Contiguous);

@@ -11,6 +11,9 @@ struct VecMath {
   template <typename V> static V tanh(const V& v) { return v.tanh(); }
   template <typename V> static V abs(const V& v) { return v.abs(); }
   template <typename V> static V min(const V& a, const V& b) { return at::vec::minimum(a, b); }
+  template <typename V> static V select_nonnegative(const V& z, const V& if_nonnegative, const V& if_negative) {
+    return V::blendv(if_negative, if_nonnegative, z >= V(0));
+  }
 };
 
 // The lanes of v summed in lane order: the same order on every run.

@@ -45,12 +45,6 @@ __global__ void actnorm_backward_kernel(const scalar_t* __restrict__ g, const sc
   }
 }
 
-void check_actnorm(const at::Tensor& x, const at::Tensor& log_scale, const at::Tensor& bias, const char* op) {
-  check_image(x, "input", op);
-  check_vector(log_scale, x.size(1), x, "log_scale", op);
-  check_vector(bias, x.size(1), x, "bias", op);
-}
-
 at::Tensor actnorm_cuda(const at::Tensor& x_in, const at::Tensor& log_scale, const at::Tensor& bias, bool inverse) {
   check_actnorm(x_in, log_scale, bias, "flowkern::actnorm");
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -80,10 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> actnorm_backward_cuda(const at::T
                                                                      const at::Tensor& bias, bool inverse) {
   const char* op = "flowkern::actnorm_backward";
   check_actnorm(input, log_scale, bias, op);
-  check_image(grad_out, "grad_out", op);
-  check_same_device_and_dtype(grad_out, input, "grad_out", op);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": expected grad_out of shape ", input.sizes(), ", got ",
-              grad_out.sizes());
+  check_grad_out(grad_out, input, op);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor g = grad_out.contiguous(), v = input.contiguous();
   const int64_t n = v.size(0), c = v.size(1), hw = v.size(2) * v.size(3);

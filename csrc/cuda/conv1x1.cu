@@ -82,10 +82,8 @@ __global__ void conv1x1_weight_grad_kernel(const scalar_t* __restrict__ g, const
 
 at::Tensor conv1x1_cuda(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const char* op = "flowkern::conv1x1";
-  check_image(x_in, "input", op);
-  check_weight(weight, x_in, op);
+  check_conv1x1(x_in, weight, bias, op);
   const int64_t c_out = weight.size(0);
-  if (bias) check_vector(*bias, c_out, x_in, "bias", op);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = inner_dense(x_in);
   const int64_t n = x.size(0), c_in = x.size(1), hw = x.size(2) * x.size(3);
@@ -110,12 +108,7 @@ at::Tensor conv1x1_cuda(const at::Tensor& x_in, const at::Tensor& weight, const 
 
 std::tuple<at::Tensor, at::Tensor> conv1x1_weight_grad_cuda(const at::Tensor& grad_out, const at::Tensor& x_in) {
   const char* op = "flowkern::conv1x1_weight_grad";
-  check_image(grad_out, "grad_out", op);
-  check_image(x_in, "input", op);
-  check_same_device_and_dtype(grad_out, x_in, "grad_out", op);
-  TORCH_CHECK(grad_out.size(0) == x_in.size(0) && grad_out.size(2) == x_in.size(2) && grad_out.size(3) == x_in.size(3),
-              op, ": expected grad_out of shape (", x_in.size(0), ", C_out, ", x_in.size(2), ", ", x_in.size(3),
-              "), got ", grad_out.sizes());
+  check_conv1x1_weight_grad(grad_out, x_in, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor g = grad_out.contiguous(), x = x_in.contiguous();
   const int64_t n = x.size(0), c_in = x.size(1), c_out = g.size(1), hw = x.size(2) * x.size(3);

@@ -36,10 +36,10 @@ __global__ void coupling_kernel(const scalar_t* __restrict__ x, const scalar_t* 
         const acc_t shift = h_pix[k * hsc];
         out_pix[c * hw] = static_cast<scalar_t>(Inverse ? v - shift : v + shift);
       } else {
-        acc_t logs, dlogs;
-        log_scale<S, ScalarMath>(static_cast<acc_t>(h_pix[k * hsc]), bound, logs, dlogs);
+        acc_t logs, s, dlogs;
+        scale_terms<S, ScalarMath>(static_cast<acc_t>(h_pix[k * hsc]), bound, logs, s, dlogs);
         const acc_t shift = h_pix[(ch.n_t + k) * hsc];
-        out_pix[c * hw] = static_cast<scalar_t>(couple<Inverse, ScalarMath>(v, logs, shift));
+        out_pix[c * hw] = static_cast<scalar_t>(couple<Inverse>(v, s, shift));
         sum += logs;
       }
     }
@@ -118,10 +118,7 @@ std::tuple<at::Tensor, at::Tensor> coupling_backward_cuda(const at::Tensor& grad
                                                           c10::string_view scale, double bound, bool inverse) {
   const char* op = "flowkern::coupling_backward";
   const CouplingOptions o = coupling_options(input, h_in, mask, parity, scale, bound, op);
-  check_image(grad_out, "grad_out", op);
-  check_same_device_and_dtype(grad_out, input, "grad_out", op);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": expected grad_out of shape ", input.sizes(), ", got ",
-              grad_out.sizes());
+  check_grad_out(grad_out, input, op);
   check_vector(grad_logdet, input.size(0), input, "grad_logdet", op);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor g = grad_out.contiguous(), v = input.contiguous(), h = h_in.contiguous();

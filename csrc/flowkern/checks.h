@@ -30,6 +30,14 @@ void check_same_device_and_dtype(const at::Tensor& t, const at::Tensor& like, co
 void check_vector(const at::Tensor& t, int64_t size, const at::Tensor& like, const char* name, const char* op);
 void check_weight(const at::Tensor& weight, const at::Tensor& x, const char* op);
 
+// The arguments of each op family, as both the CPU and the CUDA kernels take them.
+void check_actnorm(const at::Tensor& x, const at::Tensor& log_scale, const at::Tensor& bias, const char* op);
+void check_conv1x1(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   const char* op);
+void check_conv1x1_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, const char* op);
+// grad_out of the input's shape, device and dtype
+void check_grad_out(const at::Tensor& grad_out, const at::Tensor& input, const char* op);
+
 // Calls f with the Scale as a compile-time constant.
 template <typename F>
 void dispatch_scale(Scale scale, F&& f) {

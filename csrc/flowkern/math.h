@@ -13,62 +13,61 @@ namespace flowkern {
 
 enum class Scale : int { Sigmoid = 0, Exp = 1, Additive = 2 };
 
+// On the device the CUDA math library's overloads, on the host std::.
+#ifdef __CUDA_ARCH__
+#define FLOWKERN_MATH(fn) ::fn
+#else
+#define FLOWKERN_MATH(fn) std::fn
+#endif
+
 struct ScalarMath {
-  template <typename T> C10_HOST_DEVICE static T exp(T v) {
-#ifdef __CUDA_ARCH__
-    return ::exp(v);
-#else
-    return std::exp(v);
-#endif
-  }
-  template <typename T> C10_HOST_DEVICE static T log1p(T v) {
-#ifdef __CUDA_ARCH__
-    return ::log1p(v);
-#else
-    return std::log1p(v);
-#endif
-  }
-  template <typename T> C10_HOST_DEVICE static T tanh(T v) {
-#ifdef __CUDA_ARCH__
-    return ::tanh(v);
-#else
-    return std::tanh(v);
-#endif
-  }
+  template <typename T> C10_HOST_DEVICE static T exp(T v) { return FLOWKERN_MATH(exp)(v); }
+  template <typename T> C10_HOST_DEVICE static T log1p(T v) { return FLOWKERN_MATH(log1p)(v); }
+  template <typename T> C10_HOST_DEVICE static T tanh(T v) { return FLOWKERN_MATH(tanh)(v); }
   template <typename T> C10_HOST_DEVICE static T abs(T v) { return v < T(0) ? -v : v; }
   template <typename T> C10_HOST_DEVICE static T min(T a, T b) { return b < a ? b : a; }
+  template <typename T> C10_HOST_DEVICE static T select_nonnegative(T z, T if_nonnegative, T if_negative) {
+    return z >= T(0) ? if_nonnegative : if_negative;
+  }
 };
 
-// log s and d(log s)/d(raw) of the coupling's scale.
-//   Sigmoid (Glow):   log s = log sigmoid(raw + 2),  d/draw = 1 − sigmoid(raw + 2) = e^{log s − z}
-//   Exp (RealNVP):    log s = bound · tanh(raw),      d/draw = bound · (1 − tanh²)
+#undef FLOWKERN_MATH
+
+// The coupling's scale at raw: log s, s and d(log s)/d(raw).
+//   Sigmoid (Glow):  s = sigmoid(z), z = raw + 2; from e = e^{−|z|}: log s = min(z, 0) − log1p(e),
+//                    s = 1/(1+e) or e/(1+e), d log s/d raw = 1 − s. One exp and one log1p.
+//   Exp (RealNVP):   log s = bound · tanh(raw), s = e^{log s}, d log s/d raw = bound · (1 − tanh²).
 template <Scale S, typename M, typename T>
-C10_HOST_DEVICE inline void log_scale(T raw, T bound, T& logs, T& dlogs) {
+C10_HOST_DEVICE inline void scale_terms(T raw, T bound, T& logs, T& s, T& dlogs) {
   if constexpr (S == Scale::Sigmoid) {
     const T z = raw + T(2);
-    logs = M::min(z, T(0)) - M::log1p(M::exp(T(0) - M::abs(z)));
-    dlogs = M::exp(logs - z);
+    const T e = M::exp(T(0) - M::abs(z));
+    const T r = T(1) / (T(1) + e);
+    logs = M::min(z, T(0)) - M::log1p(e);
+    s = M::select_nonnegative(z, r, e * r);
+    dlogs = M::select_nonnegative(z, e * r, r);
   } else {
     const T t = M::tanh(raw);
     logs = bound * t;
+    s = M::exp(logs);
     dlogs = bound * (T(1) - t * t);
   }
 }
 
-// The transformed element: forward y = x·s + shift, inverse x = (y − shift)·s⁻¹.
-template <bool Inverse, typename M, typename T>
-C10_HOST_DEVICE inline T couple(T v, T logs, T shift) {
+// The transformed element: forward y = x·s + shift, inverse x = (y − shift)/s.
+template <bool Inverse, typename T>
+C10_HOST_DEVICE inline T couple(T v, T s, T shift) {
   if constexpr (Inverse) {
-    return (v - shift) * M::exp(T(0) - logs);
+    return (v - shift) / s;
   } else {
-    return v * M::exp(logs) + shift;
+    return v * s + shift;
   }
 }
 
 // Gradients at a transformed element from the upstream gradient g of the op's output and gld of its
 // log-det; v is the op's input.
-//   forward  y = x·s + shift:        ∂x = g·s,    ∂shift = g,       ∂log s = g·x·s + gld
-//   inverse  x = (y − shift)·s⁻¹:    ∂y = g·s⁻¹,  ∂shift = −g·s⁻¹,  ∂log s = gld − g·x
+//   forward  y = x·s + shift:      ∂x = g·s,  ∂shift = g,      ∂log s = g·x·s + gld
+//   inverse  x = (y − shift)/s:    ∂y = g/s,  ∂shift = −g/s,   ∂log s = gld − g·x
 template <Scale S, bool Inverse, typename M, typename T>
 C10_HOST_DEVICE inline void couple_backward(T g, T gld, T v, T raw, T shift, T bound, T& grad_in, T& grad_raw,
                                             T& grad_shift) {
@@ -77,16 +76,15 @@ C10_HOST_DEVICE inline void couple_backward(T g, T gld, T v, T raw, T shift, T b
     grad_shift = Inverse ? T(0) - g : g;
     grad_raw = T(0);
   } else {
-    T logs, dlogs;
-    log_scale<S, M>(raw, bound, logs, dlogs);
+    T logs, s, dlogs;
+    scale_terms<S, M>(raw, bound, logs, s, dlogs);
     T glogs;
     if constexpr (Inverse) {
-      const T inv_s = M::exp(T(0) - logs);
-      grad_in = g * inv_s;
+      grad_in = g / s;
       grad_shift = T(0) - grad_in;
-      glogs = gld - g * ((v - shift) * inv_s);
+      glogs = gld - grad_in * (v - shift);
     } else {
-      grad_in = g * M::exp(logs);
+      grad_in = g * s;
       grad_shift = g;
       glogs = grad_in * v + gld;
     }

@@ -21,6 +21,18 @@ class FlowModel(nn.Module):
         """Per-sample shapes of the latents that :meth:`sample` draws, in the order of ``zs``."""
         raise NotImplementedError
 
+    def chains(self) -> list:
+        """The model's chains of flow layers (one per level), each a :class:`~flowkern.nn.FlowSequential`."""
+        raise NotImplementedError
+
+    def set_memory_saving(self, enabled: bool = True, check_reconstruction: float | None = None):
+        """Train by inversion: each chain keeps only its output and rebuilds its layers' inputs in the
+        backward pass (see :class:`~flowkern.nn.FlowSequential`). Returns the model."""
+        for chain in self.chains():
+            chain.memory_saving = enabled
+            chain.check_reconstruction = check_reconstruction
+        return self
+
     def _latents(self, zs):
         return list(zs) if self.multi_scale else [zs]
 
@@ -77,6 +89,9 @@ class MultiScaleFlow(FlowModel):
 
     def latent_shapes(self):
         return list(self._latent_shapes)
+
+    def chains(self):
+        return [level.flow for level in self.levels]
 
     def forward(self, x):
         check_image(x, "x", self.in_channels)

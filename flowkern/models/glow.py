@@ -15,13 +15,15 @@ class Glow(MultiScaleFlow):
         lu: LU-parametrised 1×1 convolutions.
         learn_prior: learned conditional priors at the splits and a learned prior at the top;
             otherwise N(0, I).
+        memory_saving: train by inversion (:meth:`set_memory_saving`): activation memory of one flow step
+            per level instead of K.
 
     Shapes: x (N, C, H, W) → zs, a list of L latents, the l-th of spatial size H/2^l × W/2^l
     (:meth:`latent_shapes` gives each), and logdet (N,).
     """
 
     def __init__(self, in_channels=3, image_size=32, levels=3, steps=32, hidden_channels=512,
-                 coupling="affine", lu=True, learn_prior=True):
+                 coupling="affine", lu=True, learn_prior=True, memory_saving=False):
         if levels < 1 or steps < 1:
             raise ValueError(f"Glow needs levels >= 1 and steps >= 1, got levels={levels}, steps={steps}")
         if image_size % 2 ** levels:
@@ -41,3 +43,4 @@ class Glow(MultiScaleFlow):
                 blocks.append(_Level(flow, Gaussianize(channels) if learn_prior else None))
                 shapes.append((channels, size, size))
         super().__init__(in_channels, image_size, blocks, shapes)
+        self.set_memory_saving(memory_saving)

@@ -22,11 +22,13 @@ class RealNVP(MultiScaleFlow):
         scales: number of scales.
         hidden_channels, blocks: width and residual blocks of each s/t network.
         bound: bound on each coupling's ``|log s|``.
+        memory_saving: train by inversion (:meth:`set_memory_saving`).
 
     Shapes: x (N, C, H, W) → zs, one latent per scale (see :meth:`latent_shapes`), logdet (N,).
     """
 
-    def __init__(self, in_channels=3, image_size=32, scales=3, hidden_channels=64, blocks=4, bound=2.0):
+    def __init__(self, in_channels=3, image_size=32, scales=3, hidden_channels=64, blocks=4, bound=2.0,
+                 memory_saving=False):
         if scales < 1:
             raise ValueError(f"RealNVP needs scales >= 1, got {scales}")
         if image_size % 2 ** (scales - 1):
@@ -51,6 +53,7 @@ class RealNVP(MultiScaleFlow):
         levels.append(_Level(last))
         shapes.append((channels, size, size))
         super().__init__(in_channels, image_size, levels, shapes)
+        self.set_memory_saving(memory_saving)
 
 
 class RealNVP2d(FlowModel):
@@ -62,13 +65,14 @@ class RealNVP2d(FlowModel):
         layers: number of couplings.
         depth: hidden layers per MLP.
         bound: bound on each coupling's ``|log s|``.
+        memory_saving: train by inversion (:meth:`set_memory_saving`).
 
     Shapes: x (N, D) → z (N, D), logdet (N,).
     """
 
     multi_scale = False
 
-    def __init__(self, dim=2, hidden=64, layers=8, depth=2, bound=2.0):
+    def __init__(self, dim=2, hidden=64, layers=8, depth=2, bound=2.0, memory_saving=False):
         super().__init__()
         if dim < 2:
             raise ValueError(f"RealNVP2d needs dim >= 2, got {dim}")
@@ -77,9 +81,13 @@ class RealNVP2d(FlowModel):
             AffineCoupling(dim, mask="channel", parity=i % 2, scale="exp", bound=bound,
                            conditioner=lambda i, o: MLPConditioner(i, o, hidden, depth))
             for i in range(layers)])
+        self.set_memory_saving(memory_saving)
 
     def latent_shapes(self):
         return [(self.dim,)]
+
+    def chains(self):
+        return [self.flow]
 
     def _check(self, x, name):
         check_tensor(x, name, ndim=2)

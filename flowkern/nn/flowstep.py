@@ -1,23 +1,50 @@
+import torch
 from torch import nn
 
 from .. import functional as F
 from .actnorm import ActNorm
 from .coupling import AdditiveCoupling, AffineCoupling
 from .invconv import InvConv1x1
+from .memory_saving import chain_by_inversion
 
 
 class FlowSequential(nn.Sequential):
     """A chain of flow layers: log-dets add up, ``inverse`` runs the layers backwards.
 
+    Args:
+        *layers: flow layers (``y, logdet = layer(x)``, ``x = layer.inverse(y)``).
+        memory_saving: when gradients are needed, keep only the chain's output and rebuild each layer's
+            input by inversion in the backward pass (:mod:`flowkern.nn.memory_saving`): activation memory
+            of one layer instead of all. Not traceable by ``torch.compile``; the layers must not draw
+            random numbers in their forward.
+        check_reconstruction: with ``memory_saving``, also keep the chain's input and warn
+            (``ReconstructionWarning``) when the one the backward pass rebuilds differs from it by more
+            than this relative error; the last error is in ``last_reconstruction_error``.
+
     Shapes: those of its layers; logdet (N,).
     """
 
-    def forward(self, x):
+    def __init__(self, *layers, memory_saving: bool = False, check_reconstruction: float | None = None):
+        super().__init__(*layers)
+        self.memory_saving = memory_saving
+        self.check_reconstruction = check_reconstruction
+        self.last_reconstruction_error = None
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def run(self, x):
         logdet = 0
         for layer in self:
             x, layer_logdet = layer(x)
             logdet = logdet + layer_logdet
         return x, logdet
+
+    def forward(self, x):
+        if self.memory_saving and torch.is_grad_enabled() and len(self) > 0 and (
+                x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return chain_by_inversion(self, x)
+        return self.run(x)
 
     def inverse(self, y):
         for layer in reversed(self):
@@ -59,7 +86,7 @@ class FlowStep(FlowSequential):
 
     def forward(self, x):
         if not self._folds():
-            return super().forward(x)
+            return self.run(x)
         actnorm, conv, coupling = self
         conv._check(x, "x")
         y = F.actnorm_conv1x1(x, actnorm.log_scale, actnorm.bias, conv.weight_matrix())

@@ -1,0 +1,131 @@
+"""Training by inversion: the same gradients as backprop, activation memory flat in depth, and a clear
+warning when an inverse is too ill-conditioned to rebuild activations."""
+import pytest
+import torch
+
+import flowkern
+from benchmarks.measure import profile_call
+from flowkern.nn import ReconstructionWarning
+from helpers import initialize, randomize_
+from kernels import DEVICE
+
+BACKENDS = [name for name, reason in flowkern.available_backends(with_reasons=True).items()
+            if reason is None and name != "auto"]
+
+
+def _grads(model, x, memory_saving, loss_fn):
+    model.set_memory_saving(memory_saving, check_reconstruction=1e-3 if memory_saving else None)
+    model.zero_grad()
+    loss = loss_fn(model, x)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def _assert_same_gradients(model, x, bound, loss_fn=lambda m, v: m.bits_per_dim(v).mean()):
+    loss, grads = _grads(model, x, False, loss_fn)
+    loss_saving, grads_saving = _grads(model, x, True, loss_fn)
+    torch.testing.assert_close(loss_saving, loss, rtol=bound, atol=0)
+    assert len(grads) == len(grads_saving)
+    for i, (g, e) in enumerate(zip(grads_saving, grads)):
+        error = ((g - e).norm() / e.norm()).item()
+        assert error <= bound, f"parameter {i}: relative error {error:.2e} > {bound:.0e}"
+    for chain in model.chains():
+        assert chain.last_reconstruction_error is not None and chain.last_reconstruction_error < 1e-3
+
+
+def _glow(steps, levels, dtype, backend):
+    torch.manual_seed(1)
+    with flowkern.use_backend(backend):
+        x = (torch.rand(8, 3, 16, 16, dtype=dtype, device=DEVICE) - 0.5)
+        model = flowkern.Glow(3, 16, levels=levels, steps=steps, hidden_channels=16).to(DEVICE, dtype)
+        randomize_(initialize(model, x), 0.01).train()
+    return model, x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.float64, 1e-8)])
+def test_glow_gradients_equal_backprop(backend, dtype, bound):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("one float32 Glow is enough under the Triton interpreter")
+    steps, levels = (8, 3) if backend != "triton" or DEVICE == "cuda" else (2, 2)
+    model, x = _glow(steps, levels, dtype, backend)
+    with flowkern.use_backend(backend):
+        _assert_same_gradients(model, x, bound)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_realnvp_gradients_equal_backprop(backend):
+    torch.manual_seed(2)
+    with flowkern.use_backend(backend):
+        x = torch.rand(6, 2, 8, 8, dtype=torch.float64) - 0.5
+        model = randomize_(flowkern.RealNVP(2, 8, scales=2, hidden_channels=8, blocks=1).double(), 0.02)
+        _assert_same_gradients(model, x, 1e-8)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_realnvp2d_gradients_equal_backprop(backend):
+    torch.manual_seed(3)
+    with flowkern.use_backend(backend):
+        x = torch.randn(64, 3, dtype=torch.float64)
+        model = randomize_(flowkern.RealNVP2d(dim=3, hidden=16, layers=6).double(), 0.05)
+        _assert_same_gradients(model, x, 1e-8, loss_fn=lambda m, v: -m.log_prob(v).mean())
+
+
+def test_input_gradient_and_any_chain_of_layers():
+    torch.manual_seed(4)
+    chain = randomize_(flowkern.nn.FlowSequential(
+        *[flowkern.nn.FlowStep(4, 8) for _ in range(3)], flowkern.nn.Squeeze()), 0.02).double()
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    chain(x)  # ActNorm's initialisation
+    upstream = torch.randn(3, 16, 3, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    grads = []
+    for saving in (False, True):
+        chain.memory_saving = saving
+        v = x.clone().requires_grad_()
+        y, logdet = chain(v)
+        torch.autograd.backward((y, logdet), upstream)
+        grads.append(v.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
+
+
+def _peak_mb(steps, memory_saving):
+    torch.manual_seed(5)
+    x = torch.rand(16, 3, 16, 16) - 0.5
+    with flowkern.use_backend("reference"):
+        model = flowkern.Glow(3, 16, levels=2, steps=steps, hidden_channels=8, memory_saving=memory_saving)
+        initialize(model, x).train()
+        return profile_call(lambda: model.bits_per_dim(x).mean().backward(), torch.device("cpu"))["peak_mb"]
+
+
+def test_activation_memory_stays_flat_as_the_flow_gets_deeper():
+    standard = {k: _peak_mb(k, False) for k in (2, 8)}
+    saving = {k: _peak_mb(k, True) for k in (2, 8)}
+    assert standard[8] > 2.5 * standard[2], standard  # backprop keeps every step's activations
+    assert saving[8] <= 1.3 * saving[2], saving       # inversion keeps one step's
+    assert saving[8] <= 0.3 * standard[8], (saving, standard)
+
+
+def test_ill_conditioned_inverse_warns_with_the_measured_error():
+    torch.manual_seed(6)
+    layer = flowkern.nn.AffineCoupling(4, 8)
+    with torch.no_grad():  # scales near e^-30: the inverse divides by them and loses every digit
+        layer.conditioner[-1].bias.copy_(torch.tensor([-32.0] * 2 + [0.0] * 2))
+    chain = flowkern.nn.FlowSequential(layer, flowkern.nn.AffineCoupling(4, 8, parity=1), memory_saving=True,
+                                       check_reconstruction=1e-3)
+    x = torch.randn(2, 4, 3, 3)
+    y, logdet = chain(x)
+    with pytest.warns(ReconstructionWarning, match=r"relative error \S+ \(tolerance 0.001\)"):
+        (y.sum() + logdet.sum()).backward()
+    assert not chain.last_reconstruction_error <= 1e-3
+
+
+def test_no_graph_no_inversion_and_compile_is_refused():
+    model = flowkern.Glow(3, 8, levels=2, steps=2, hidden_channels=8, memory_saving=True)
+    x = torch.rand(2, 3, 8, 8) - 0.5
+    with torch.no_grad():
+        zs, logdet = model(x)  # plain forward: nothing to rebuild
+    assert logdet.grad_fn is None
+    assert model.sample(2).shape == (2, 3, 8, 8)
+    compiled = torch.compile(lambda v: model.log_prob(v).mean(), backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="memory_saving=True rebuilds activations"):
+        compiled(x)
