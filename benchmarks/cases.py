@@ -257,6 +257,28 @@ def model_cases(n, c, size, levels, steps, hidden, dtype, device):
             Case("realnvp_train_step", realnvp_params, realnvp)]
 
 
+DEPTH_CASES = ("glow_train_by_depth", "glow_train_by_depth_memory_saving")
+
+
+def depth_cases(n, c, size, levels, hidden, depths, dtype, device):
+    """A Glow training step at several depths K, with standard backprop and with training by inversion:
+    peak memory and time against depth. flowkern's own providers only (inversion does not compile)."""
+    x = _data(n, c, size, dtype, device)
+
+    def make(steps, memory_saving):
+        def build(provider):
+            if provider in PEERS or provider == "compile":
+                return None
+            torch.manual_seed(0)
+            model = flowkern.Glow(c, size, levels, steps, hidden, memory_saving=memory_saving).to(device, dtype)
+            model(x)  # ActNorm's initialisation
+            return _train_step(provider, model, x)
+        return build
+
+    return [Case(name, _params(n, c, size, dtype, K=steps, L=levels, hidden=hidden), make(steps, saving))
+            for name, saving in zip(DEPTH_CASES, (False, True)) for steps in depths]
+
+
 def all_cases(device, full=False):
     """The suite. Default sizes fit a 2-core CPU in minutes; ``full`` adds the real Glow shapes."""
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
@@ -276,4 +298,6 @@ def all_cases(device, full=False):
     cases += model_cases(*small_model, torch.float32, device)
     if model_shape is not None:
         cases += model_cases(*model_shape, torch.float32, device)[:1]
+    depth_shape = (64, 3, 32, 3, 512) if device.type == "cuda" or full else (16, 3, 16, 2, 32)
+    cases += depth_cases(*depth_shape, (4, 8, 16, 32), torch.float32, device)
     return cases

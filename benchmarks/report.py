@@ -7,6 +7,8 @@ import glob
 import json
 import os
 
+from .cases import DEPTH_CASES
+
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -67,6 +69,42 @@ def plot(report, path):
     plt.close(fig)
 
 
+def plot_depth(report, path):
+    """Peak memory and step time of a Glow training step against depth K, standard vs by inversion."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for r in report["results"]:
+        if r["case"] not in DEPTH_CASES:
+            continue
+        mode = "by inversion" if r["case"].endswith("memory_saving") else "standard backprop"
+        for row in r["rows"]:
+            if "median_ms" in row:
+                series.setdefault((mode, row["provider"]), []).append((r["params"]["K"], row))
+    if not series:
+        return False
+    fig, (mem, time) = plt.subplots(1, 2, figsize=(10, 4))
+    for (mode, provider), points in sorted(series.items()):
+        ks = [k for k, _ in points]
+        style = "-o" if mode == "standard backprop" else "--s"
+        mem.plot(ks, [row["peak_mb"] for _, row in points], style, label=f"{mode}, {provider}")
+        time.plot(ks, [row["median_ms"] for _, row in points], style, label=f"{mode}, {provider}")
+    for ax, label in ((mem, "peak memory of a training step (MiB)"), (time, "median step time (ms)")):
+        ax.set_xlabel("flow steps per level K")
+        ax.set_ylabel(label)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    mem.legend(fontsize=7)
+    fig.suptitle(f"Glow training by depth on {report['environment']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_reports(report, folder):
     os.makedirs(folder, exist_ok=True)
     paths = [os.path.join(folder, name) for name in ("results.json", "summary.md", "speedup.png")]
@@ -75,11 +113,14 @@ def write_reports(report, folder):
     with open(paths[1], "w") as f:
         f.write(f"# flowkern benchmarks\n\n{markdown(report)}\n")
     plot(report, paths[2])
+    depth_path = os.path.join(folder, "memory_by_depth.png")
+    if plot_depth(report, depth_path):
+        paths.append(depth_path)
     return paths
 
 
 README_CASES = ("coupling_forward", "coupling_forward_backward", "actnorm_conv1x1", "flow_step_forward_backward",
-                "glow_train_step")
+                "glow_train_step", *DEPTH_CASES)
 
 
 def readme_section():

@@ -33,11 +33,11 @@ def _assert_same_gradients(model, x, bound, loss_fn=lambda m, v: m.bits_per_dim(
         assert chain.last_reconstruction_error is not None and chain.last_reconstruction_error < 1e-3
 
 
-def _glow(steps, levels, dtype, backend):
+def _glow(steps, levels, size, dtype, backend):
     torch.manual_seed(1)
     with flowkern.use_backend(backend):
-        x = (torch.rand(8, 3, 16, 16, dtype=dtype, device=DEVICE) - 0.5)
-        model = flowkern.Glow(3, 16, levels=levels, steps=steps, hidden_channels=16).to(DEVICE, dtype)
+        x = (torch.rand(8, 3, size, size, dtype=dtype, device=DEVICE) - 0.5)
+        model = flowkern.Glow(3, size, levels=levels, steps=steps, hidden_channels=16).to(DEVICE, dtype)
         randomize_(initialize(model, x), 0.01).train()
     return model, x
 
@@ -47,8 +47,9 @@ def _glow(steps, levels, dtype, backend):
 def test_glow_gradients_equal_backprop(backend, dtype, bound):
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("one float32 Glow is enough under the Triton interpreter")
-    steps, levels = (8, 3) if backend != "triton" or DEVICE == "cuda" else (2, 2)
-    model, x = _glow(steps, levels, dtype, backend)
+    # K=8, L=3; a small Glow where Triton runs in its interpreter
+    steps, levels, size = (8, 3, 16) if backend != "triton" or DEVICE == "cuda" else (2, 2, 8)
+    model, x = _glow(steps, levels, size, dtype, backend)
     with flowkern.use_backend(backend):
         _assert_same_gradients(model, x, bound)
 
@@ -108,8 +109,8 @@ def test_activation_memory_stays_flat_as_the_flow_gets_deeper():
 def test_ill_conditioned_inverse_warns_with_the_measured_error():
     torch.manual_seed(6)
     layer = flowkern.nn.AffineCoupling(4, 8)
-    with torch.no_grad():  # scales near e^-30: the inverse divides by them and loses every digit
-        layer.conditioner[-1].bias.copy_(torch.tensor([-32.0] * 2 + [0.0] * 2))
+    with torch.no_grad():  # y = x·e^-30 + 1: x is lost to rounding, and the inverse cannot bring it back
+        layer.conditioner[-1].bias.copy_(torch.tensor([-32.0] * 2 + [1.0] * 2))
     chain = flowkern.nn.FlowSequential(layer, flowkern.nn.AffineCoupling(4, 8, parity=1), memory_saving=True,
                                        check_reconstruction=1e-3)
     x = torch.randn(2, 4, 3, 3)

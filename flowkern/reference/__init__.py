@@ -24,7 +24,8 @@ OPS = ("coupling_forward", "coupling_inverse", "actnorm_forward", "actnorm_inver
 __all__ = [
     "OPS", "MASKS", "SCALES",
     "actnorm_forward", "actnorm_inverse", "conv1x1", "coupling_forward", "coupling_inverse",
-    "actnorm_logdet", "channel_split_sizes", "checkerboard", "conditioner_channels", "conv1x1_logdet", "coupling_condition",
+    "actnorm_logdet", "channel_split_sizes", "checkerboard", "conditioner_channels", "conv1x1_logdet",
+    "coupling_condition",
     "lu_weight", "lu_weight_inverse", "squeeze", "standard_normal_log_prob", "standardize",
     "transformed_channels", "unsqueeze", "unstandardize",
 ]

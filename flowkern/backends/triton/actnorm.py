@@ -2,9 +2,9 @@
 
 Grid: (sample, block of pixels), each program walking the channels with their scale and bias as two
 scalars, like the coupling kernels. The backward writes each program's partial sums of ``∂log_scale``
-and ``∂bias`` and sums them in a fixed order: deterministic, no atomics. The log-det ``H·W·Σ log_scale`` touches no activation and stays in PyTorch.
+and ``∂bias`` and sums them in a fixed order: deterministic, no atomics. The log-det ``H·W·Σ log_scale``
+touches no activation and stays in PyTorch.
 """
-import torch
 import triton
 import triton.language as tl
 

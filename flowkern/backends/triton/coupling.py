@@ -4,7 +4,6 @@ Grid: (sample, block of pixels). A program copies the pass-through channels of i
 the others and writes one partial log-det; the partials of a sample are summed in a fixed order, so the
 log-det is deterministic. The checkerboard mask is computed from pixel indices, never read.
 """
-import torch
 import triton
 import triton.language as tl
 
