@@ -1,3 +1,4 @@
+import torch
 from torch import nn
 
 from .. import functional as F
@@ -54,6 +55,21 @@ class AffineCoupling(nn.Module):
     def inverse(self, y):
         # The pass-through part of y equals that of x, so the conditioner sees the same input.
         return F.coupling_inverse(y, self._conditioner_output(y, "y"), **self._options())[0]
+
+    def rebuild(self, y):
+        """For training by inversion: ``(x, leaf, y_again, logdet)`` with ``x`` the input rebuilt from ``y``
+        and ``y_again, logdet`` recomputed under autograd as functions of ``leaf``, a stand-in for ``x``.
+
+        The conditioner runs once: its input, the pass-through part, is the same in ``y`` and ``x``, so it
+        is computed from ``leaf`` (a copy of ``y``), and ``leaf + (x − y)`` carries ``x``'s values with an
+        identity Jacobian into the transform.
+        """
+        leaf = y.detach().clone().requires_grad_()
+        h = self._conditioner_output(leaf, "y")
+        with torch.no_grad():
+            x = F.coupling_inverse(y, h, **self._options())[0]
+        y_again, logdet = F.coupling_forward(leaf + (x - y).detach(), h, **self._options())
+        return x, leaf, y_again, logdet
 
     def extra_repr(self):
         return f"{self.channels}, mask={self.mask!r}, parity={self.parity}, scale={self.scale!r}"

@@ -30,6 +30,15 @@ class FlowSequential(nn.Sequential):
         self.check_reconstruction = check_reconstruction
         self.last_reconstruction_error = None
 
+    def units(self):
+        """The layers, nested chains (such as :class:`FlowStep`) expanded: what the backward pass of
+        training by inversion rebuilds one at a time."""
+        for layer in self:
+            if isinstance(layer, FlowSequential):
+                yield from layer.units()
+            else:
+                yield layer
+
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 

@@ -3,7 +3,9 @@
 The forward pass runs the layers without recording a graph. The backward pass walks them in reverse:
 it rebuilds each layer's input from its output with the layer's inverse, runs that one layer again
 under autograd and backpropagates through it (log-det included). Activation memory is that of one layer
-instead of the whole chain, whatever the chain's length.
+instead of the whole chain, whatever the chain's length. A coupling evaluates its conditioner once in
+the backward pass (:meth:`~flowkern.nn.AffineCoupling.rebuild`), so the whole costs about one forward
+pass more than backpropagation.
 
 Inverses can be ill-conditioned (exploding inverses, Behrmann et al. 2021): then the rebuilt inputs and
 the gradients computed from them are wrong. With ``check_reconstruction`` set, the chain also keeps its
@@ -22,6 +24,19 @@ def relative_error(got, expected):
     return ((got - expected).norm() / expected.norm().clamp_min(torch.finfo(expected.dtype).tiny)).item()
 
 
+def rebuild(layer, y):
+    """``(x, leaf, y_again, logdet)``: the layer's input rebuilt from its output ``y``, and its output and
+    log-det recomputed under autograd from ``leaf``, a tensor equal to ``x``. Layers with a cheaper way
+    than inverse-then-forward define ``rebuild`` themselves (the couplings run their conditioner once)."""
+    if hasattr(layer, "rebuild"):
+        return layer.rebuild(y)
+    with torch.no_grad():
+        x = layer.inverse(y)
+    leaf = x.detach().requires_grad_()
+    y_again, logdet = layer(leaf)
+    return x, leaf, y_again, logdet
+
+
 class _ChainByInversion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, chain, n_params, *params):
@@ -35,20 +50,18 @@ class _ChainByInversion(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_logdet):
         y, x_true = ctx.saved_tensors
+        y = y.detach()  # the saved output leads back to this node: rebuilding must not
         chain = ctx.chain
         param_grads = {}
-        for layer in reversed(chain):
-            with torch.no_grad():
-                x = layer.inverse(y)
+        for layer in reversed(list(chain.units())):
             with torch.enable_grad():
-                x = x.detach().requires_grad_()
-                y_again, layer_logdet = layer(x)
+                x, leaf, y_again, layer_logdet = rebuild(layer, y)
                 params = [p for p in layer.parameters() if p.requires_grad]
                 outputs, grads_out = [y_again], [grad_y]
                 if torch.is_tensor(layer_logdet) and layer_logdet.requires_grad:
                     outputs.append(layer_logdet)
                     grads_out.append(grad_logdet.to(layer_logdet.dtype).expand_as(layer_logdet))
-                grads = torch.autograd.grad(outputs, [x, *params], grads_out, allow_unused=True)
+                grads = torch.autograd.grad(outputs, [leaf, *params], grads_out, allow_unused=True)
             grad_y, y = grads[0], x.detach()
             for p, g in zip(params, grads[1:]):
                 if g is not None:
