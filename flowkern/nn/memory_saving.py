@@ -39,11 +39,10 @@ def rebuild(layer, y):
 
 class _ChainByInversion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, chain, n_params, *params):
+    def forward(ctx, x, chain, *params):  # params: so that autograd hands back their gradients
         with torch.no_grad():
             y, logdet = chain.run(x)
         ctx.chain = chain
-        ctx.n_params = n_params
         ctx.save_for_backward(y, x if chain.check_reconstruction is not None else None)
         return y, logdet
 
@@ -75,7 +74,7 @@ class _ChainByInversion(torch.autograd.Function):
                     "these gradients are inaccurate; train this part with memory_saving=False or regularise it",
                     ReconstructionWarning, stacklevel=2)
         all_params = chain.trainable_parameters()
-        return (grad_y, None, None, *(param_grads.get(p) for p in all_params))
+        return (grad_y, None, *(param_grads.get(p) for p in all_params))
 
 
 def chain_by_inversion(chain, x):
@@ -84,5 +83,4 @@ def chain_by_inversion(chain, x):
         raise RuntimeError(
             "memory_saving=True rebuilds activations in a hand-written backward pass that torch.compile does "
             "not trace; compile the model with memory_saving=False, or train it eagerly")
-    params = chain.trainable_parameters()
-    return _ChainByInversion.apply(x, chain, len(params), *params)
+    return _ChainByInversion.apply(x, chain, *chain.trainable_parameters())
