@@ -85,6 +85,48 @@ def load_image_folder(path, size=None, grey=False) -> torch.Tensor:
     return _to_nchw(np.stack(images), path)
 
 
+CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST = ("test_batch",)
+
+
+def find_cifar10(path):
+    """The ``cifar-10-batches-py`` folder at or directly under ``path``, or None."""
+    for folder in (path, os.path.join(path, "cifar-10-batches-py")):
+        if all(os.path.isfile(os.path.join(folder, name)) for name in CIFAR10_TRAIN + CIFAR10_TEST):
+            return folder
+    return None
+
+
+def load_cifar10(path):
+    """CIFAR-10 from the python version of the data set already on disk (``cifar-10-batches-py``, at
+    ``path`` or under it; flowkern never downloads). Returns ``(train, test)``: uint8 (50000, 3, 32, 32)
+    and (10000, 3, 32, 32)."""
+    import pickle
+
+    folder = find_cifar10(path)
+    if folder is None:
+        raise FileNotFoundError(f"no CIFAR-10 under {path}: expected the folder cifar-10-batches-py (its files "
+                                f"{', '.join(CIFAR10_TRAIN + CIFAR10_TEST)}) from the python version of the set")
+
+    def read(names):
+        parts = []
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                parts.append(np.asarray(pickle.load(f, encoding="bytes")[b"data"], dtype=np.uint8))
+        return torch.from_numpy(np.concatenate(parts).reshape(-1, 3, 32, 32))
+
+    return read(CIFAR10_TRAIN), read(CIFAR10_TEST)
+
+
+def split(data: torch.Tensor, test_fraction: float = 0.1, seed: int = 0):
+    """``(train, test)``: a fixed random ``test_fraction`` of the rows of ``data`` held out."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, round(len(data) * test_fraction))
+    return data[order[n_test:]], data[order[:n_test]]
+
+
 def _to_nchw(array, source):
     if not np.issubdtype(array.dtype, np.integer) or array.min() < 0 or array.max() > 255:
         raise ValueError(f"{source}: expected integer images in 0..255, got dtype {array.dtype}")

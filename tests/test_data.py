@@ -75,3 +75,34 @@ def test_image_folder_loader(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image files"):
         data.load_image_folder(tmp_path / "empty")
+
+
+def test_cifar10_loader_reads_the_python_version(tmp_path):
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    images = {}
+    for name in data.CIFAR10_TRAIN + data.CIFAR10_TEST:
+        hwc = np.random.randint(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+        images[name] = hwc
+        rows = hwc.transpose(0, 3, 1, 2).reshape(3, 3072)  # the set's layout: red plane, green, blue
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": rows, b"labels": [0, 1, 2]}, f)
+    assert data.find_cifar10(str(tmp_path)) == str(folder)
+    train, test = data.load_cifar10(str(tmp_path))
+    assert train.shape == (15, 3, 32, 32) and test.shape == (3, 3, 32, 32) and train.dtype == torch.uint8
+    assert torch.equal(train[3:6], torch.from_numpy(images["data_batch_2"]).permute(0, 3, 1, 2))
+    assert torch.equal(test, torch.from_numpy(images["test_batch"]).permute(0, 3, 1, 2))
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        data.load_cifar10(str(tmp_path / "cifar-10-batches-py" / "missing"))
+
+
+def test_split_is_fixed_and_disjoint():
+    rows = torch.arange(100)
+    train, test = data.split(rows, 0.1)
+    assert len(test) == 10 and len(train) == 90
+    assert sorted(torch.cat([train, test]).tolist()) == list(range(100))
+    assert torch.equal(test, data.split(rows, 0.1)[1])
+    with pytest.raises(ValueError, match="test_fraction"):
+        data.split(rows, 1.5)

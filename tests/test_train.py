@@ -1,0 +1,142 @@
+"""`python -m flowkern.train`: training runs, resuming, stopping on a non-finite loss, sampling, and
+two processes under torchrun."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import flowkern.train as train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--depth", "2", "--hidden", "16", "--batch-size", "32", "--warmup", "5", "--no-progress"]
+
+
+def run(out, *args):
+    return train.main([*TINY, "--out", str(out), *args])
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f)
+
+
+def test_defaults_train_glow_on_digits():
+    cfg, resume, overwrite = train.parse_args([])
+    assert (cfg.model, cfg.data, cfg.out) == ("glow", "digits", os.path.join("runs", "glow-digits"))
+    assert not resume and not overwrite
+    assert train.parse_args(["--data", "moons"])[0].model == "realnvp2d"
+
+
+def test_glow_on_digits_learns_and_writes_its_run(tmp_path):
+    assert run(tmp_path, "--steps", "40", "--sample", "--temperatures", "0.5", "1") == 0
+    losses = [line["bits_per_dim"] for line in read_log(tmp_path)]
+    assert len(losses) == 40 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) < sum(losses[:5]) - 5 * 0.3, losses
+    metrics = read_metrics(tmp_path)
+    assert metrics["steps"] == 40 and metrics["uniform_bits_per_dim"] == pytest.approx(math.log2(17))
+    assert metrics["test_bits_per_dim"] < metrics["uniform_bits_per_dim"]
+    for name in ("samples_t0.5.png", "samples_t1.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.mode == "L" and image.width == image.height >= 8 * 9
+    state = torch.load(tmp_path / train.CHECKPOINT, weights_only=True)
+    assert state["step"] == 40 and state["config"]["model"] == "glow" and "optimizer" in state
+
+
+def test_resume_continues_as_if_uninterrupted(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run(whole, "--steps", "10") == 0
+    assert run(parts, "--steps", "6", "--checkpoint-every", "3") == 0
+    assert run(parts, "--steps", "6") == 2  # a run folder is never silently overwritten
+    assert run(parts, "--steps", "10", "--resume") == 0
+    assert [line["step"] for line in read_log(parts)] == list(range(10))
+    assert read_log(parts) == read_log(whole)
+    a, b = (torch.load(path / train.CHECKPOINT, weights_only=True)["model"] for path in (whole, parts))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    loss_of = train.batch_loss
+
+    def poisoned(objective, x, step):
+        loss = loss_of(objective, x, step)
+        return loss * float("nan") if step == 7 else loss
+
+    monkeypatch.setattr(train, "batch_loss", poisoned)
+    assert run(tmp_path, "--steps", "20", "--checkpoint-every", "5") == 1
+    message = capsys.readouterr().err
+    assert "loss is nan at step 7" in message and "(step 5)" in message
+    assert torch.load(tmp_path / train.CHECKPOINT, weights_only=True)["step"] == 5
+    assert [line["step"] for line in read_log(tmp_path)] == list(range(7))
+
+
+def test_memory_saving_trains_like_backpropagation(tmp_path):
+    assert run(tmp_path / "standard", "--steps", "4") == 0
+    assert run(tmp_path / "inversion", "--steps", "4", "--memory-saving") == 0
+    standard, inversion = (read_log(tmp_path / name) for name in ("standard", "inversion"))
+    for a, b in zip(standard, inversion):
+        assert b["bits_per_dim"] == pytest.approx(a["bits_per_dim"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_realnvp2d_on_moons_writes_a_density_plot(tmp_path):
+    assert run(tmp_path, "--data", "moons", "--steps", "30", "--sample") == 0
+    metrics = read_metrics(tmp_path)
+    assert metrics["model"] == "realnvp2d" and "uniform_bits_per_dim" not in metrics
+    losses = [line["bits_per_dim"] for line in read_log(tmp_path)]
+    assert sum(losses[-5:]) < sum(losses[:5])
+    with Image.open(tmp_path / "density.png") as image:
+        assert image.width > image.height > 100
+
+
+def test_images_from_a_folder_and_npz(tmp_path):
+    rng = torch.Generator().manual_seed(0)
+    levels = torch.randint(0, 256, (20, 8, 8, 3), generator=rng, dtype=torch.uint8)
+    np.savez(tmp_path / "images.npz", x=levels.numpy())
+    cfg = train.Config(data=str(tmp_path / "images.npz"), n_bits=5)
+    data = train.load_data(cfg)
+    assert data.train.shape == (18, 3, 8, 8) and data.test.shape == (2, 3, 8, 8) and data.n_bins == 32
+    assert data.train.max() < 32
+    train.resolve_defaults(cfg, data)
+    assert (cfg.model, cfg.levels) == ("glow", 2)
+    model = train.build_model(cfg, data)
+    assert model.bits_per_dim(data.batch(0, 4, seed=0), data.n_bins).shape == (4,)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--model", "glow", "--data", "moons"], "does not model 2-D points"),
+    (["--model", "realnvp2d"], "does not model images"),
+    (["--data", "no-such-set"], "expected digits"),
+    (["--data", "cifar10"], "--data-dir"),
+    (["--resume"], "no checkpoint"),
+    (["--backend", "no-such-backend"], "no-such-backend"),
+])
+def test_bad_configurations_are_refused_with_a_message(tmp_path, capsys, monkeypatch, args, expected):
+    monkeypatch.delenv("CIFAR10_DIR", raising=False)
+    assert run(tmp_path / "run", *args) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_two_processes_stay_identical_and_learn(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "flowkern.train", *TINY, "--batch-size", "16", "--steps", "30", "--out", str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = read_metrics(tmp_path)
+    assert metrics["processes"] == 2 and metrics["global_batch_size"] == 32
+    # ActNorm initialised from each process's own data (statistics all-reduced), then DDP steps:
+    # every parameter and buffer equal across the processes
+    assert metrics["replica_max_abs_difference"] == 0.0
+    losses = [line["bits_per_dim"] for line in read_log(tmp_path)]
+    assert len(losses) == 30 and sum(losses[-5:]) < sum(losses[:5]) - 5 * 0.3
