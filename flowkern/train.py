@@ -206,7 +206,7 @@ class Run:
         self.model = build_model(cfg, self.data).to(self.device)
         self.objective = BitsPerDim(self.model, self.data.n_bins)
         if self.world > 1:
-            self.objective = nn.parallel.DistributedDataParallel(self.objective, broadcast_buffers=False)
+            self.objective = nn.parallel.DistributedDataParallel(self.objective)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.step = 0
         if state is not None:

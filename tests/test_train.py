@@ -127,10 +127,11 @@ def test_bad_configurations_are_refused_with_a_message(tmp_path, capsys, monkeyp
     assert expected in capsys.readouterr().err
 
 
-def test_two_processes_stay_identical_and_learn(tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--memory-saving"]], ids=["backprop", "memory-saving"])
+def test_two_processes_stay_identical_and_learn(tmp_path, mode):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "flowkern.train", *TINY, "--batch-size", "16", "--steps", "30", "--out", str(tmp_path)]
+               "-m", "flowkern.train", *TINY, "--batch-size", "16", "--steps", "30", "--out", str(tmp_path), *mode]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = read_metrics(tmp_path)
