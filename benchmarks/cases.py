@@ -258,9 +258,11 @@ def model_cases(n, c, size, levels, steps, hidden, dtype, device):
 
 
 DEPTH_CASES = ("glow_train_by_depth", "glow_train_by_depth_memory_saving")
+# a wide Glow whose step time is its convolutions' (on a CPU the small depth cases are per-op overhead)
+WIDE_CASES = ("glow_train_wide", "glow_train_wide_memory_saving")
 
 
-def depth_cases(n, c, size, levels, hidden, depths, dtype, device):
+def depth_cases(n, c, size, levels, hidden, depths, dtype, device, names=DEPTH_CASES):
     """A Glow training step at several depths K, with standard backprop and with training by inversion:
     peak memory and time against depth. flowkern's own providers only (inversion does not compile)."""
     x = _data(n, c, size, dtype, device)
@@ -276,7 +278,7 @@ def depth_cases(n, c, size, levels, hidden, depths, dtype, device):
         return build
 
     return [Case(name, _params(n, c, size, dtype, K=steps, L=levels, hidden=hidden), make(steps, saving))
-            for name, saving in zip(DEPTH_CASES, (False, True)) for steps in depths]
+            for name, saving in zip(names, (False, True)) for steps in depths]
 
 
 def all_cases(device, full=False):
@@ -300,4 +302,6 @@ def all_cases(device, full=False):
         cases += model_cases(*model_shape, torch.float32, device)[:1]
     depth_shape = (64, 3, 32, 3, 512) if device.type == "cuda" or full else (16, 3, 16, 2, 32)
     cases += depth_cases(*depth_shape, (4, 8, 16, 32), torch.float32, device)
+    if device.type == "cpu" and not full:
+        cases += depth_cases(16, 3, 32, 3, 256, (8,), torch.float32, device, names=WIDE_CASES)
     return cases

@@ -7,7 +7,7 @@ import glob
 import json
 import os
 
-from .cases import DEPTH_CASES
+from .cases import DEPTH_CASES, WIDE_CASES
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -120,7 +120,7 @@ def write_reports(report, folder):
 
 
 README_CASES = ("coupling_forward", "coupling_forward_backward", "actnorm_conv1x1", "flow_step_forward_backward",
-                "glow_train_step", *DEPTH_CASES)
+                "glow_train_step", *DEPTH_CASES, *WIDE_CASES)
 
 
 def readme_section():

@@ -130,3 +130,21 @@ def test_no_graph_no_inversion_and_compile_is_refused():
     compiled = torch.compile(lambda v: model.log_prob(v).mean(), backend="eager", fullgraph=True)
     with pytest.raises(Exception, match="memory_saving=True rebuilds activations"):
         compiled(x)
+
+
+def test_a_folding_flow_step_is_rebuilt_as_two_units():
+    step = flowkern.nn.FlowStep(4, hidden_channels=8)
+    x = torch.randn(6, 4, 5, 5)
+    assert [type(u).__name__ for u in step.units()] == ["ActNorm", "InvConv1x1", "AffineCoupling"]
+    step(x)  # ActNorm's initialisation
+    assert [type(u).__name__ for u in step.units()] == ["ActNormConv1x1", "AffineCoupling"]
+    mixing = next(step.units())
+    assert {id(p) for p in mixing.parameters()} == {id(p) for p in [*step[0].parameters(), *step[1].parameters()]}
+    y, logdet = mixing(x)
+    u, actnorm_logdet = step[0](x)
+    y_unfolded, conv_logdet = step[1](u)
+    torch.testing.assert_close(y, y_unfolded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logdet, actnorm_logdet + conv_logdet)
+    torch.testing.assert_close(mixing.inverse(y), x, rtol=1e-4, atol=1e-4)
+    step.fold_actnorm = False
+    assert len(list(step.units())) == 3

@@ -2,14 +2,14 @@
 from .actnorm import ActNorm
 from .conditioners import GlowConditioner, MLPConditioner, ResNetConditioner
 from .coupling import AdditiveCoupling, AffineCoupling
-from .flowstep import FlowSequential, FlowStep
+from .flowstep import ActNormConv1x1, FlowSequential, FlowStep
 from .invconv import InvConv1x1
 from .memory_saving import ReconstructionWarning
 from .split import Gaussianize, Split
 from .squeeze import Squeeze
 
 __all__ = [
-    "ActNorm", "AdditiveCoupling", "AffineCoupling", "FlowSequential", "FlowStep", "Gaussianize",
+    "ActNorm", "ActNormConv1x1", "AdditiveCoupling", "AffineCoupling", "FlowSequential", "FlowStep", "Gaussianize",
     "GlowConditioner", "InvConv1x1", "MLPConditioner", "ReconstructionWarning", "ResNetConditioner", "Split",
     "Squeeze",
 ]

@@ -93,18 +93,48 @@ class FlowStep(FlowSequential):
         # ActNorm's data-dependent initialisation needs its own forward on the first training batch
         return self.fold_actnorm and (self[0]._initialized or not self.training)
 
+    def units(self):
+        if self._folds():
+            yield ActNormConv1x1(self[0], self[1])
+            yield self[2]
+        else:
+            yield from super().units()
+
     def forward(self, x):
         if not self._folds():
             return self.run(x)
-        actnorm, conv, coupling = self
-        conv._check(x, "x")
-        y = F.actnorm_conv1x1(x, actnorm.log_scale, actnorm.bias, conv.weight_matrix())
-        y, coupling_logdet = coupling(y)
-        return y, F.actnorm_logdet(x, actnorm.log_scale) + conv.logdet(x) + coupling_logdet
+        y, logdet = ActNormConv1x1(self[0], self[1])(x)
+        y, coupling_logdet = self[2](y)
+        return y, logdet + coupling_logdet
 
     def inverse(self, y):
         if not self.fold_actnorm:
             return super().inverse(y)
-        actnorm, conv, coupling = self
-        x = coupling.inverse(y)
-        return F.actnorm_conv1x1_inverse(x, actnorm.log_scale, actnorm.bias, conv.inverse_weight_matrix())
+        return ActNormConv1x1(self[0], self[1]).inverse(self[2].inverse(y))
+
+
+class ActNormConv1x1:
+    """An :class:`ActNorm` and the :class:`InvConv1x1` after it as one layer: the per-pixel map
+    ``W·(x·e^log_scale + bias)`` computed in one pass, with the log-dets of both. A view of the two
+    modules (it owns no parameters): how a folding :class:`FlowStep` runs them, and the unit in which
+    training by inversion rebuilds them.
+
+    Shapes: x (N, C, H, W) → y (N, C, H, W), logdet (N,).
+    """
+
+    def __init__(self, actnorm: ActNorm, conv: InvConv1x1):
+        self.actnorm, self.conv = actnorm, conv
+
+    def parameters(self):
+        yield from self.actnorm.parameters()
+        yield from self.conv.parameters()
+
+    def __call__(self, x):
+        actnorm, conv = self.actnorm, self.conv
+        conv._check(x, "x")
+        y = F.actnorm_conv1x1(x, actnorm.log_scale, actnorm.bias, conv.weight_matrix())
+        return y, F.actnorm_logdet(x, actnorm.log_scale) + conv.logdet(x)
+
+    def inverse(self, y):
+        return F.actnorm_conv1x1_inverse(y, self.actnorm.log_scale, self.actnorm.bias,
+                                         self.conv.inverse_weight_matrix())
