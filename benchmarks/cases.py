@@ -200,7 +200,9 @@ def _data(n, c, size, dtype, device):
     return (torch.rand(n, c, size, size, device=device) - 0.5).to(dtype)
 
 
-def _train_step(provider, model, x):
+def _train_step(provider, model, x, keep_grads=False):
+    """One Adam step on ``x``. ``keep_grads``: gradients stay allocated between steps, as parameters and the
+    optimiser's moments do, so that a step's peak memory is its activations and temporaries alone."""
     if provider in PEERS:
         return None
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -209,7 +211,7 @@ def _train_step(provider, model, x):
         loss_fn = _compiled(loss_fn)
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not keep_grads)
         loss_fn(x).backward()
         optimizer.step()
     return step
@@ -264,7 +266,8 @@ WIDE_CASES = ("glow_train_wide", "glow_train_wide_memory_saving")
 
 def depth_cases(n, c, size, levels, hidden, depths, dtype, device, names=DEPTH_CASES):
     """A Glow training step at several depths K, with standard backprop and with training by inversion:
-    peak memory and time against depth. flowkern's own providers only (inversion does not compile)."""
+    activation memory (the step's peak above parameters, gradients and optimiser state) and time against
+    depth. flowkern's own providers only (inversion does not compile)."""
     x = _data(n, c, size, dtype, device)
 
     def make(steps, memory_saving):
@@ -274,7 +277,7 @@ def depth_cases(n, c, size, levels, hidden, depths, dtype, device, names=DEPTH_C
             torch.manual_seed(0)
             model = flowkern.Glow(c, size, levels, steps, hidden, memory_saving=memory_saving).to(device, dtype)
             model(x)  # ActNorm's initialisation
-            return _train_step(provider, model, x)
+            return _train_step(provider, model, x, keep_grads=True)
         return build
 
     return [Case(name, _params(n, c, size, dtype, K=steps, L=levels, hidden=hidden), make(steps, saving))
@@ -300,7 +303,7 @@ def all_cases(device, full=False):
     cases += model_cases(*small_model, torch.float32, device)
     if model_shape is not None:
         cases += model_cases(*model_shape, torch.float32, device)[:1]
-    depth_shape = (64, 3, 32, 3, 512) if device.type == "cuda" or full else (16, 3, 16, 2, 32)
+    depth_shape = (64, 3, 32, 3, 512) if device.type == "cuda" or full else (16, 3, 32, 3, 64)
     cases += depth_cases(*depth_shape, (4, 8, 16, 32), torch.float32, device)
     if device.type == "cpu" and not full:
         cases += depth_cases(16, 3, 32, 3, 256, (8,), torch.float32, device, names=WIDE_CASES)

@@ -70,7 +70,7 @@ def plot(report, path):
 
 
 def plot_depth(report, path):
-    """Peak memory and step time of a Glow training step against depth K, standard vs by inversion."""
+    """Activation memory and step time of a Glow training step against depth K, standard vs by inversion."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,7 +92,7 @@ def plot_depth(report, path):
         style = "-o" if mode == "standard backprop" else "--s"
         mem.plot(ks, [row["peak_mb"] for _, row in points], style, label=f"{mode}, {provider}")
         time.plot(ks, [row["median_ms"] for _, row in points], style, label=f"{mode}, {provider}")
-    for ax, label in ((mem, "peak memory of a training step (MiB)"), (time, "median step time (ms)")):
+    for ax, label in ((mem, "activation memory of a step (MiB)"), (time, "median step time (ms)")):
         ax.set_xlabel("flow steps per level K")
         ax.set_ylabel(label)
         ax.set_xscale("log", base=2)

@@ -12,6 +12,7 @@ continues exactly as if the run had never stopped, and N processes of batch B se
 process of batch N·B.
 """
 import argparse
+import collections
 import json
 import math
 import os
@@ -187,7 +188,6 @@ class Run:
 
     def __init__(self, cfg: Config, resume: bool = False, overwrite: bool = False):
         self.rank, self.world, self.device = _start_processes(cfg.device)
-        self.out = cfg.out
         path = os.path.join(cfg.out, CHECKPOINT)
         state = None
         if resume:
@@ -214,6 +214,7 @@ class Run:
             self.optimizer.load_state_dict(state["optimizer"])
             self.step = state["step"]
         self.dims = math.prod(self.data.train.shape[1:])
+        self.recent = collections.deque(maxlen=100)  # the last steps' losses
 
     @property
     def lead(self):
@@ -230,17 +231,14 @@ class Run:
             with open(os.path.join(cfg.out, "config.json"), "w") as f:
                 json.dump(asdict(cfg), f, indent=1)
         start, began = self.step, time.perf_counter()
-        recent = []
-        try:
-            self._loop(recent)
-        finally:
-            seconds = time.perf_counter() - began
+        self._loop()
+        seconds = time.perf_counter() - began
         metrics = {"model": cfg.model, "data": self.data.name, "steps": self.step, "processes": self.world,
                    "global_batch_size": cfg.batch_size * self.world,
                    "backend": resolve(self.device).__name__.rsplit(".", 1)[-1],
                    "memory_saving": cfg.memory_saving, "train_seconds": round(seconds, 2),
                    "steps_per_second": round((self.step - start) / seconds, 3) if self.step > start else None,
-                   "train_bits_per_dim": float(np.mean(recent)) if recent else None,
+                   "train_bits_per_dim": float(np.mean(self.recent)) if self.recent else None,
                    "replica_max_abs_difference": self.replica_difference()}
         if self.lead:
             metrics["test_bits_per_dim"] = self.evaluate()
@@ -253,7 +251,7 @@ class Run:
         _barrier(self.world)
         return metrics
 
-    def _loop(self, recent):
+    def _loop(self):
         cfg = self.cfg
         bar = _progress(range(self.step, cfg.steps), self.step, cfg.steps, cfg.progress and self.lead)
         log = open(os.path.join(cfg.out, "log.jsonl"), "a") if self.lead else None
@@ -275,7 +273,7 @@ class Run:
                     raise NonFiniteLoss(self._stop_message(step, "gradient norm", grad_norm, last_saved))
                 self.optimizer.step()
                 self.step = step + 1
-                recent[:] = (recent + [mean_loss])[-100:]
+                self.recent.append(mean_loss)
                 if log is not None:
                     log.write(json.dumps({"step": step, "bits_per_dim": mean_loss, "lr": lr,
                                           "grad_norm": grad_norm}) + "\n")
@@ -409,6 +407,8 @@ def _start_processes(device):
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch sees no CUDA device")
     if world == 1:
         return 0, 1, device
     local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -120,6 +120,7 @@ def test_images_from_a_folder_and_npz(tmp_path):
     (["--data", "cifar10"], "--data-dir"),
     (["--resume"], "no checkpoint"),
     (["--backend", "no-such-backend"], "no-such-backend"),
+    *([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device")]),
 ])
 def test_bad_configurations_are_refused_with_a_message(tmp_path, capsys, monkeypatch, args, expected):
     monkeypatch.delenv("CIFAR10_DIR", raising=False)

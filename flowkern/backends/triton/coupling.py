@@ -36,6 +36,17 @@ def _tanh(r):
 
 
 @triton.jit
+def _transformed(pix, inside, W, parity, MASK: tl.constexpr):
+    """Which of the pixels ``pix`` (those ``inside`` the plane) the transformed channels change: all of
+    them under the channel mask, the squares of the given parity under the checkerboard."""
+    if MASK == 1:
+        active = inside & ((pix // W + pix % W + parity) % 2 == 1)
+    else:
+        active = inside
+    return active
+
+
+@triton.jit
 def _log_scale(raw, bound, SCALE: tl.constexpr):
     """(log s, d log s / d raw) for the sigmoid (Glow) and exp-tanh (RealNVP) scales."""
     if SCALE == 0:
@@ -60,10 +71,7 @@ def _coupling_kernel(
     block = tl.program_id(1)
     pix = block * BLOCK + tl.arange(0, BLOCK)
     inside = pix < HW
-    if MASK == 1:
-        active = inside & ((pix // W + pix % W + parity) % 2 == 1)
-    else:
-        active = inside
+    active = _transformed(pix, inside, W, parity, MASK)
     x_row = x_ptr + n * x_sn + pix
     h_row = h_ptr + n * h_sn + pix
     out_row = out_ptr + n * C * HW + pix
@@ -108,10 +116,7 @@ def _coupling_backward_kernel(
     n = tl.program_id(0)
     pix = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = pix < HW
-    if MASK == 1:
-        active = inside & ((pix // W + pix % W + parity) % 2 == 1)
-    else:
-        active = inside
+    active = _transformed(pix, inside, W, parity, MASK)
     g_row = g_ptr + n * g_sn + pix
     in_row = in_ptr + n * in_sn + pix
     h_row = h_ptr + n * h_sn + pix
