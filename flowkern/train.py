@@ -209,7 +209,8 @@ class Run:
             self.objective = nn.parallel.DistributedDataParallel(self.objective)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.step = 0
-        if state is not None:
+        self.resumed = state is not None
+        if self.resumed:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.step = state["step"]
@@ -236,17 +237,21 @@ class Run:
         metrics = {"model": cfg.model, "data": self.data.name, "steps": self.step, "processes": self.world,
                    "global_batch_size": cfg.batch_size * self.world,
                    "backend": resolve(self.device).__name__.rsplit(".", 1)[-1],
-                   "memory_saving": cfg.memory_saving, "train_seconds": round(seconds, 2),
-                   "steps_per_second": round((self.step - start) / seconds, 3) if self.step > start else None,
-                   "train_bits_per_dim": float(np.mean(self.recent)) if self.recent else None,
-                   "replica_max_abs_difference": self.replica_difference()}
+                   "memory_saving": cfg.memory_saving, "replica_max_abs_difference": self.replica_difference()}
+        if self.step > start:  # what this invocation trained (a resumed run may only evaluate and sample)
+            metrics.update(train_seconds=round(seconds, 2), steps_per_second=round((self.step - start) / seconds, 3),
+                           train_bits_per_dim=float(np.mean(self.recent)))
         if self.lead:
             metrics["test_bits_per_dim"] = self.evaluate()
             if self.data.images:
                 metrics["uniform_bits_per_dim"] = math.log2(self.data.n_bins)
             if cfg.sample:
                 metrics["samples"] = self.write_samples()
-            with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+            path = os.path.join(cfg.out, "metrics.json")
+            if self.resumed and os.path.isfile(path):  # keep what earlier invocations measured
+                with open(path) as f:
+                    metrics = {**json.load(f), **metrics}
+            with open(path, "w") as f:
                 json.dump(metrics, f, indent=1)
         _barrier(self.world)
         return metrics

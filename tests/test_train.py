@@ -63,6 +63,12 @@ def test_resume_continues_as_if_uninterrupted(tmp_path):
     assert read_log(parts) == read_log(whole)
     a, b = (torch.load(path / train.CHECKPOINT, weights_only=True)["model"] for path in (whole, parts))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    trained = read_metrics(parts)
+    assert run(parts, "--steps", "10", "--resume", "--sample", "--temperatures", "0.7") == 0  # evaluate, sample
+    metrics = read_metrics(parts)
+    assert metrics["samples"] == ["samples_t0.7.png"] and (parts / "samples_t0.7.png").is_file()
+    for key in ("steps", "train_seconds", "steps_per_second", "train_bits_per_dim", "test_bits_per_dim"):
+        assert metrics[key] == trained[key], key
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):

@@ -61,10 +61,10 @@ class AffineCoupling(nn.Module):
         and ``y_again, logdet`` recomputed under autograd as functions of ``leaf``, a stand-in for ``x``.
 
         The conditioner runs once: its input, the pass-through part, is the same in ``y`` and ``x``, so it
-        is computed from ``leaf`` (a copy of ``y``), and ``leaf + (x − y)`` carries ``x``'s values with an
-        identity Jacobian into the transform.
+        is computed from ``leaf`` (``y`` as a new leaf of the graph, sharing its memory), and ``leaf + (x − y)``
+        carries ``x``'s values with an identity Jacobian into the transform.
         """
-        leaf = y.detach().clone().requires_grad_()
+        leaf = y.detach().requires_grad_()
         h = self._conditioner_output(leaf, "y")
         with torch.no_grad():
             x = F.coupling_inverse(y, h, **self._options())[0]
