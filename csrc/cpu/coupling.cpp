@@ -24,8 +24,8 @@ inline acc_t transform_element(acc_t v, acc_t raw, acc_t shift, acc_t bound, acc
   if constexpr (S == Scale::Additive) {
     return Inverse ? v - shift : v + shift;
   } else {
-    acc_t logs, s, dlogs;
-    scale_terms<S, ScalarMath>(raw, bound, logs, s, dlogs);
+    acc_t s, logs;
+    scale_and_log<S, ScalarMath>(raw, bound, s, logs);
     total += logs;
     return couple<Inverse>(v, s, shift);
   }
@@ -45,8 +45,8 @@ acc_t transform_plane(const scalar_t* x, const scalar_t* raw, const scalar_t* sh
       if constexpr (S == Scale::Additive) {
         (Inverse ? v - sh : v + sh).store(out + i);
       } else {
-        Vec logs, s, dlogs;
-        scale_terms<S, VecMath>(Vec::loadu(raw + i), Vec(bound), logs, s, dlogs);
+        Vec s, logs;
+        scale_and_log<S, VecMath>(Vec::loadu(raw + i), Vec(bound), s, logs);
         couple<Inverse>(v, s, sh).store(out + i);
         sum = sum + logs;
       }

@@ -36,8 +36,8 @@ __global__ void coupling_kernel(const scalar_t* __restrict__ x, const scalar_t* 
         const acc_t shift = h_pix[k * hsc];
         out_pix[c * hw] = static_cast<scalar_t>(Inverse ? v - shift : v + shift);
       } else {
-        acc_t logs, s, dlogs;
-        scale_terms<S, ScalarMath>(static_cast<acc_t>(h_pix[k * hsc]), bound, logs, s, dlogs);
+        acc_t s, logs;
+        scale_and_log<S, ScalarMath>(static_cast<acc_t>(h_pix[k * hsc]), bound, s, logs);
         const acc_t shift = h_pix[(ch.n_t + k) * hsc];
         out_pix[c * hw] = static_cast<scalar_t>(couple<Inverse>(v, s, shift));
         sum += logs;

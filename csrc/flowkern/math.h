@@ -33,23 +33,37 @@ struct ScalarMath {
 
 #undef FLOWKERN_MATH
 
-// The coupling's scale at raw: log s, s and d(log s)/d(raw).
-//   Sigmoid (Glow):  s = sigmoid(z), z = raw + 2; from e = e^{−|z|}: log s = min(z, 0) − log1p(e),
-//                    s = 1/(1+e) or e/(1+e), d log s/d raw = 1 − s. One exp and one log1p.
-//   Exp (RealNVP):   log s = bound · tanh(raw), s = e^{log s}, d log s/d raw = bound · (1 − tanh²).
+// The coupling's scale at raw, for the forward and inverse maps: s and log s.
+//   Sigmoid (Glow):  s = sigmoid(z), z = raw + 2; from e = e^{−|z|}: s = 1/(1+e) or e/(1+e),
+//                    log s = min(z, 0) − log1p(e). One exp and one log1p.
+//   Exp (RealNVP):   log s = bound · tanh(raw), s = e^{log s}.
 template <Scale S, typename M, typename T>
-C10_HOST_DEVICE inline void scale_terms(T raw, T bound, T& logs, T& s, T& dlogs) {
+C10_HOST_DEVICE inline void scale_and_log(T raw, T bound, T& s, T& logs) {
   if constexpr (S == Scale::Sigmoid) {
     const T z = raw + T(2);
     const T e = M::exp(T(0) - M::abs(z));
     const T r = T(1) / (T(1) + e);
+    s = M::select_nonnegative(z, r, e * r);
     logs = M::min(z, T(0)) - M::log1p(e);
+  } else {
+    logs = bound * M::tanh(raw);
+    s = M::exp(logs);
+  }
+}
+
+// The scale at raw for the backward: s and d(log s)/d(raw), without a logarithm.
+//   Sigmoid: d log s/d raw = 1 − s = e/(1+e) or 1/(1+e).   Exp: bound · (1 − tanh²(raw)).
+template <Scale S, typename M, typename T>
+C10_HOST_DEVICE inline void scale_and_slope(T raw, T bound, T& s, T& dlogs) {
+  if constexpr (S == Scale::Sigmoid) {
+    const T z = raw + T(2);
+    const T e = M::exp(T(0) - M::abs(z));
+    const T r = T(1) / (T(1) + e);
     s = M::select_nonnegative(z, r, e * r);
     dlogs = M::select_nonnegative(z, e * r, r);
   } else {
     const T t = M::tanh(raw);
-    logs = bound * t;
-    s = M::exp(logs);
+    s = M::exp(bound * t);
     dlogs = bound * (T(1) - t * t);
   }
 }
@@ -76,8 +90,8 @@ C10_HOST_DEVICE inline void couple_backward(T g, T gld, T v, T raw, T shift, T b
     grad_shift = Inverse ? T(0) - g : g;
     grad_raw = T(0);
   } else {
-    T logs, s, dlogs;
-    scale_terms<S, M>(raw, bound, logs, s, dlogs);
+    T s, dlogs;
+    scale_and_slope<S, M>(raw, bound, s, dlogs);
     T glogs;
     if constexpr (Inverse) {
       grad_in = g / s;

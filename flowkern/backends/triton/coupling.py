@@ -28,7 +28,7 @@ def _tanh(r):
     a = tl.abs(r)
     e = tl.exp(-2.0 * a)
     big = (1.0 - e) / (1.0 + e)
-    # Taylor series where 1 − e cancels; the first omitted term is below 1e-16 relative at a = 0.05
+    # Taylor series where 1 − e cancels; the first omitted term is below 1e-15 relative at a = 0.05
     a2 = a * a
     small = a * (1.0 - a2 * (1.0 / 3.0 - a2 * (2.0 / 15.0 - a2 * (17.0 / 315.0 - a2 * (62.0 / 2835.0)))))
     t = tl.where(a < 0.05, small, big)
