@@ -150,16 +150,16 @@ def resolve_defaults(cfg: Config, data: Data) -> Config:
 
 def build_model(cfg: Config, data: Data) -> nn.Module:
     if cfg.model == "realnvp2d":
-        return RealNVP2d(dim=data.train.shape[1], hidden=cfg.hidden, layers=cfg.depth,
-                         memory_saving=cfg.memory_saving)
-    channels, height, width = data.train.shape[1:]
-    if height != width:
-        raise ValueError(f"{cfg.model} needs square images, got {height}×{width}; pass --image-size")
-    if cfg.model == "glow":
-        model = Glow(channels, height, levels=cfg.levels, steps=cfg.depth, hidden_channels=cfg.hidden,
-                     coupling=cfg.coupling)
+        model = RealNVP2d(dim=data.train.shape[1], hidden=cfg.hidden, layers=cfg.depth)
     else:
-        model = RealNVP(channels, height, scales=cfg.levels, hidden_channels=cfg.hidden, blocks=cfg.blocks)
+        channels, height, width = data.train.shape[1:]
+        if height != width:
+            raise ValueError(f"{cfg.model} needs square images, got {height}×{width}; pass --image-size")
+        if cfg.model == "glow":
+            model = Glow(channels, height, levels=cfg.levels, steps=cfg.depth, hidden_channels=cfg.hidden,
+                         coupling=cfg.coupling)
+        else:
+            model = RealNVP(channels, height, scales=cfg.levels, hidden_channels=cfg.hidden, blocks=cfg.blocks)
     return model.set_memory_saving(cfg.memory_saving, cfg.check_reconstruction)
 
 

@@ -95,6 +95,14 @@ def test_memory_saving_trains_like_backpropagation(tmp_path):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
 
+def test_realnvp_on_digits_by_inversion(tmp_path):
+    assert run(tmp_path, "--model", "realnvp", "--steps", "3", "--memory-saving", "--check-reconstruction",
+               "1e-3") == 0
+    metrics = read_metrics(tmp_path)
+    assert (metrics["model"], metrics["memory_saving"], metrics["steps"]) == ("realnvp", True, 3)
+    assert torch.load(tmp_path / train.CHECKPOINT, weights_only=True)["config"]["check_reconstruction"] == 1e-3
+
+
 def test_realnvp2d_on_moons_writes_a_density_plot(tmp_path):
     assert run(tmp_path, "--data", "moons", "--steps", "30", "--sample") == 0
     metrics = read_metrics(tmp_path)
