@@ -77,3 +77,20 @@ def test_flowkern_works_and_says_why_when_the_extension_is_missing(monkeypatch):
     step = flowkern.nn.FlowStep(4, 8)
     y, logdet = step(torch.randn(2, 4, 3, 3))
     assert y.shape == (2, 4, 3, 3) and backends.resolve(y.device) is flowkern.reference
+
+
+@pytest.mark.parametrize("scale", ["sigmoid", "exp"])
+def test_cpu_vector_math_keeps_the_precision_of_the_dtype(native, scale):
+    """The CPU kernels' own log1p (atanh series) and tanh (from one exp), across the whole range of raw:
+    both branches of tanh, sigmoid scales from e^-40 to 1, in float64 and float32."""
+    raw = torch.cat([torch.linspace(-40, 40, 4001), torch.linspace(-0.1, 0.1, 2001)]).double()
+    raw = raw[torch.randperm(raw.numel())][: 6 * 1000].view(2, 3, 40, 25)
+    h = torch.cat([raw, torch.randn_like(raw)], 1)
+    x = torch.randn(2, 6, 40, 25, dtype=torch.float64)
+    expected_y, expected_logdet = flowkern.reference.coupling_forward(x, h, "channel", 0, scale, 2.0)
+    y, logdet = native.coupling_forward(x, h, "channel", 0, scale, 2.0)
+    torch.testing.assert_close(logdet, expected_logdet, rtol=1e-13, atol=0)
+    torch.testing.assert_close(y, expected_y, rtol=1e-13, atol=1e-13)
+    y32, logdet32 = native.coupling_forward(x.float(), h.float(), "channel", 0, scale, 2.0)
+    torch.testing.assert_close(logdet32.double(), expected_logdet, rtol=2e-6, atol=0)
+    torch.testing.assert_close(y32.double(), expected_y, rtol=1e-5, atol=1e-5)
