@@ -33,17 +33,24 @@ struct ScalarMath {
 
 #undef FLOWKERN_MATH
 
+// Glow's scale s = sigmoid(z), z = raw + 2, from e = e^{−|z|} ∈ (0, 1] and r = 1/(1+e): s = r for z ≥ 0,
+// e·r otherwise, so that no exp overflows.
+template <typename M, typename T>
+C10_HOST_DEVICE inline void sigmoid_terms(T raw, T& z, T& e, T& r, T& s) {
+  z = raw + T(2);
+  e = M::exp(T(0) - M::abs(z));
+  r = T(1) / (T(1) + e);
+  s = M::select_nonnegative(z, r, e * r);
+}
+
 // The coupling's scale at raw, for the forward and inverse maps: s and log s.
-//   Sigmoid (Glow):  s = sigmoid(z), z = raw + 2; from e = e^{−|z|}: s = 1/(1+e) or e/(1+e),
-//                    log s = min(z, 0) − log1p(e). One exp and one log1p.
+//   Sigmoid (Glow):  s as above, log s = min(z, 0) − log1p(e). One exp and one log1p.
 //   Exp (RealNVP):   log s = bound · tanh(raw), s = e^{log s}.
 template <Scale S, typename M, typename T>
 C10_HOST_DEVICE inline void scale_and_log(T raw, T bound, T& s, T& logs) {
   if constexpr (S == Scale::Sigmoid) {
-    const T z = raw + T(2);
-    const T e = M::exp(T(0) - M::abs(z));
-    const T r = T(1) / (T(1) + e);
-    s = M::select_nonnegative(z, r, e * r);
+    T z, e, r;
+    sigmoid_terms<M>(raw, z, e, r, s);
     logs = M::min(z, T(0)) - M::log1p(e);
   } else {
     logs = bound * M::tanh(raw);
@@ -56,10 +63,8 @@ C10_HOST_DEVICE inline void scale_and_log(T raw, T bound, T& s, T& logs) {
 template <Scale S, typename M, typename T>
 C10_HOST_DEVICE inline void scale_and_slope(T raw, T bound, T& s, T& dlogs) {
   if constexpr (S == Scale::Sigmoid) {
-    const T z = raw + T(2);
-    const T e = M::exp(T(0) - M::abs(z));
-    const T r = T(1) / (T(1) + e);
-    s = M::select_nonnegative(z, r, e * r);
+    T z, e, r;
+    sigmoid_terms<M>(raw, z, e, r, s);
     dlogs = M::select_nonnegative(z, e * r, r);
   } else {
     const T t = M::tanh(raw);
