@@ -260,19 +260,19 @@ def model_cases(n, c, size, levels, steps, hidden, dtype, device):
 
 
 DEPTH_CASES = ("glow_train_by_depth", "glow_train_by_depth_memory_saving")
-# a wide Glow whose step time is its convolutions' (on a CPU the small depth cases are per-op overhead)
-WIDE_CASES = ("glow_train_wide", "glow_train_wide_memory_saving")
+# a narrow Glow, whose step on a CPU is mostly per-op overhead: inversion's time cost where B ≈ F
+NARROW_CASES = ("glow_train_narrow", "glow_train_narrow_memory_saving")
 
 
-def depth_cases(n, c, size, levels, hidden, depths, dtype, device, names=DEPTH_CASES):
+def depth_cases(n, c, size, levels, hidden, depths, dtype, device, names=DEPTH_CASES, eager=False):
     """A Glow training step at several depths K, with standard backprop and with training by inversion:
     activation memory (the step's peak above parameters, gradients and optimiser state) and time against
-    depth. flowkern's own providers only (inversion does not compile)."""
+    depth. flowkern's backends only (inversion does not compile), and ``eager``, the reference, if asked."""
     x = _data(n, c, size, dtype, device)
 
     def make(steps, memory_saving):
         def build(provider):
-            if provider in PEERS or provider == "compile":
+            if provider in PEERS or provider == "compile" or (provider == "eager" and not eager):
                 return None
             torch.manual_seed(0)
             model = flowkern.Glow(c, size, levels, steps, hidden, memory_saving=memory_saving).to(device, dtype)
@@ -303,8 +303,8 @@ def all_cases(device, full=False):
     cases += model_cases(*small_model, torch.float32, device)
     if model_shape is not None:
         cases += model_cases(*model_shape, torch.float32, device)[:1]
-    depth_shape = (64, 3, 32, 3, 512) if device.type == "cuda" or full else (16, 3, 32, 3, 64)
+    depth_shape = (64, 3, 32, 3, 512) if device.type == "cuda" or full else (16, 3, 32, 3, 256)
     cases += depth_cases(*depth_shape, (4, 8, 16, 32), torch.float32, device)
     if device.type == "cpu" and not full:
-        cases += depth_cases(16, 3, 32, 3, 256, (8,), torch.float32, device, names=WIDE_CASES)
+        cases += depth_cases(16, 3, 32, 3, 64, (32,), torch.float32, device, names=NARROW_CASES, eager=True)
     return cases

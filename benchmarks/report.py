@@ -7,7 +7,7 @@ import glob
 import json
 import os
 
-from .cases import DEPTH_CASES, WIDE_CASES
+from .cases import DEPTH_CASES, NARROW_CASES
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -40,6 +40,33 @@ def markdown(report, cases=None):
                 f"{r.get('launches', r.get('aten_ops'))} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def inversion_table(report):
+    """Training by inversion against standard backprop, one row per paired depth case and provider:
+    activation memory and median step time of each, and their ratios."""
+    by_case = {}
+    for result in report["results"]:
+        for names in (DEPTH_CASES, NARROW_CASES):
+            if result["case"] in names:
+                key = (names[0], tuple(sorted(result["params"].items())))
+                by_case.setdefault(key, {})[result["case"] == names[1]] = result
+    lines = ["| case | K | hidden | provider | standard MiB | by inversion MiB | memory ratio | standard ms | "
+             "by inversion ms | time ratio |", "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (name, _), pair in by_case.items():
+        if len(pair) < 2:
+            continue
+        params = pair[False]["params"]
+        saving_rows = {r["provider"]: r for r in pair[True]["rows"] if "median_ms" in r}
+        for std in pair[False]["rows"]:
+            inv = saving_rows.get(std["provider"])
+            if inv is None or "median_ms" not in std:
+                continue
+            lines.append(
+                f"| {name} | {params['K']} | {params['hidden']} | {std['provider']} | {std['peak_mb']:.1f} | "
+                f"{inv['peak_mb']:.1f} | {inv['peak_mb'] / std['peak_mb']:.1%} | {std['median_ms']:.0f} | "
+                f"{inv['median_ms']:.0f} | {inv['median_ms'] / std['median_ms']:.2f}× |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def plot(report, path):
@@ -112,6 +139,9 @@ def write_reports(report, folder):
         json.dump(report, f, indent=1)
     with open(paths[1], "w") as f:
         f.write(f"# flowkern benchmarks\n\n{markdown(report)}\n")
+        table = inversion_table(report)
+        if table:
+            f.write(f"## Training by inversion against standard backprop\n\n{table}")
     plot(report, paths[2])
     depth_path = os.path.join(folder, "memory_by_depth.png")
     if plot_depth(report, depth_path):
@@ -120,7 +150,7 @@ def write_reports(report, folder):
 
 
 README_CASES = ("coupling_forward", "coupling_forward_backward", "actnorm_conv1x1", "flow_step_forward_backward",
-                "glow_train_step", *DEPTH_CASES, *WIDE_CASES)
+                "glow_train_step")
 
 
 def readme_section():
@@ -130,6 +160,10 @@ def readme_section():
         with open(path) as f:
             report = json.load(f)
         parts += [f"### {report['environment']['device']}", "", markdown(report, README_CASES)]
+        table = inversion_table(report)
+        if table:
+            parts += ["Training by inversion against standard backprop (activation memory of a step, "
+                      "median step time):", "", table]
     parts.append(README_END)
     return "\n".join(parts)
 

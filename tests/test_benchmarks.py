@@ -39,3 +39,18 @@ def test_peak_memory_counts_live_allocations():
 
     peak = profile_call(chain, torch.device("cpu"))["peak_mb"] * 2 ** 20
     assert 8e6 <= peak < 8.1e6
+
+
+def test_inversion_table_pairs_each_depth_with_its_standard_step():
+    def result(case, k, provider, mb, ms):
+        params = {"N": 16, "K": k, "L": 3, "hidden": 64}
+        return {"case": case, "label": case, "params": params,
+                "rows": [{"provider": provider, "median_ms": ms, "peak_mb": mb}]}
+    standard, saving = suite.DEPTH_CASES
+    table = report.inversion_table({"results": [
+        result(standard, 4, "native", 20.0, 100.0), result(standard, 32, "native", 160.0, 800.0),
+        result(saving, 4, "native", 5.0, 130.0), result(saving, 32, "native", 5.0, 1080.0),
+        result(standard, 8, "native", 40.0, 200.0)]})  # no inversion row at K=8: left out
+    rows = table.splitlines()[2:]
+    assert rows == ["| glow_train_by_depth | 4 | 64 | native | 20.0 | 5.0 | 25.0% | 100 | 130 | 1.30× |",
+                    "| glow_train_by_depth | 32 | 64 | native | 160.0 | 5.0 | 3.1% | 800 | 1080 | 1.35× |"]

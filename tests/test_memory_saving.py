@@ -5,7 +5,8 @@ import torch
 
 import flowkern
 from benchmarks.measure import profile_call
-from flowkern.nn import ReconstructionWarning
+from flowkern.nn import ReconstructionWarning, memory_saving
+from flowkern.nn.memory_saving import rebuild
 from helpers import initialize, randomize_
 from kernels import DEVICE
 
@@ -104,6 +105,30 @@ def test_activation_memory_stays_flat_as_the_flow_gets_deeper():
     assert standard[8] > 2.5 * standard[2], standard  # backprop keeps every step's activations
     assert saving[8] <= 1.3 * saving[2], saving       # inversion keeps one step's
     assert saving[8] <= 0.3 * standard[8], (saving, standard)
+
+
+def test_each_layer_hands_its_parameter_gradients_to_autograd_when_it_is_done(monkeypatch):
+    # Held until the whole chain is done, parameter gradients would grow with depth like activations.
+    torch.manual_seed(7)
+    chain = flowkern.nn.FlowSequential(*[flowkern.nn.FlowStep(4, 8) for _ in range(4)], memory_saving=True)
+    x = torch.randn(2, 4, 6, 6)
+    chain(x)  # ActNorm's initialisation
+    rebuilt = []
+    monkeypatch.setattr(memory_saving, "rebuild", lambda layer, y: rebuilt.append(layer) or rebuild(layer, y))
+    rebuilt_when_accumulated = {}
+
+    def record(p):
+        rebuilt_when_accumulated[p] = len(rebuilt)
+    for p in chain.parameters():
+        p.register_post_accumulate_grad_hook(record)
+    y, logdet = chain(x)
+    (y.square().sum() + logdet.sum()).backward()
+    names = [type(unit).__name__ for unit in chain.units()]
+    assert [type(unit).__name__ for unit in rebuilt] == names[::-1] == ["AffineCoupling", "ActNormConv1x1"] * 4
+    for i, unit in enumerate(rebuilt):
+        for p in unit.parameters():  # accumulated right after its unit, before the next is rebuilt
+            assert rebuilt_when_accumulated[p] == i + 1, (i, names[-1 - i])
+    assert len(rebuilt_when_accumulated) == len(list(chain.parameters()))
 
 
 def test_ill_conditioned_inverse_warns_with_the_measured_error():

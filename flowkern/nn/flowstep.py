@@ -17,9 +17,10 @@ class FlowSequential(nn.Sequential):
             input by inversion in the backward pass (:mod:`flowkern.nn.memory_saving`): activation memory
             of one layer instead of all. Not traceable by ``torch.compile``; the layers must not draw
             random numbers in their forward.
-        check_reconstruction: with ``memory_saving``, also keep the chain's input and warn
-            (``ReconstructionWarning``) when the one the backward pass rebuilds differs from it by more
-            than this relative error; the last error is in ``last_reconstruction_error``.
+        check_reconstruction: with ``memory_saving``, also keep the chain's input (that of its first layer
+            which needs a gradient) and warn (``ReconstructionWarning``) when the one the backward pass
+            rebuilds differs from it by more than this relative error; the last error is in
+            ``last_reconstruction_error``.
 
     Shapes: those of its layers; logdet (N,).
     """
@@ -38,9 +39,6 @@ class FlowSequential(nn.Sequential):
                 yield from layer.units()
             else:
                 yield layer
-
-    def trainable_parameters(self):
-        return [p for p in self.parameters() if p.requires_grad]
 
     def run(self, x):
         logdet = 0

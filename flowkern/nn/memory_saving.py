@@ -1,11 +1,15 @@
 """Training by inversion: backpropagation through a chain of flow layers that keeps only its output.
 
-The forward pass runs the layers without recording a graph. The backward pass walks them in reverse:
-it rebuilds each layer's input from its output with the layer's inverse, runs that one layer again
-under autograd and backpropagates through it (log-det included). Activation memory is that of one layer
-instead of the whole chain, whatever the chain's length. A coupling evaluates its conditioner once in
-the backward pass (:meth:`~flowkern.nn.AffineCoupling.rebuild`), so the whole costs about one forward
+The forward pass runs each layer without recording a graph. The backward pass walks the layers in
+reverse: it rebuilds each layer's input from its output with the layer's inverse, runs that one layer
+again under autograd and backpropagates through it (log-det included). Activation memory is that of one
+layer instead of the whole chain, whatever the chain's length. A coupling evaluates its conditioner once
+in the backward pass (:meth:`~flowkern.nn.AffineCoupling.rebuild`), so the whole costs about one forward
 pass more than backpropagation.
+
+Each layer is its own autograd node that returns its own parameters' gradients, so autograd accumulates
+them (and runs the hooks of ``DistributedDataParallel``) as soon as that layer is done: parameter
+gradients are not held for the whole chain either.
 
 Inverses can be ill-conditioned (exploding inverses, Behrmann et al. 2021): then the rebuilt inputs and
 the gradients computed from them are wrong. With ``check_reconstruction`` set, the chain also keeps its
@@ -37,44 +41,62 @@ def rebuild(layer, y):
     return x, leaf, y_again, logdet
 
 
-class _ChainByInversion(torch.autograd.Function):
+class _Handoff:
+    """One call of a chain: ``outputs[i]`` is the output of unit ``i`` once the backward pass of unit
+    ``i + 1`` has rebuilt it (its own input), waiting for the backward pass of unit ``i``."""
+
+    def __init__(self, chain, units):
+        self.chain, self.outputs = chain, [None] * units
+
+    def check(self, x, x_true):
+        chain = self.chain
+        chain.last_reconstruction_error = error = relative_error(x, x_true)
+        if not error <= chain.check_reconstruction:  # NaN included
+            warnings.warn(
+                f"memory-saving backward rebuilt the input of a {len(chain)}-layer chain with relative error "
+                f"{error:.3g} (tolerance {chain.check_reconstruction:g}): an inverse is ill-conditioned, so "
+                "these gradients are inaccurate; train this part with memory_saving=False or regularise it",
+                ReconstructionWarning, stacklevel=3)
+
+
+class _UnitByInversion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, chain, *params):  # params: so that autograd hands back their gradients
-        with torch.no_grad():
-            y, logdet = chain.run(x)
-        ctx.chain = chain
-        ctx.save_for_backward(y, x if chain.check_reconstruction is not None else None)
+    def forward(ctx, x, unit, handoff, index, *params):  # params: so that autograd hands back their gradients
+        y, logdet = unit(x)  # grad mode is off in here: no graph is kept
+        last = index == len(handoff.outputs) - 1
+        # the reconstruction is checked at the first unit the backward pass reaches, where it stops
+        check = handoff.chain.check_reconstruction is not None and (index == 0 or not x.requires_grad)
+        ctx.save_for_backward(y if last else None, x if check else None)
+        ctx.unit, ctx.handoff, ctx.index, ctx.params = unit, handoff, index, params
         return y, logdet
 
     @staticmethod
     def backward(ctx, grad_y, grad_logdet):
         y, x_true = ctx.saved_tensors
+        handoff, index = ctx.handoff, ctx.index
+        if y is None:
+            y, handoff.outputs[index] = handoff.outputs[index], None
+            if y is None:
+                raise RuntimeError("training by inversion reached a layer before the layer after it had "
+                                   "rebuilt its output: backpropagate through the chain's output or log-det")
         y = y.detach()  # the saved output leads back to this node: rebuilding must not
-        chain = ctx.chain
-        param_grads = {}
-        for layer in reversed(list(chain.units())):
-            with torch.enable_grad():
-                x, leaf, y_again, layer_logdet = rebuild(layer, y)
-                params = [p for p in layer.parameters() if p.requires_grad]
-                outputs, grads_out = [y_again], [grad_y]
-                if torch.is_tensor(layer_logdet) and layer_logdet.requires_grad:
-                    outputs.append(layer_logdet)
-                    grads_out.append(grad_logdet.to(layer_logdet.dtype).expand_as(layer_logdet))
-                grads = torch.autograd.grad(outputs, [leaf, *params], grads_out, allow_unused=True)
-            grad_y, y = grads[0], x.detach()
-            for p, g in zip(params, grads[1:]):
-                if g is not None:
-                    param_grads[p] = g if p not in param_grads else param_grads[p] + g
+        needed = ctx.needs_input_grad
+        params = [p for p, need in zip(ctx.params, needed[4:]) if need]
+        with torch.enable_grad():
+            x, leaf, y_again, logdet = rebuild(ctx.unit, y)
+            outputs, grads_out = [y_again], [grad_y]
+            if torch.is_tensor(logdet) and logdet.requires_grad:
+                outputs.append(logdet)
+                grads_out.append(grad_logdet.to(logdet.dtype).expand_as(logdet))
+            wrt = [leaf] * needed[0] + params
+            grads = list(torch.autograd.grad(outputs, wrt, grads_out, allow_unused=True)) if wrt else []
+        if index > 0 and needed[0]:  # else the unit before gets no gradient and is not run backward
+            handoff.outputs[index - 1] = x.detach()
         if x_true is not None:
-            chain.last_reconstruction_error = error = relative_error(y, x_true)
-            if not error <= chain.check_reconstruction:  # NaN included
-                warnings.warn(
-                    f"memory-saving backward rebuilt the input of a {len(chain)}-layer chain with relative error "
-                    f"{error:.3g} (tolerance {chain.check_reconstruction:g}): an inverse is ill-conditioned, so "
-                    "these gradients are inaccurate; train this part with memory_saving=False or regularise it",
-                    ReconstructionWarning, stacklevel=2)
-        all_params = chain.trainable_parameters()
-        return (grad_y, None, *(param_grads.get(p) for p in all_params))
+            handoff.check(x, x_true)
+        grad_x = grads.pop(0) if needed[0] else None
+        param_grads = iter(grads)
+        return (grad_x, None, None, None, *(next(param_grads) if need else None for need in needed[4:]))
 
 
 def chain_by_inversion(chain, x):
@@ -83,4 +105,11 @@ def chain_by_inversion(chain, x):
         raise RuntimeError(
             "memory_saving=True rebuilds activations in a hand-written backward pass that torch.compile does "
             "not trace; compile the model with memory_saving=False, or train it eagerly")
-    return _ChainByInversion.apply(x, chain, *chain.trainable_parameters())
+    units = list(chain.units())
+    handoff = _Handoff(chain, len(units))
+    logdet = 0
+    for index, unit in enumerate(units):
+        params = [p for p in unit.parameters() if p.requires_grad]
+        x, unit_logdet = _UnitByInversion.apply(x, unit, handoff, index, *params)
+        logdet = logdet + unit_logdet
+    return x, logdet
