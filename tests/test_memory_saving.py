@@ -145,6 +145,15 @@ def test_ill_conditioned_inverse_warns_with_the_measured_error():
     assert not chain.last_reconstruction_error <= 1e-3
 
 
+def test_a_second_derivative_is_refused():
+    chain = flowkern.nn.FlowSequential(flowkern.nn.AffineCoupling(4, 8), memory_saving=True)
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    y, logdet = chain(x)
+    (grad,) = torch.autograd.grad(y.square().sum() + logdet.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()
+
+
 def test_no_graph_no_inversion_and_compile_is_refused():
     model = flowkern.Glow(3, 8, levels=2, steps=2, hidden_channels=8, memory_saving=True)
     x = torch.rand(2, 3, 8, 8) - 0.5

@@ -18,6 +18,7 @@ input, compares it with the one rebuilt by the backward pass, and warns with the
 import warnings
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 class ReconstructionWarning(UserWarning):
@@ -71,6 +72,7 @@ class _UnitByInversion(torch.autograd.Function):
         return y, logdet
 
     @staticmethod
+    @once_differentiable  # the rebuilt inputs carry no graph: a second derivative would be wrong, so it errs
     def backward(ctx, grad_y, grad_logdet):
         y, x_true = ctx.saved_tensors
         handoff, index = ctx.handoff, ctx.index
