@@ -35,6 +35,7 @@ class Case:
     params: dict
     build: object  # build(provider) -> callable or None
     bytes_moved: int = 0  # bytes the op must move: inputs read once, outputs written once
+    baseline: object = None  # build(provider) of what this case is compared with, timed in turn with it
 
     @property
     def label(self):
@@ -259,15 +260,14 @@ def model_cases(n, c, size, levels, steps, hidden, dtype, device):
             Case("realnvp_train_step", realnvp_params, realnvp)]
 
 
-DEPTH_CASES = ("glow_train_by_depth", "glow_train_by_depth_memory_saving")
-# a narrow Glow, whose step on a CPU is mostly per-op overhead: inversion's time cost where B ≈ F
-NARROW_CASES = ("glow_train_narrow", "glow_train_narrow_memory_saving")
+INVERSION_CASE = "glow_train_by_inversion"
 
 
-def depth_cases(n, c, size, levels, hidden, depths, dtype, device, names=DEPTH_CASES, eager=False):
-    """A Glow training step at several depths K, with standard backprop and with training by inversion:
-    activation memory (the step's peak above parameters, gradients and optimiser state) and time against
-    depth. flowkern's backends only (inversion does not compile), and ``eager``, the reference, if asked."""
+def inversion_cases(n, c, size, levels, hidden, depths, dtype, device, eager=False):
+    """A Glow training step by inversion at several depths K, each timed in turn with the same step by
+    standard backprop, its baseline: activation memory (the step's peak above parameters, gradients and
+    optimiser state) and time against depth. flowkern's backends (inversion does not compile), and the
+    eager reference if ``eager``."""
     x = _data(n, c, size, dtype, device)
 
     def make(steps, memory_saving):
@@ -280,8 +280,8 @@ def depth_cases(n, c, size, levels, hidden, depths, dtype, device, names=DEPTH_C
             return _train_step(provider, model, x, keep_grads=True)
         return build
 
-    return [Case(name, _params(n, c, size, dtype, K=steps, L=levels, hidden=hidden), make(steps, saving))
-            for name, saving in zip(names, (False, True)) for steps in depths]
+    return [Case(INVERSION_CASE, _params(n, c, size, dtype, K=steps, L=levels, hidden=hidden), make(steps, True),
+                 baseline=make(steps, False)) for steps in depths]
 
 
 def all_cases(device, full=False):
@@ -304,7 +304,7 @@ def all_cases(device, full=False):
     if model_shape is not None:
         cases += model_cases(*model_shape, torch.float32, device)[:1]
     depth_shape = (64, 3, 32, 3, 512) if device.type == "cuda" or full else (16, 3, 32, 3, 256)
-    cases += depth_cases(*depth_shape, (4, 8, 16, 32), torch.float32, device)
-    if device.type == "cpu" and not full:
-        cases += depth_cases(16, 3, 32, 3, 64, (32,), torch.float32, device, names=NARROW_CASES, eager=True)
+    cases += inversion_cases(*depth_shape, (4, 8, 16, 32), torch.float32, device)
+    if device.type == "cpu" and not full:  # a narrow Glow, whose step on a CPU is mostly per-op overhead
+        cases += inversion_cases(16, 3, 32, 3, 64, (32,), torch.float32, device, eager=True)
     return cases

@@ -13,27 +13,38 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def time_call(fn, device, warmup=3, min_time=0.5, min_reps=10, max_reps=1000):
-    """Per-call times in seconds after warm-up: CUDA events on a GPU, a monotonic clock on the CPU."""
-    for _ in range(warmup):
+def _seconds(fn, device):
+    """One call's time: CUDA events on a GPU, a monotonic clock on the CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_calls(fns, device, warmup=3, min_time=0.5, min_reps=10, max_reps=1000):
+    """Per-call times in seconds of each of ``fns``, after warm-up. The functions are called in turn, so
+    that drift in the machine's speed during the measurement affects all of them alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
     synchronize(device)
-    times, spent = [], 0.0
-    while len(times) < max_reps and (len(times) < min_reps or spent < min_time):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            fn()
-            seconds = time.perf_counter() - t0
-        times.append(seconds)
-        spent += seconds
+    times, spent = [[] for _ in fns], 0.0
+    while len(times[0]) < max_reps and (len(times[0]) < min_reps or spent < min_time):
+        for fn, series in zip(fns, times):
+            series.append(_seconds(fn, device))
+            spent += series[-1]
     return times
+
+
+def time_call(fn, device, **limits):
+    """Per-call times in seconds of ``fn`` after warm-up (see :func:`time_calls`)."""
+    return time_calls([fn], device, **limits)[0]
 
 
 def summarize(times):

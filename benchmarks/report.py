@@ -7,7 +7,7 @@ import glob
 import json
 import os
 
-from .cases import DEPTH_CASES, NARROW_CASES
+from .cases import INVERSION_CASE
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -42,30 +42,22 @@ def markdown(report, cases=None):
     return "\n".join(lines)
 
 
+def _inversion_points(report):
+    """(params, provider, row) of each step by inversion that was timed in turn with its baseline."""
+    return [(result["params"], row["provider"], row) for result in report["results"]
+            if result["case"] == INVERSION_CASE for row in result["rows"] if "baseline" in row]
+
+
 def inversion_table(report):
-    """Training by inversion against standard backprop, one row per paired depth case and provider:
-    activation memory and median step time of each, and their ratios."""
-    by_case = {}
-    for result in report["results"]:
-        for names in (DEPTH_CASES, NARROW_CASES):
-            if result["case"] in names:
-                key = (names[0], tuple(sorted(result["params"].items())))
-                by_case.setdefault(key, {})[result["case"] == names[1]] = result
-    lines = ["| case | K | hidden | provider | standard MiB | by inversion MiB | memory ratio | standard ms | "
-             "by inversion ms | time ratio |", "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for (name, _), pair in by_case.items():
-        if len(pair) < 2:
-            continue
-        params = pair[False]["params"]
-        saving_rows = {r["provider"]: r for r in pair[True]["rows"] if "median_ms" in r}
-        for std in pair[False]["rows"]:
-            inv = saving_rows.get(std["provider"])
-            if inv is None or "median_ms" not in std:
-                continue
-            lines.append(
-                f"| {name} | {params['K']} | {params['hidden']} | {std['provider']} | {std['peak_mb']:.1f} | "
-                f"{inv['peak_mb']:.1f} | {inv['peak_mb'] / std['peak_mb']:.1%} | {std['median_ms']:.0f} | "
-                f"{inv['median_ms']:.0f} | {inv['median_ms'] / std['median_ms']:.2f}× |")
+    """Training by inversion against standard backprop: activation memory and median step time of each,
+    and the time ratio as the median over calls made in turn."""
+    lines = ["| K | hidden | provider | standard MiB | by inversion MiB | memory ratio | standard ms | "
+             "by inversion ms | time ratio |", "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for params, provider, row in _inversion_points(report):
+        base = row["baseline"]
+        lines.append(f"| {params['K']} | {params['hidden']} | {provider} | {base['peak_mb']:.1f} | "
+                     f"{row['peak_mb']:.1f} | {row['peak_mb'] / base['peak_mb']:.1%} | {base['median_ms']:.0f} | "
+                     f"{row['median_ms']:.0f} | {row['ratio_to_baseline']:.2f}× |")
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
@@ -104,21 +96,19 @@ def plot_depth(report, path):
     import matplotlib.pyplot as plt
 
     series = {}
-    for r in report["results"]:
-        if r["case"] not in DEPTH_CASES:
-            continue
-        mode = "by inversion" if r["case"].endswith("memory_saving") else "standard backprop"
-        for row in r["rows"]:
-            if "median_ms" in row:
-                series.setdefault((mode, row["provider"]), []).append((r["params"]["K"], row))
+    for params, provider, row in _inversion_points(report):
+        label = f"{provider}, {params['hidden']} hidden"
+        series.setdefault(("standard backprop", label), []).append((params["K"], row["baseline"]))
+        series.setdefault(("by inversion", label), []).append((params["K"], row))
+    series = {key: points for key, points in series.items() if len(points) > 1}  # a sweep over K
     if not series:
         return False
     fig, (mem, time) = plt.subplots(1, 2, figsize=(10, 4))
-    for (mode, provider), points in sorted(series.items()):
+    for (mode, label), points in sorted(series.items()):
         ks = [k for k, _ in points]
         style = "-o" if mode == "standard backprop" else "--s"
-        mem.plot(ks, [row["peak_mb"] for _, row in points], style, label=f"{mode}, {provider}")
-        time.plot(ks, [row["median_ms"] for _, row in points], style, label=f"{mode}, {provider}")
+        mem.plot(ks, [row["peak_mb"] for _, row in points], style, label=f"{mode}, {label}")
+        time.plot(ks, [row["median_ms"] for _, row in points], style, label=f"{mode}, {label}")
     for ax, label in ((mem, "activation memory of a step (MiB)"), (time, "median step time (ms)")):
         ax.set_xlabel("flow steps per level K")
         ax.set_ylabel(label)

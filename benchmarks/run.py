@@ -8,6 +8,7 @@ import argparse
 import datetime
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import traceback
@@ -18,7 +19,7 @@ import torch
 import flowkern
 
 from . import cases as suite
-from .measure import copy_bandwidth, profile_call, summarize, time_call
+from .measure import copy_bandwidth, profile_call, summarize, time_calls
 from .report import RESULTS, write_reports
 
 
@@ -65,8 +66,13 @@ def measure_case(case, providers, device, bandwidth, min_time):
                 fn = case.build(provider)
                 if fn is None:
                     continue
-                row.update(summarize(time_call(fn, device, min_time=min_time)))
+                baseline = case.baseline(provider) if case.baseline is not None else None
+                times = time_calls([fn] if baseline is None else [fn, baseline], device, min_time=min_time)
+                row.update(summarize(times[0]))
                 row.update(profile_call(fn, device))
+                if baseline is not None:
+                    row["baseline"] = {**summarize(times[1]), **profile_call(baseline, device)}
+                    row["ratio_to_baseline"] = statistics.median(t / b for t, b in zip(*times))
         except Exception as exc:  # one failing provider must not hide the others' numbers
             row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
             traceback.print_exc(file=sys.stderr)
@@ -100,6 +106,11 @@ def format_table(case, rows):
             f"{opt('speedup_vs_eager', '.2f', 'x'):>10}{opt('speedup_vs_compile', '.2f', 'x'):>12}"
             f"{opt('bandwidth_gbs', '.1f'):>9}{opt('fraction_of_copy', '.0%'):>9}"
             f"{r['peak_mb']:>10.1f}{r.get(count, '-'):>10}")
+        if "baseline" in r:
+            b = r["baseline"]
+            lines.append(f"    its baseline: {b['median_ms']:.3f} ms ({b['p10_ms']:.3f}..{b['p90_ms']:.3f}), "
+                         f"peak {b['peak_mb']:.1f} MiB; time ratio {r['ratio_to_baseline']:.3f} "
+                         f"(median over calls in turn)")
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ import json
 import torch
 
 from benchmarks import cases as suite
-from benchmarks import report, run
+from benchmarks import measure, report, run
 
 
 def test_runner_measures_a_case_and_writes_reports(tmp_path):
@@ -41,16 +41,22 @@ def test_peak_memory_counts_live_allocations():
     assert 8e6 <= peak < 8.1e6
 
 
-def test_inversion_table_pairs_each_depth_with_its_standard_step():
-    def result(case, k, provider, mb, ms):
-        params = {"N": 16, "K": k, "L": 3, "hidden": 64}
-        return {"case": case, "label": case, "params": params,
-                "rows": [{"provider": provider, "median_ms": ms, "peak_mb": mb}]}
-    standard, saving = suite.DEPTH_CASES
-    table = report.inversion_table({"results": [
-        result(standard, 4, "native", 20.0, 100.0), result(standard, 32, "native", 160.0, 800.0),
-        result(saving, 4, "native", 5.0, 130.0), result(saving, 32, "native", 5.0, 1080.0),
-        result(standard, 8, "native", 40.0, 200.0)]})  # no inversion row at K=8: left out
-    rows = table.splitlines()[2:]
-    assert rows == ["| glow_train_by_depth | 4 | 64 | native | 20.0 | 5.0 | 25.0% | 100 | 130 | 1.30× |",
-                    "| glow_train_by_depth | 32 | 64 | native | 160.0 | 5.0 | 3.1% | 800 | 1080 | 1.35× |"]
+def test_calls_are_timed_in_turn():
+    calls = []
+    times = measure.time_calls([lambda: calls.append("a"), lambda: calls.append("b")], torch.device("cpu"),
+                               warmup=1, min_time=0.0, min_reps=3)
+    assert calls == ["a", "b"] * 4 and [len(t) for t in times] == [3, 3]
+
+
+def test_a_case_with_a_baseline_is_timed_in_turn_with_it_and_tabulated():
+    device = torch.device("cpu")
+    (case,) = suite.inversion_cases(2, 3, 8, 2, 4, (2,), torch.float32, device, eager=True)
+    (row,) = run.measure_case(case, ["eager"], device, bandwidth=10.0, min_time=0.0)
+    if "error" in row:
+        raise AssertionError(row["error"])
+    base = row["baseline"]
+    assert base["reps"] == row["reps"] and base["median_ms"] > 0 and 0 < row["ratio_to_baseline"]
+    table = report.inversion_table({"results": [{"case": case.name, "params": case.params, "rows": [row]}]})
+    (line,) = table.splitlines()[2:]
+    assert line.startswith(f"| 2 | 4 | {row['provider']} | {base['peak_mb']:.1f} | {row['peak_mb']:.1f} |")
+    assert line.endswith(f"| {row['ratio_to_baseline']:.2f}× |")
