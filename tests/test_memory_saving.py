@@ -90,6 +90,23 @@ def test_input_gradient_and_any_chain_of_layers():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
 
 
+def test_autograd_grad_and_a_retained_graph_give_the_gradients_of_backprop():
+    torch.manual_seed(8)
+    chain = randomize_(flowkern.nn.FlowSequential(*[flowkern.nn.FlowStep(4, 8) for _ in range(3)]), 0.02).double()
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    chain(x)  # ActNorm's initialisation
+    params = list(chain.parameters())
+    grads = {}
+    for saving in (False, True):
+        chain.memory_saving = saving
+        y, logdet = chain(x)
+        loss = y.square().sum() + logdet.sum()
+        grads[saving] = [torch.autograd.grad(loss, params, retain_graph=True), torch.autograd.grad(loss, params)]
+    for expected, first, second in zip(grads[False][0], *grads[True]):
+        torch.testing.assert_close(first, expected, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(second, first, rtol=1e-12, atol=1e-14)  # the second pass rebuilds again
+
+
 def _peak_mb(steps, memory_saving):
     torch.manual_seed(5)
     x = torch.rand(16, 3, 16, 16) - 0.5
