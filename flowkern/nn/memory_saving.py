@@ -76,11 +76,8 @@ class _UnitByInversion(torch.autograd.Function):
     def backward(ctx, grad_y, grad_logdet):
         y, x_true = ctx.saved_tensors
         handoff, index = ctx.handoff, ctx.index
-        if y is None:
+        if y is None:  # autograd runs unit index + 1 first: it feeds this unit's gradient
             y, handoff.outputs[index] = handoff.outputs[index], None
-            if y is None:
-                raise RuntimeError("training by inversion reached a layer before the layer after it had "
-                                   "rebuilt its output: backpropagate through the chain's output or log-det")
         y = y.detach()  # the saved output leads back to this node: rebuilding must not
         needed = ctx.needs_input_grad
         params = [p for p, need in zip(ctx.params, needed[4:]) if need]
