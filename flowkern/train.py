@@ -482,7 +482,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint, with its configuration (only --steps, "
-                        "--backend, --device and the checkpoint, sampling and progress options may change)")
+                        "--backend, --device, --data-dir, --check-reconstruction and the output, checkpoint, "
+                        "sampling and progress options may change)")
     p.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run")
     p.add_argument("--sample", action="store_true", help="write PNG samples at the end")
     p.add_argument("--temperatures", type=float, nargs="+", default=defaults.temperatures)
