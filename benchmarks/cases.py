@@ -1,8 +1,15 @@
 """Benchmark cases and the providers that run them.
 
-Providers, all measured in one run: ``eager`` (the reference ops called directly), ``compile``
-(``torch.compile`` of the same reference code), each flowkern backend other than the reference (through
-the layers' path, ``flowkern.functional``), and the peer libraries normflows and FrEIA where installed.
+Whole-model cases come first: a Glow training step and sampling, as users run them, with the providers
+of :data:`MODEL_PROVIDERS`: the same Glow written in plain PyTorch (:mod:`benchmarks.plain_glow`), eager
+and under ``torch.compile``; flowkern's Glow eager (``auto`` backend), compiled, trained by inversion and
+on the reference backend; and normflows' Glow where installed.
+
+The op and layer cases have the providers of :func:`providers`, all measured in one run: ``eager`` (the
+reference ops called directly), ``compile`` (``torch.compile`` of the same reference code), each flowkern
+backend other than the reference (through the layers' path, ``flowkern.functional``), and the peer
+libraries normflows and FrEIA where installed.
+
 A case's ``build(provider)`` returns a zero-argument callable to time, or None where the provider has no
 counterpart of the case.
 """
@@ -16,7 +23,15 @@ import flowkern
 import flowkern.functional as F
 from flowkern import reference as R
 
+from .plain_glow import PlainGlow
+
 PEERS = tuple(p for p in ("normflows", "FrEIA") if importlib.util.find_spec(p) is not None)
+
+# whole-model providers -> the flowkern backend each runs under
+MODEL_BACKENDS = {"plain eager": "reference", "plain compile": "reference", "flowkern": "auto",
+                  "flowkern compile": "auto", "flowkern by inversion": "auto", "flowkern reference": "reference"}
+MODEL_PROVIDERS = (*MODEL_BACKENDS, *(p for p in PEERS if p == "normflows"))
+PLAIN_BASELINES = ("plain eager", "plain compile")
 
 
 def providers():
@@ -26,6 +41,8 @@ def providers():
 
 def backend_of(provider):
     """The flowkern backend a provider runs under (the reference for eager, compile and peers)."""
+    if provider in MODEL_BACKENDS:
+        return MODEL_BACKENDS[provider]
     return provider if provider in flowkern.available_backends() else "reference"
 
 
@@ -36,6 +53,8 @@ class Case:
     build: object  # build(provider) -> callable or None
     bytes_moved: int = 0  # bytes the op must move: inputs read once, outputs written once
     baseline: object = None  # build(provider) of what this case is compared with, timed in turn with it
+    providers: tuple = None  # the case's own providers (None: the suite's, :func:`providers`)
+    versus: tuple = ("eager", "compile")  # the providers that the speed-up columns divide by
 
     @property
     def label(self):
@@ -218,46 +237,78 @@ def _train_step(provider, model, x, keep_grads=False):
     return step
 
 
-def model_cases(n, c, size, levels, steps, hidden, dtype, device):
+def realnvp_cases(n, c, size, levels, hidden, dtype, device):
+    x = _data(n, c, size, dtype, device)
+
+    def train(provider):
+        torch.manual_seed(0)
+        model = flowkern.RealNVP(c, size, scales=levels, hidden_channels=hidden, blocks=2).to(device, dtype)
+        return _train_step(provider, model, x)
+    return [Case("realnvp_train_step", _params(n, c, size, dtype, L=levels, hidden=hidden, blocks=2), train)]
+
+
+def _normflows_glow(c, size, levels, steps, hidden):
+    """normflows' Glow as its documentation builds it, at flowkern's widths: GlowBlocks with ActNorm in
+    the conditioner (sigmoid scale, LU 1×1 conv), but per-level learned Gaussians (``GlowBase``) instead of
+    Glow's conditional priors at the splits, which its API has no counterpart of."""
+    import normflows as nf
+
+    q0, flows, merges = [], [], []
+    for i in range(levels):  # in normflows' order: from the top level down, in the sampling direction
+        channels = c * 2 ** (levels + 1 - i)
+        flows.append([nf.flows.GlowBlock(channels, hidden, split_mode="channel", scale=True, net_actnorm=True)
+                      for _ in range(steps)] + [nf.flows.Squeeze()])
+        if i == 0:
+            latent = (c * 2 ** (levels + 1), size // 2 ** levels, size // 2 ** levels)
+        else:
+            merges.append(nf.flows.Merge())
+            latent = (c * 2 ** (levels - i), size // 2 ** (levels - i), size // 2 ** (levels - i))
+        q0.append(nf.distributions.GlowBase(latent))
+    return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
+
+
+def glow_cases(n, c, size, levels, steps, hidden, dtype, device):
+    """What users run: a Glow training step (bits/dim, backward, Adam) and sampling at T = 0.7, by every
+    provider of :data:`MODEL_PROVIDERS`, against the same Glow in plain PyTorch."""
     params = _params(n, c, size, dtype, K=steps, L=levels, hidden=hidden)
     x = _data(n, c, size, dtype, device)
 
-    def glow():
+    def glow(provider, train):
         torch.manual_seed(0)
-        model = flowkern.Glow(c, size, levels, steps, hidden).to(device, dtype)
-        model(x)  # ActNorm's initialisation
-        return model
+        if provider.startswith("plain"):
+            model = PlainGlow(c, size, levels, steps, hidden)
+        elif provider == "normflows":
+            model = _normflows_glow(c, size, levels, steps, hidden)
+        else:
+            model = flowkern.Glow(c, size, levels, steps, hidden, memory_saving=provider == "flowkern by inversion")
+        model = model.to(device, dtype)
+        with torch.no_grad():
+            (model.forward_kld(x) if provider == "normflows" else model.log_prob(x))  # ActNorm's data-dependent initialisation
+        return model.train(train)
+
+    def compiled(provider, fn):
+        return _compiled(fn) if provider.endswith("compile") else fn
 
     def train(provider):
-        return _train_step(provider, glow(), x)
+        model = glow(provider, train=True)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        loss = model.forward_kld if provider == "normflows" else lambda v: model.bits_per_dim(v).mean()
+        loss = compiled(provider, loss)
 
-    def log_prob(provider):
-        if provider in PEERS:
-            return None
-        model = glow().eval()
-        fn = _compiled(model.log_prob) if provider == "compile" else model.log_prob
-
-        def run():
-            with torch.no_grad():
-                fn(x)
-        return run
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            loss(x).backward()
+            optimizer.step()
+        return step
 
     def sample(provider):
-        if provider in PEERS or provider == "compile":
-            return None
-        model = glow().eval()
-        return lambda: model.sample(n, temperature=0.7)
+        if provider == "flowkern by inversion":
+            return None  # sampling runs no backward: the same as "flowkern"
+        model = glow(provider, train=False)
+        return compiled(provider, lambda: model.sample(n, temperature=0.7))
 
-    def realnvp(provider):
-        torch.manual_seed(0)
-        model = flowkern.RealNVP(c, size, scales=levels, hidden_channels=hidden // 4, blocks=2).to(device, dtype)
-        return _train_step(provider, model, x)
-
-    realnvp_params = _params(n, c, size, dtype, L=levels, hidden=hidden // 4, blocks=2)
-    return [Case("glow_train_step", params, train),
-            Case("glow_log_prob", params, log_prob),
-            Case("glow_sample", params, sample),
-            Case("realnvp_train_step", realnvp_params, realnvp)]
+    return [Case("glow_train_step", params, train, providers=MODEL_PROVIDERS, versus=PLAIN_BASELINES),
+            Case("glow_sample", {**params, "T": 0.7}, sample, providers=MODEL_PROVIDERS, versus=PLAIN_BASELINES)]
 
 
 INVERSION_CASE = "glow_train_by_inversion"
@@ -289,20 +340,18 @@ def all_cases(device, full=False):
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     if device.type == "cuda" or full:
         op_shapes = [(64, 12, 32), (64, 24, 16), (64, 48, 8), (64, 12, 64), (64, 48, 64)]
-        step_shape, model_shape = (64, 48, 8, 512), (64, 3, 32, 3, 32, 512)
-        small_model = (64, 3, 32, 3, 4, 128)
-    else:
-        op_shapes = [(64, 12, 32), (16, 48, 8)]  # the first is Glow's first level at batch 64
-        step_shape, model_shape, small_model = (16, 12, 16, 64), None, (16, 3, 16, 2, 4, 32)
-    cases = call_overhead_cases(device)
+        step_shape, glow_shape, realnvp_shape = (64, 48, 8, 512), (64, 3, 32, 3, 32, 512), (64, 3, 32, 3, 128)
+    else:  # the op shapes: Glow's first level at batch 64, and a deep level
+        op_shapes = [(64, 12, 32), (16, 48, 8)]
+        step_shape, glow_shape, realnvp_shape = (16, 12, 16, 64), (16, 3, 32, 3, 8, 256), (16, 3, 16, 2, 8)
+    cases = glow_cases(*glow_shape, torch.float32, device)
+    cases += call_overhead_cases(device)
     for dtype in dtypes:
         for n, c, size in op_shapes:
             cases += coupling_cases(n, c, size, dtype, device)
             cases += channel_mixing_cases(n, c, size, dtype, device)
     cases += flow_step_cases(*step_shape, torch.float32, device)
-    cases += model_cases(*small_model, torch.float32, device)
-    if model_shape is not None:
-        cases += model_cases(*model_shape, torch.float32, device)[:1]
+    cases += realnvp_cases(*realnvp_shape, torch.float32, device)
     depth_shape = (64, 3, 32, 3, 512) if device.type == "cuda" or full else (16, 3, 32, 3, 256)
     cases += inversion_cases(*depth_shape, (4, 8, 16, 32), torch.float32, device)
     if device.type == "cpu" and not full:  # a narrow Glow, whose step on a CPU is mostly per-op overhead

@@ -66,16 +66,37 @@ def profile_call(fn, device):
     else:
         activities = [ProfilerActivity.CPU]
     with _quiet_stderr(), profile(activities=activities, profile_memory=device.type == "cpu") as prof:
+        t0 = time.perf_counter()
         fn()
         synchronize(device)
+        wall_us = (time.perf_counter() - t0) * 1e6
     events = prof.events()
+    share = {"conv_share": convolution_time_us(events, device) / wall_us}
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
         kernels = sum(1 for e in events if e.device_type.name == "CUDA")
-        return {"peak_mb": peak / 2 ** 20, "launches": kernels}
+        return {"peak_mb": peak / 2 ** 20, "launches": kernels, **share}
     aten_ops = sum(1 for e in events if e.name.startswith("aten::")
                    and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
-    return {"peak_mb": cpu_peak_bytes(prof) / 2 ** 20, "aten_ops": aten_ops}
+    return {"peak_mb": cpu_peak_bytes(prof) / 2 ** 20, "aten_ops": aten_ops, **share}
+
+
+CONVOLUTIONS = ("aten::convolution", "aten::convolution_backward")
+
+
+def convolution_time_us(events, device):
+    """Time spent in convolutions, forward and backward, in a profiled call: the CPU time of the outermost
+    convolution ops on the CPU, the device time of their kernels on a GPU."""
+    total = 0.0
+    for e in events:
+        if e.name not in CONVOLUTIONS:
+            continue
+        parent = e.cpu_parent
+        while parent is not None and parent.name not in CONVOLUTIONS:
+            parent = parent.cpu_parent
+        if parent is None:
+            total += e.device_time_total if device.type == "cuda" else e.cpu_time_total
+    return total
 
 
 def cpu_peak_bytes(prof):

@@ -57,33 +57,59 @@ def environment(device, bandwidth):
     }
 
 
+def _build(case, provider, device):
+    """``(fn, baseline)`` of ``provider`` for ``case``, each called once: ``fn`` is None where the provider
+    has no counterpart. The first call's time, compilation included, is the time to the first call."""
+    torch._dynamo.reset()  # every compiled provider compiles afresh, and none hits the recompilation limit
+    with flowkern.use_backend(suite.backend_of(provider)):
+        fn = case.build(provider)
+        if fn is None:
+            return None, None, None
+        first = time_calls([fn], device, warmup=0, min_time=0.0, min_reps=1)[0][0]
+        baseline = case.baseline(provider) if case.baseline is not None else None
+    return fn, baseline, first
+
+
 def measure_case(case, providers, device, bandwidth, min_time):
-    rows = []
+    """One row per provider. The providers' calls (and their baselines') are timed in turn, round-robin,
+    so that drift in the machine's speed affects them alike."""
+    rows, timed = [], []
     for provider in providers:
         row = {"provider": provider}
         try:
-            with flowkern.use_backend(suite.backend_of(provider)):
-                fn = case.build(provider)
-                if fn is None:
-                    continue
-                baseline = case.baseline(provider) if case.baseline is not None else None
-                times = time_calls([fn] if baseline is None else [fn, baseline], device, min_time=min_time)
-                row.update(summarize(times[0]))
-                row.update(profile_call(fn, device))
-                if baseline is not None:
-                    row["baseline"] = {**summarize(times[1]), **profile_call(baseline, device)}
-                    row["ratio_to_baseline"] = statistics.median(t / b for t, b in zip(*times))
+            fn, baseline, first = _build(case, provider, device)
+            if fn is None:
+                continue
+            row["first_call_s"] = first
+            timed.append((row, fn, baseline))
         except Exception as exc:  # one failing provider must not hide the others' numbers
             row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
             traceback.print_exc(file=sys.stderr)
         rows.append(row)
+
+    def in_backend(row, fn):
+        def call():
+            with flowkern.use_backend(suite.backend_of(row["provider"])):
+                fn()
+        return call
+
+    calls = [in_backend(row, f) for row, fn, baseline in timed for f in (fn, baseline) if f is not None]
+    times = iter(time_calls(calls, device, min_time=min_time))
+    for row, fn, baseline in timed:
+        own = next(times)
+        row.update(summarize(own))
+        row.update(profile_call(in_backend(row, fn), device))
+        if baseline is not None:
+            base = next(times)
+            row["baseline"] = {**summarize(base), **profile_call(in_backend(row, baseline), device)}
+            row["ratio_to_baseline"] = statistics.median(t / b for t, b in zip(own, base))
     by_name = {r["provider"]: r for r in rows if "median_ms" in r}
     for row in rows:
         if "median_ms" not in row:
             continue
-        for base in ("eager", "compile"):
+        for column, base in zip(("eager", "compile"), case.versus):
             if base in by_name:
-                row[f"speedup_vs_{base}"] = by_name[base]["median_ms"] / row["median_ms"]
+                row[f"speedup_vs_{column}"] = by_name[base]["median_ms"] / row["median_ms"]
         if case.bytes_moved:
             gbs = case.bytes_moved / (row["median_ms"] / 1e3) / 1e9
             row["bandwidth_gbs"] = gbs
@@ -94,18 +120,20 @@ def measure_case(case, providers, device, bandwidth, min_time):
 def format_table(case, rows):
     header = f"{case.label}" + (f"  ({case.bytes_moved / 2 ** 20:.1f} MiB to move)" if case.bytes_moved else "")
     count = "aten_ops" if any("aten_ops" in r for r in rows) else "launches"
-    lines = [header, f"  {'provider':<11}{'median ms':>11}{'p10..p90 ms':>19}{'vs eager':>10}{'vs compile':>12}"
-                     f"{'GB/s':>9}{'of copy':>9}{'peak MiB':>10}{count:>10}"]
+    width = max(11, 2 + max((len(r["provider"]) for r in rows), default=0))
+    versus = [f"vs {name}" for name in case.versus]
+    lines = [header, f"  {'provider':<{width}}{'median ms':>11}{'p10..p90 ms':>19}{versus[0]:>15}{versus[1]:>15}"
+                     f"{'GB/s':>7}{'of copy':>9}{'peak MiB':>10}{count:>10}{'conv':>6}{'first s':>9}"]
     for r in rows:
         if "error" in r:
-            lines.append(f"  {r['provider']:<11}failed: {r['error']}")
+            lines.append(f"  {r['provider']:<{width}}failed: {r['error']}")
             continue
         opt = lambda key, fmt, unit="": format(r[key], fmt) + unit if key in r else "-"  # noqa: E731
         lines.append(
-            f"  {r['provider']:<11}{r['median_ms']:>11.3f}{r['p10_ms']:>9.3f}..{r['p90_ms']:<8.3f}"
-            f"{opt('speedup_vs_eager', '.2f', 'x'):>10}{opt('speedup_vs_compile', '.2f', 'x'):>12}"
-            f"{opt('bandwidth_gbs', '.1f'):>9}{opt('fraction_of_copy', '.0%'):>9}"
-            f"{r['peak_mb']:>10.1f}{r.get(count, '-'):>10}")
+            f"  {r['provider']:<{width}}{r['median_ms']:>11.3f}{r['p10_ms']:>9.3f}..{r['p90_ms']:<8.3f}"
+            f"{opt('speedup_vs_eager', '.2f', 'x'):>15}{opt('speedup_vs_compile', '.2f', 'x'):>15}"
+            f"{opt('bandwidth_gbs', '.1f'):>7}{opt('fraction_of_copy', '.0%'):>9}"
+            f"{r['peak_mb']:>10.1f}{r.get(count, '-'):>10}{opt('conv_share', '.0%'):>6}{opt('first_call_s', '.2f'):>9}")
         if "baseline" in r:
             b = r["baseline"]
             lines.append(f"    its baseline: {b['median_ms']:.3f} ms ({b['p10_ms']:.3f}..{b['p90_ms']:.3f}), "
@@ -129,8 +157,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore", message=".*torch.lu is deprecated")  # raised inside a peer library
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
     providers = suite.providers()
-    if args.providers:
-        providers = [p for p in args.providers.split(",") if p in providers]
+    chosen = args.providers.split(",") if args.providers else None
     cases = suite.all_cases(device, full=args.full)
     if args.cases:
         cases = [c for c in cases if any(s in c.name for s in args.cases.split(","))]
@@ -140,12 +167,13 @@ def main(argv=None):
     env = environment(device, bandwidth)
     print(f"flowkern benchmarks on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
           f"commit {env['commit']}, copy bandwidth {bandwidth:.1f} GB/s")
-    print(f"providers: {', '.join(providers)}\n")
+    print(f"providers: {', '.join(providers)}; whole-model cases: {', '.join(suite.MODEL_PROVIDERS)}\n")
     results = []
     for case in cases:
-        rows = measure_case(case, providers, device, bandwidth, min_time)
+        own = case.providers or providers
+        rows = measure_case(case, [p for p in own if chosen is None or p in chosen], device, bandwidth, min_time)
         results.append({"case": case.name, "label": case.label, "params": case.params,
-                        "bytes_moved": case.bytes_moved, "rows": rows})
+                        "bytes_moved": case.bytes_moved, "versus": list(case.versus), "rows": rows})
         print(format_table(case, rows), "\n", flush=True)
 
     out = args.out or os.path.join(RESULTS, device_slug(device))

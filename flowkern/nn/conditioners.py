@@ -3,22 +3,38 @@
 Each ends in a zero-initialised layer, so a fresh coupling is the identity (Glow's initialisation) and
 its scale starts at ``s(0)``.
 """
+import torch.nn.functional as TF
 from torch import nn
 
 from .actnorm import ActNorm
 
 
-class _ConvActNorm(nn.Module):
-    """conv (no bias) → ActNorm → ReLU, as in Glow's hidden layers."""
+class ConvActNorm(nn.Module):
+    """conv (no bias) → ActNorm → ReLU, as in Glow's hidden layers.
+
+    Once ActNorm is initialised (and always in evaluation), it is folded into the convolution:
+    ``ActNorm(conv(x, W)) = conv(x, W·e^log_scale) + bias`` per output channel, so the hidden activations
+    are written once, by the convolution, and the ReLU runs in place on them. Gradients reach ``W``,
+    ``log_scale`` and ``bias`` through the folded weight. The first training batch runs unfolded, for
+    ActNorm's data-dependent initialisation.
+
+    Shapes: (N, in_channels, H, W) → (N, out_channels, H, W).
+    """
 
     def __init__(self, in_channels, out_channels, kernel_size):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
         nn.init.normal_(self.conv.weight, 0.0, 0.05)
         self.norm = ActNorm(out_channels)
+        self.fold = True
 
     def forward(self, x):
-        return self.norm(self.conv(x))[0].relu()
+        norm = self.norm
+        if not self.fold or (self.training and not norm._initialized):
+            return norm(self.conv(x))[0].relu()
+        weight = self.conv.weight * norm.log_scale.exp().to(self.conv.weight.dtype).view(-1, 1, 1, 1)
+        # the convolution's backward needs its input and weight, not its output: ReLU may overwrite it
+        return TF.conv2d(x, weight, norm.bias, padding=self.conv.padding).relu_()
 
 
 def zero_conv(in_channels, out_channels, kernel_size=3):
@@ -36,8 +52,8 @@ class GlowConditioner(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 512):
         super().__init__(
-            _ConvActNorm(in_channels, hidden_channels, 3),
-            _ConvActNorm(hidden_channels, hidden_channels, 1),
+            ConvActNorm(in_channels, hidden_channels, 3),
+            ConvActNorm(hidden_channels, hidden_channels, 1),
             zero_conv(hidden_channels, out_channels),
         )
 

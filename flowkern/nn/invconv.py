@@ -14,6 +14,11 @@ class InvConv1x1(nn.Module):
     weight is a free matrix, its log-det from ``slogdet`` and its inverse from a float64 solve.
     ``P`` and ``sign`` are buffers, so they survive ``state_dict`` round trips.
 
+    Where no gradient is recorded (sampling, evaluation), ``W`` and ``W⁻¹`` are kept and reused until a
+    factor changes: an optimiser step, ``load_state_dict`` or ``.to()`` (each changes a factor's version
+    counter or storage). Writes through ``.data`` bypass the version counter; call :meth:`clear_cache`
+    after them.
+
     Shapes: x (N, C, H, W) → y (N, C, H, W), logdet (N,).
     """
 
@@ -32,19 +37,35 @@ class InvConv1x1(nn.Module):
             self.log_s = nn.Parameter(torch.log(diag.abs()).float())
         else:
             self.weight = nn.Parameter(rotation.float())
+        self.clear_cache()
 
     def _factors(self):
-        return self.perm, self.lower, self.upper, self.sign, self.log_s
+        return (self.perm, self.lower, self.upper, self.sign, self.log_s) if self.lu else (self.weight,)
+
+    def clear_cache(self):
+        """Forget the cached ``W`` and ``W⁻¹``."""
+        self._cache = {}
+
+    def _cached(self, name, build):
+        """``build(*factors)``, reused while no gradient is recorded and no factor has changed."""
+        factors = self._factors()
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in factors)):
+            return build(*factors)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in factors)
+        hit = self._cache.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._cache[name] = (key, build(*factors))
+        return hit[1]
 
     def weight_matrix(self) -> torch.Tensor:
         """The (C, C) mixing matrix."""
-        return F.lu_weight(*self._factors()) if self.lu else self.weight
+        return self._cached("weight", F.lu_weight) if self.lu else self.weight
 
     def inverse_weight_matrix(self) -> torch.Tensor:
         """The (C, C) inverse mixing matrix."""
         if self.lu:
-            return F.lu_weight_inverse(*self._factors())
-        return torch.linalg.inv(self.weight.double()).to(self.weight.dtype)
+            return self._cached("inverse", F.lu_weight_inverse)
+        return self._cached("inverse", lambda w: torch.linalg.inv(w.double()).to(w.dtype))
 
     def logdet(self, x):
         """Log-det of the layer over ``x`` (N, C, H, W), shape (N,)."""

@@ -1,0 +1,132 @@
+"""What makes a whole Glow step fast keeps it exact: ActNorm folded into the conditioners' convolutions,
+the cached LU weights, old checkpoints, and the plain-PyTorch Glow the benchmarks compare with."""
+import os
+
+import pytest
+import torch
+
+import flowkern
+from benchmarks.plain_glow import PlainGlow
+from flowkern.nn.conditioners import ConvActNorm
+from helpers import initialize, randomize_
+from kernels import FUSED_BACKENDS, load_backend
+
+CHECKPOINT = os.path.join(os.path.dirname(__file__), "data", "glow_checkpoint.pt")
+
+
+def set_folding(model, fold):
+    """Fold ActNorm into the conditioners' convolutions (and into the 1×1 convs of the flow steps), or not."""
+    for module in model.modules():
+        if isinstance(module, ConvActNorm):
+            module.fold = fold
+        if isinstance(module, flowkern.nn.FlowStep):
+            module.fold_actnorm = fold
+
+
+def log_prob_and_grads(model, x):
+    model.zero_grad()
+    log_prob = model.log_prob(x)
+    log_prob.sum().backward()
+    return log_prob.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("backend", ["reference", *FUSED_BACKENDS])
+def test_folded_conditioners_equal_unfolded_ones(backend, monkeypatch):
+    if backend != "reference":
+        load_backend(backend, monkeypatch)
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64) - 0.5
+    model = flowkern.Glow(3, 8, levels=2, steps=2, hidden_channels=8).double()
+    with flowkern.use_backend(backend):
+        randomize_(initialize(model, x), 0.05).train()
+        latents = {}
+        for fold in (True, False):
+            set_folding(model, fold)
+            latents[fold] = torch.cat([z.flatten(1) for z in model(x)[0]], 1).detach()
+            log_prob, grads = log_prob_and_grads(model, x)
+            if fold:
+                folded = log_prob, grads
+    torch.testing.assert_close(latents[True], latents[False], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(folded[0], log_prob, rtol=1e-10, atol=1e-10)
+    assert len(grads) == len(folded[1])
+    for got, expected in zip(folded[1], grads):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_conditioner_actnorm_initialises_unfolded_on_the_first_training_batch():
+    layer = ConvActNorm(3, 5, 3)
+    x = torch.randn(8, 3, 6, 6) * 3 + 1
+    h = layer(x)  # initialises: the pre-ReLU output is standardised per channel
+    pre = layer.norm(layer.conv(x))[0]
+    torch.testing.assert_close(pre.mean((0, 2, 3)), torch.zeros(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pre.std((0, 2, 3), unbiased=False), torch.ones(5), atol=1e-4, rtol=0)
+    torch.testing.assert_close(h, pre.relu())
+    assert bool(layer.norm.initialized)
+    torch.testing.assert_close(layer(x), h)  # folded from now on, the same map
+
+
+def test_a_checkpoint_of_the_unfolded_glow_loads_and_gives_its_log_prob():
+    saved = torch.load(CHECKPOINT)
+    model = flowkern.Glow(**saved["config"])
+    model.load_state_dict(saved["model"])  # strict: the parameter and buffer names are unchanged
+    with torch.no_grad():
+        log_prob = model.double().eval().log_prob(saved["x"])
+    torch.testing.assert_close(log_prob, saved["log_prob"], rtol=1e-12, atol=1e-10)
+    model.train()  # initialised: training mode folds too, without initialising again
+    with torch.no_grad():
+        torch.testing.assert_close(model.log_prob(saved["x"]), saved["log_prob"], rtol=1e-12, atol=1e-10)
+
+
+def test_the_cached_weights_follow_the_parameters():
+    conv = flowkern.nn.InvConv1x1(6)
+    with torch.no_grad():
+        weight, inverse = conv.weight_matrix(), conv.inverse_weight_matrix()
+        assert conv.weight_matrix() is weight and conv.inverse_weight_matrix() is inverse  # cached
+    torch.testing.assert_close(weight @ inverse, torch.eye(6), atol=1e-5, rtol=0)
+    optimizer = torch.optim.SGD(conv.parameters(), lr=1e-3)
+    x = torch.randn(2, 6, 3, 3)
+    y, logdet = conv(x)
+    assert y.requires_grad  # with gradients enabled the weight is built under autograd, not taken from the cache
+    ((y ** 2).sum() - logdet.sum()).backward()
+    optimizer.step()
+    with torch.no_grad():
+        new_weight, new_inverse = conv.weight_matrix(), conv.inverse_weight_matrix()
+        assert not torch.allclose(new_inverse, inverse)
+        torch.testing.assert_close(new_weight @ new_inverse, torch.eye(6), atol=1e-5, rtol=0)
+        expected = flowkern.reference.lu_weight_inverse(conv.perm, conv.lower, conv.upper, conv.sign, conv.log_s)
+        torch.testing.assert_close(new_inverse, expected)
+        conv.load_state_dict(flowkern.nn.InvConv1x1(6).state_dict())  # copied in place: cached no longer
+        assert not torch.allclose(conv.inverse_weight_matrix(), new_inverse)
+
+
+def test_sampling_uses_the_current_weights_after_an_optimiser_step():
+    x = torch.rand(4, 3, 8, 8) - 0.5
+    model = randomize_(initialize(flowkern.Glow(3, 8, levels=2, steps=2, hidden_channels=8), x), 0.05)
+    latents = [z.detach() for z in model(x)[0]]
+    torch.testing.assert_close(model.inverse(latents), x, atol=1e-4, rtol=0)  # fills the caches
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.bits_per_dim(x).mean().backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        latents = [z.detach() for z in model(x)[0]]
+        torch.testing.assert_close(model.inverse(latents), x, atol=1e-4, rtol=0)
+
+
+def test_the_plain_pytorch_glow_has_flowkerns_density_given_the_same_parameters():
+    x = torch.rand(4, 3, 16, 16, dtype=torch.float64) - 0.5
+    model = randomize_(initialize(flowkern.Glow(3, 16, levels=3, steps=2, hidden_channels=8).double(), x), 0.05)
+    plain = PlainGlow(3, 16, levels=3, steps=2, hidden_channels=8).double()
+    plain.load_state_dict(model.state_dict())
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(plain.log_prob(x), model.log_prob(x), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(plain.bits_per_dim(x), model.bits_per_dim(x), rtol=1e-12, atol=1e-12)
+    plain.log_prob(x).sum().backward()
+    model.log_prob(x).sum().backward()
+    params = dict(model.named_parameters())
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-9, atol=1e-9, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.reverse(plain(x)[1]), x, rtol=1e-9, atol=1e-9)  # what sampling runs
+    samples = PlainGlow(3, 16, levels=3, steps=2, hidden_channels=8).sample(5, temperature=0.7)
+    assert samples.shape == (5, 3, 16, 16) and torch.isfinite(samples).all()
