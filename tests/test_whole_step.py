@@ -76,13 +76,14 @@ def test_a_checkpoint_of_the_unfolded_glow_loads_and_gives_its_log_prob():
         torch.testing.assert_close(model.log_prob(saved["x"]), saved["log_prob"], rtol=1e-12, atol=1e-10)
 
 
-def test_the_cached_weights_follow_the_parameters():
+@pytest.mark.parametrize("fused", [False, True])  # fused Adam leaves the parameters' version counters alone
+def test_the_cached_weights_follow_the_parameters(fused):
     conv = flowkern.nn.InvConv1x1(6)
     with torch.no_grad():
         weight, inverse = conv.weight_matrix(), conv.inverse_weight_matrix()
         assert conv.weight_matrix() is weight and conv.inverse_weight_matrix() is inverse  # cached
     torch.testing.assert_close(weight @ inverse, torch.eye(6), atol=1e-5, rtol=0)
-    optimizer = torch.optim.SGD(conv.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(conv.parameters(), lr=1e-3, fused=fused)
     x = torch.randn(2, 6, 3, 3)
     y, logdet = conv(x)
     assert y.requires_grad  # with gradients enabled the weight is built under autograd, not taken from the cache

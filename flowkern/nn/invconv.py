@@ -14,10 +14,10 @@ class InvConv1x1(nn.Module):
     weight is a free matrix, its log-det from ``slogdet`` and its inverse from a float64 solve.
     ``P`` and ``sign`` are buffers, so they survive ``state_dict`` round trips.
 
-    Where no gradient is recorded (sampling, evaluation), ``W`` and ``W⁻¹`` are kept and reused until a
-    factor changes: an optimiser step, ``load_state_dict`` or ``.to()`` (each changes a factor's version
-    counter or storage). Writes through ``.data`` bypass the version counter; call :meth:`clear_cache`
-    after them.
+    Where no gradient is recorded (sampling, evaluation), ``W`` and ``W⁻¹`` are kept and reused while the
+    factors hold the values they were built from. The factors are compared by value, not by version
+    counter: fused optimisers (``torch.optim.Adam(fused=True)``) and writes through ``.data`` update
+    parameters without bumping it.
 
     Shapes: x (N, C, H, W) → y (N, C, H, W), logdet (N,).
     """
@@ -47,14 +47,15 @@ class InvConv1x1(nn.Module):
         self._cache = {}
 
     def _cached(self, name, build):
-        """``build(*factors)``, reused while no gradient is recorded and no factor has changed."""
+        """``build(*factors)``, reused while no gradient is recorded and the factors are unchanged: comparing
+        the C² values is a fraction of the cost of the matrix products and triangular solves."""
         factors = self._factors()
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in factors)):
             return build(*factors)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in factors)
         hit = self._cache.get(name)
-        if hit is None or hit[0] != key:
-            hit = self._cache[name] = (key, build(*factors))
+        if hit is None or not all(s.dtype == t.dtype and s.device == t.device and torch.equal(s, t)
+                                  for s, t in zip(hit[0], factors)):
+            hit = self._cache[name] = ([t.detach().clone() for t in factors], build(*factors))
         return hit[1]
 
     def weight_matrix(self) -> torch.Tensor:
