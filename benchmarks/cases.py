@@ -216,6 +216,29 @@ def flow_step_cases(n, c, size, hidden, dtype, device):
             Case("flow_step_forward_backward", params, make(True))]
 
 
+CONDITIONER_PROVIDERS = ("convolutions", "matrix products")
+
+
+def conditioner_cases(n, c, size, hidden, dtype, device):
+    """A Glow coupling's conditioner (ActNorms folded), forward and backward, run as three convolutions or
+    as :func:`~flowkern.nn.conditioners.glow_conditioner_by_matmul`: what ``GlowConditioner`` takes on
+    each device."""
+    x = torch.randn(n, c, size, size, dtype=dtype, device=device)
+    torch.manual_seed(0)
+    conditioner = flowkern.nn.GlowConditioner(c, 2 * c, hidden).to(device, dtype)
+    conditioner(x)  # ActNorm's initialisation
+
+    def build(provider):
+        devices = (device.type,) if provider == "matrix products" else ()
+
+        def run(v):
+            conditioner.MATMUL_DEVICES = devices
+            return (conditioner(v),)
+        return _flow_step(run, (x,), backward=True)
+    return [Case("glow_conditioner_forward_backward", _params(n, c, size, dtype, hidden=hidden), build,
+                 providers=CONDITIONER_PROVIDERS, versus=CONDITIONER_PROVIDERS)]
+
+
 def _data(n, c, size, dtype, device):
     return (torch.rand(n, c, size, size, device=device) - 0.5).to(dtype)
 
@@ -282,8 +305,8 @@ def glow_cases(n, c, size, levels, steps, hidden, dtype, device):
         else:
             model = flowkern.Glow(c, size, levels, steps, hidden, memory_saving=provider == "flowkern by inversion")
         model = model.to(device, dtype)
-        with torch.no_grad():
-            (model.forward_kld(x) if provider == "normflows" else model.log_prob(x))  # ActNorm's data-dependent initialisation
+        with torch.no_grad():  # ActNorm's data-dependent initialisation
+            model.forward_kld(x) if provider == "normflows" else model.log_prob(x)
         return model.train(train)
 
     def compiled(provider, fn):
@@ -351,6 +374,9 @@ def all_cases(device, full=False):
             cases += coupling_cases(n, c, size, dtype, device)
             cases += channel_mixing_cases(n, c, size, dtype, device)
     cases += flow_step_cases(*step_shape, torch.float32, device)
+    n, c, size, hidden = glow_shape[0], glow_shape[1], glow_shape[2], glow_shape[-1]
+    for level in range(1, 4):  # the conditioners of the whole-model Glow's three levels
+        cases += conditioner_cases(n, c * 2 ** level, size // 2 ** level, hidden, torch.float32, device)
     cases += realnvp_cases(*realnvp_shape, torch.float32, device)
     depth_shape = (64, 3, 32, 3, 512) if device.type == "cuda" or full else (16, 3, 32, 3, 256)
     cases += inversion_cases(*depth_shape, (4, 8, 16, 32), torch.float32, device)

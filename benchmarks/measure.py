@@ -27,17 +27,21 @@ def _seconds(fn, device):
     return time.perf_counter() - t0
 
 
-def time_calls(fns, device, warmup=3, min_time=0.5, min_reps=10, max_reps=1000):
+def time_calls(fns, device, warmup=3, min_time=0.5, min_reps=10, max_reps=1000, contexts=None):
     """Per-call times in seconds of each of ``fns``, after warm-up. The functions are called in turn, so
-    that drift in the machine's speed during the measurement affects all of them alike."""
+    that drift in the machine's speed during the measurement affects all of them alike. ``contexts[i]()``,
+    if given, is a context manager that each call of ``fns[i]`` runs in, entered outside the timed span."""
+    contexts = contexts or [contextlib.nullcontext] * len(fns)
     for _ in range(warmup):
-        for fn in fns:
-            fn()
+        for fn, context in zip(fns, contexts):
+            with context():
+                fn()
     synchronize(device)
     times, spent = [[] for _ in fns], 0.0
     while len(times[0]) < max_reps and (len(times[0]) < min_reps or spent < min_time):
-        for fn, series in zip(fns, times):
-            series.append(_seconds(fn, device))
+        for fn, series, context in zip(fns, times, contexts):
+            with context():
+                series.append(_seconds(fn, device))
             spent += series[-1]
     return times
 
@@ -81,12 +85,14 @@ def profile_call(fn, device):
     return {"peak_mb": cpu_peak_bytes(prof) / 2 ** 20, "aten_ops": aten_ops, **share}
 
 
-CONVOLUTIONS = ("aten::convolution", "aten::convolution_backward")
+# convolutions, and the matrix products (with the patch gathering) that compute them where taken instead
+CONVOLUTIONS = ("aten::convolution", "aten::convolution_backward", "aten::mm", "aten::addmm", "aten::bmm",
+                "aten::im2col", "aten::col2im")
 
 
 def convolution_time_us(events, device):
-    """Time spent in convolutions, forward and backward, in a profiled call: the CPU time of the outermost
-    convolution ops on the CPU, the device time of their kernels on a GPU."""
+    """Time spent in convolutions and matrix products, forward and backward, in a profiled call: the CPU
+    time of the outermost such ops on the CPU, the device time of their kernels on a GPU."""
     total = 0.0
     for e in events:
         if e.name not in CONVOLUTIONS:

@@ -26,18 +26,21 @@ def markdown(report, cases=None):
         if cases is not None and result["case"] not in cases:
             continue
         count = "aten ops" if env["device_type"] == "cpu" else "launches"
+        versus = result.get("versus", ("eager", "compile"))
         lines += [f"**{result['label']}**", "",
-                  f"| provider | median ms | p10..p90 ms | vs eager | vs compile | of copy bw | peak MiB | {count} |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  f"| provider | median ms | p10..p90 ms | vs {versus[0]} | vs {versus[1]} | of copy bw | peak MiB | "
+                  f"{count} | conv share | first call s |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in result["rows"]:
             if "error" in r:
-                lines.append(f"| {r['provider']} | failed: {r['error']} | | | | | | |")
+                lines.append(f"| {r['provider']} | failed: {r['error']} | | | | | | | | |")
                 continue
             lines.append(
                 f"| {r['provider']} | {r['median_ms']:.3f} | {r['p10_ms']:.3f}..{r['p90_ms']:.3f} | "
                 f"{_cell(r, 'speedup_vs_eager', '.2f', '×')} | {_cell(r, 'speedup_vs_compile', '.2f', '×')} | "
                 f"{_cell(r, 'fraction_of_copy', '.0%')} | {r['peak_mb']:.1f} | "
-                f"{r.get('launches', r.get('aten_ops'))} |")
+                f"{r.get('launches', r.get('aten_ops'))} | {_cell(r, 'conv_share', '.0%')} | "
+                f"{_cell(r, 'first_call_s', '.2f')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -80,7 +83,7 @@ def plot(report, path):
     ax.set_yticklabels([r["label"] for r in results], fontsize=7)
     ax.invert_yaxis()
     ax.axvline(1.0, color="grey", lw=0.8)
-    ax.set_xlabel("speed-up over the eager reference (median)")
+    ax.set_xlabel("speed-up over eager: the reference ops, or the plain-PyTorch Glow (median)")
     ax.set_title(f"flowkern on {report['environment']['device']}")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -139,8 +142,8 @@ def write_reports(report, folder):
     return paths
 
 
-README_CASES = ("coupling_forward", "coupling_forward_backward", "actnorm_conv1x1", "flow_step_forward_backward",
-                "glow_train_step")
+README_CASES = ("glow_train_step", "glow_sample", "glow_conditioner_forward_backward", "coupling_forward",
+                "coupling_forward_backward", "actnorm_conv1x1", "flow_step_forward_backward")
 
 
 def readme_section():

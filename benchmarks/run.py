@@ -58,8 +58,8 @@ def environment(device, bandwidth):
 
 
 def _build(case, provider, device):
-    """``(fn, baseline)`` of ``provider`` for ``case``, each called once: ``fn`` is None where the provider
-    has no counterpart. The first call's time, compilation included, is the time to the first call."""
+    """``(fn, baseline, first)``: what ``provider`` runs for ``case`` and its baseline (``fn`` None where
+    the provider has no counterpart), and the time of ``fn``'s first call, compilation included."""
     torch._dynamo.reset()  # every compiled provider compiles afresh, and none hits the recompilation limit
     with flowkern.use_backend(suite.backend_of(provider)):
         fn = case.build(provider)
@@ -87,22 +87,20 @@ def measure_case(case, providers, device, bandwidth, min_time):
             traceback.print_exc(file=sys.stderr)
         rows.append(row)
 
-    def in_backend(row, fn):
-        def call():
-            with flowkern.use_backend(suite.backend_of(row["provider"])):
-                fn()
-        return call
+    def backend(row):
+        return lambda: flowkern.use_backend(suite.backend_of(row["provider"]))
 
-    calls = [in_backend(row, f) for row, fn, baseline in timed for f in (fn, baseline) if f is not None]
-    times = iter(time_calls(calls, device, min_time=min_time))
+    calls = [(f, backend(row)) for row, fn, baseline in timed for f in (fn, baseline) if f is not None]
+    times = iter(time_calls([f for f, _ in calls], device, min_time=min_time, contexts=[c for _, c in calls]))
     for row, fn, baseline in timed:
         own = next(times)
         row.update(summarize(own))
-        row.update(profile_call(in_backend(row, fn), device))
-        if baseline is not None:
-            base = next(times)
-            row["baseline"] = {**summarize(base), **profile_call(in_backend(row, baseline), device)}
-            row["ratio_to_baseline"] = statistics.median(t / b for t, b in zip(own, base))
+        with backend(row)():
+            row.update(profile_call(fn, device))
+            if baseline is not None:
+                base = next(times)
+                row["baseline"] = {**summarize(base), **profile_call(baseline, device)}
+                row["ratio_to_baseline"] = statistics.median(t / b for t, b in zip(own, base))
     by_name = {r["provider"]: r for r in rows if "median_ms" in r}
     for row in rows:
         if "median_ms" not in row:

@@ -12,7 +12,7 @@ from . import cases as suite
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = suite.all_cases(DEVICE)
 PARAMS = [pytest.param(case, provider, baseline, id=f"{case.label}-{provider}{suffix}".replace(" ", "-"))
-          for case in CASES for provider in suite.providers()
+          for case in CASES for provider in case.providers or suite.providers()
           for baseline, suffix in ((False, ""), (True, "-baseline"))[:1 + (case.baseline is not None)]]
 
 

@@ -60,3 +60,31 @@ def test_a_case_with_a_baseline_is_timed_in_turn_with_it_and_tabulated():
     (line,) = table.splitlines()[2:]
     assert line.startswith(f"| 2 | 4 | {row['provider']} | {base['peak_mb']:.1f} | {row['peak_mb']:.1f} |")
     assert line.endswith(f"| {row['ratio_to_baseline']:.2f}× |")
+
+
+def test_whole_model_cases_run_for_every_provider_and_compare_with_plain_pytorch():
+    device = torch.device("cpu")
+    for case in suite.glow_cases(2, 3, 8, 2, 1, 4, torch.float32, device):
+        providers = [p for p in case.providers if not p.endswith("compile")]  # compiling takes minutes
+        rows = run.measure_case(case, providers, device, bandwidth=10.0, min_time=0.0)
+        errors = [row["error"] for row in rows if "error" in row]
+        assert not errors, errors
+        by_name = {row["provider"]: row for row in rows}
+        assert {"plain eager", "flowkern", "flowkern reference"} <= set(by_name)
+        assert ("flowkern by inversion" in by_name) == (case.name == "glow_train_step")
+        assert by_name["plain eager"]["speedup_vs_eager"] == 1.0
+        for row in rows:
+            assert row["first_call_s"] > 0 and 0 < row["conv_share"] < 1
+            assert row["speedup_vs_eager"] == by_name["plain eager"]["median_ms"] / row["median_ms"]
+        table = report.markdown({"environment": run.environment(device, 10.0), "command": "",
+                                 "results": [{"case": case.name, "label": case.label, "versus": list(case.versus),
+                                              "rows": rows}]})
+        assert "| vs plain eager | vs plain compile |" in table
+
+
+def test_the_conditioner_case_times_both_forms():
+    device = torch.device("cpu")
+    (case,) = suite.conditioner_cases(2, 3, 5, 8, torch.float32, device)
+    rows = run.measure_case(case, list(case.providers), device, bandwidth=10.0, min_time=0.0)
+    assert [row["provider"] for row in rows] == list(suite.CONDITIONER_PROVIDERS)
+    assert all("median_ms" in row and row["conv_share"] > 0 for row in rows)

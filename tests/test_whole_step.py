@@ -7,7 +7,7 @@ import torch
 
 import flowkern
 from benchmarks.plain_glow import PlainGlow
-from flowkern.nn.conditioners import ConvActNorm
+from flowkern.nn.conditioners import ConvActNorm, GlowConditioner, glow_conditioner_by_matmul
 from helpers import initialize, randomize_
 from kernels import FUSED_BACKENDS, load_backend
 
@@ -52,6 +52,48 @@ def test_folded_conditioners_equal_unfolded_ones(backend, monkeypatch):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 7, 6), (2, 1, 1, 1), (1, 4, 2, 9)])
+def test_the_conditioner_as_matrix_products_equals_its_convolutions(shape):
+    n, c, height, width = shape
+    x = torch.randn(n, c + 2, height, width, dtype=torch.float64)[:, 1:c + 1]  # a channel slice, as chunk gives
+    conditioner = randomize_(GlowConditioner(c, 6, hidden_channels=10).double(), 0.1)
+    first, hidden, last = conditioner
+    weights = [*first.folded(), *hidden.folded(), last.weight, last.bias]
+
+    def by_convolutions(x, *weights):
+        w1, b1, w2, b2, w3, b3 = weights
+        h = torch.nn.functional.conv2d(x, w1, b1, padding=1).relu()
+        h = torch.nn.functional.conv2d(h, w2, b2).relu()
+        return torch.nn.functional.conv2d(h, w3, b3, padding=1)
+    inputs = [x, *(w.detach() for w in weights)]
+    torch.autograd.gradcheck(glow_conditioner_by_matmul, [t.clone().requires_grad_() for t in inputs])
+    upstream = torch.randn(n, 6, height, width, dtype=torch.float64)
+    results = []
+    for fn in (glow_conditioner_by_matmul, by_convolutions):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        results.append([out, *torch.autograd.grad(out, leaves, upstream)])
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_the_conditioner_takes_matrix_products_on_the_cpu_once_folded_and_wide(monkeypatch):
+    calls = []
+    monkeypatch.setattr("flowkern.nn.conditioners.glow_conditioner_by_matmul",
+                        lambda *args: calls.append(args) or glow_conditioner_by_matmul(*args))
+    wide, narrow = GlowConditioner(3, 6, hidden_channels=54), GlowConditioner(3, 6, hidden_channels=53)
+    x = torch.randn(4, 3, 5, 5)
+    unfolded = wide(x)  # initialises ActNorm: convolutions, unfolded
+    narrow(x)
+    assert not calls
+    torch.testing.assert_close(wide(x), unfolded, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 1
+    narrow(x)  # its per-tap products (9·6 channels) would be larger than its hidden activations (53)
+    monkeypatch.setattr(GlowConditioner, "MATMUL_DEVICES", ())
+    wide(x)
+    assert len(calls) == 1
+
+
 def test_conditioner_actnorm_initialises_unfolded_on_the_first_training_batch():
     layer = ConvActNorm(3, 5, 3)
     x = torch.randn(8, 3, 6, 6) * 3 + 1
@@ -78,10 +120,13 @@ def test_a_checkpoint_of_the_unfolded_glow_loads_and_gives_its_log_prob():
 
 @pytest.mark.parametrize("fused", [False, True])  # fused Adam leaves the parameters' version counters alone
 def test_the_cached_weights_follow_the_parameters(fused):
-    conv = flowkern.nn.InvConv1x1(6)
+    conv = flowkern.nn.InvConv1x1(6).eval()
     with torch.no_grad():
         weight, inverse = conv.weight_matrix(), conv.inverse_weight_matrix()
         assert conv.weight_matrix() is weight and conv.inverse_weight_matrix() is inverse  # cached
+        conv.train()
+        assert conv.inverse_weight_matrix() is not inverse  # not in training, where the factors change
+        conv.eval()
     torch.testing.assert_close(weight @ inverse, torch.eye(6), atol=1e-5, rtol=0)
     optimizer = torch.optim.Adam(conv.parameters(), lr=1e-3, fused=fused)
     x = torch.randn(2, 6, 3, 3)

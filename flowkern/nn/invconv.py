@@ -14,8 +14,8 @@ class InvConv1x1(nn.Module):
     weight is a free matrix, its log-det from ``slogdet`` and its inverse from a float64 solve.
     ``P`` and ``sign`` are buffers, so they survive ``state_dict`` round trips.
 
-    Where no gradient is recorded (sampling, evaluation), ``W`` and ``W⁻¹`` are kept and reused while the
-    factors hold the values they were built from. The factors are compared by value, not by version
+    In evaluation mode, where no gradient is recorded (sampling, evaluation), ``W`` and ``W⁻¹`` are kept
+    and reused while the factors hold the values they were built from. The factors are compared by value, not by version
     counter: fused optimisers (``torch.optim.Adam(fused=True)``) and writes through ``.data`` update
     parameters without bumping it.
 
@@ -47,11 +47,12 @@ class InvConv1x1(nn.Module):
         self._cache = {}
 
     def _cached(self, name, build):
-        """``build(*factors)``, reused while no gradient is recorded and the factors are unchanged: comparing
-        the C² values is a fraction of the cost of the matrix products and triangular solves."""
+        """``build(*factors)``, reused in evaluation mode while no gradient is recorded and the factors are
+        unchanged: comparing the C² values is a fraction of the cost of the products and triangular solves."""
         factors = self._factors()
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in factors)):
-            return build(*factors)
+        if self.training or torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and any(t.requires_grad for t in factors)):
+            return build(*factors)  # in training the factors change every step: nothing to reuse
         hit = self._cache.get(name)
         if hit is None or not all(s.dtype == t.dtype and s.device == t.device and torch.equal(s, t)
                                   for s, t in zip(hit[0], factors)):
