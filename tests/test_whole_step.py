@@ -94,6 +94,17 @@ def test_the_conditioner_takes_matrix_products_on_the_cpu_once_folded_and_wide(m
     assert len(calls) == 1
 
 
+def test_compiled_conditioners_keep_their_convolutions():
+    import torch._dynamo as dynamo
+
+    x = torch.rand(4, 3, 8, 8) - 0.5
+    model = initialize(flowkern.Glow(3, 8, levels=2, steps=1, hidden_channels=128), x).train()
+    assert any(m.by_matmul(x) for m in model.modules() if isinstance(m, GlowConditioner))  # eagerly
+    explanation = dynamo.explain(model.log_prob)(x)
+    targets = {node.target for graph in explanation.graphs for node in graph.graph.nodes}
+    assert torch.nn.functional.fold not in targets and torch.conv2d in targets
+
+
 def test_conditioner_actnorm_initialises_unfolded_on_the_first_training_batch():
     layer = ConvActNorm(3, 5, 3)
     x = torch.randn(8, 3, 6, 6) * 3 + 1
