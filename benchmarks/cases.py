@@ -363,7 +363,7 @@ def all_cases(device, full=False):
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     if device.type == "cuda" or full:
         op_shapes = [(64, 12, 32), (64, 24, 16), (64, 48, 8), (64, 12, 64), (64, 48, 64)]
-        step_shape, glow_shape, realnvp_shape = (64, 48, 8, 512), (64, 3, 32, 3, 32, 512), (64, 3, 32, 3, 128)
+        step_shape, glow_shape, realnvp_shape = (64, 48, 8, 512), (64, 3, 32, 3, 32, 512), (64, 3, 32, 3, 32)
     else:  # the op shapes: Glow's first level at batch 64, and a deep level
         op_shapes = [(64, 12, 32), (16, 48, 8)]
         step_shape, glow_shape, realnvp_shape = (16, 12, 16, 64), (16, 3, 32, 3, 8, 256), (16, 3, 16, 2, 8)

@@ -15,9 +15,9 @@ class InvConv1x1(nn.Module):
     ``P`` and ``sign`` are buffers, so they survive ``state_dict`` round trips.
 
     In evaluation mode, where no gradient is recorded (sampling, evaluation), ``W`` and ``W⁻¹`` are kept
-    and reused while the factors hold the values they were built from. The factors are compared by value, not by version
-    counter: fused optimisers (``torch.optim.Adam(fused=True)``) and writes through ``.data`` update
-    parameters without bumping it.
+    and reused while the factors hold the values they were built from. The factors are compared by value,
+    not by version counter: fused optimisers (``torch.optim.Adam(fused=True)``) and writes through
+    ``.data`` update parameters without bumping it.
 
     Shapes: x (N, C, H, W) → y (N, C, H, W), logdet (N,).
     """
