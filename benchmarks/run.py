@@ -15,6 +15,7 @@ import traceback
 import warnings
 
 import torch
+import torch._inductor.config
 
 import flowkern
 
@@ -152,7 +153,7 @@ def main(argv=None):
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    torch._inductor.config.force_disable_caches = True  # the time to the first call is a first compilation
+    torch._inductor.config.force_disable_caches = True  # each first call is a first compilation
     warnings.filterwarnings("ignore", message=".*torch.lu is deprecated")  # raised inside a peer library
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
     providers = suite.providers()
