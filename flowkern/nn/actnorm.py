@@ -46,13 +46,18 @@ class ActNorm(nn.Module):
         self.initialized.fill_(True)
         self._initialized = True
 
+    def will_initialize(self) -> bool:
+        """Whether the next forward sets the parameters from its batch (training mode, not yet initialised):
+        that forward must run ActNorm as its own pass, not folded into a neighbouring layer."""
+        return self.training and not self._initialized
+
     def _check(self, x, name):
         check_image(x, name, self.channels)
         check_module_input(self, x, name)
 
     def forward(self, x):
         self._check(x, "x")
-        if self.training and not self._initialized:
+        if self.will_initialize():
             self.initialize(x)
         return F.actnorm_forward(x, self.log_scale, self.bias)
 

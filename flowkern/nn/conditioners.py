@@ -31,7 +31,7 @@ class ConvActNorm(nn.Module):
 
     def folds(self):
         """Whether ActNorm is folded into the convolution on this call."""
-        return self.fold and (self.norm._initialized or not self.training)
+        return self.fold and not self.norm.will_initialize()
 
     def folded(self):
         """``(W·e^log_scale, bias)``: the weight (out, in, k, k) and bias (out,) of the folded convolution."""

@@ -89,7 +89,7 @@ class FlowStep(FlowSequential):
 
     def _folds(self):
         # ActNorm's data-dependent initialisation needs its own forward on the first training batch
-        return self.fold_actnorm and (self[0]._initialized or not self.training)
+        return self.fold_actnorm and not self[0].will_initialize()
 
     def units(self):
         if self._folds():
