@@ -243,14 +243,13 @@ def _data(n, c, size, dtype, device):
     return (torch.rand(n, c, size, size, device=device) - 0.5).to(dtype)
 
 
-def _train_step(provider, model, x, keep_grads=False):
-    """One Adam step on ``x``. ``keep_grads``: gradients stay allocated between steps, as parameters and the
-    optimiser's moments do, so that a step's peak memory is its activations and temporaries alone."""
-    if provider in PEERS:
-        return None
+def _train_step(model, x, loss=None, compile=False, keep_grads=False):
+    """One Adam step on ``x`` minimising ``loss(x)`` (by default the mean bits/dim), compiled if ``compile``.
+    ``keep_grads``: gradients stay allocated between steps, as parameters and the optimiser's moments do,
+    so that a step's peak memory is its activations and temporaries alone."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    loss_fn = lambda v: model.bits_per_dim(v).mean()  # noqa: E731
-    if provider == "compile":
+    loss_fn = loss or (lambda v: model.bits_per_dim(v).mean())
+    if compile:
         loss_fn = _compiled(loss_fn)
 
     def step():
@@ -264,9 +263,11 @@ def realnvp_cases(n, c, size, levels, hidden, dtype, device):
     x = _data(n, c, size, dtype, device)
 
     def train(provider):
+        if provider in PEERS:
+            return None
         torch.manual_seed(0)
         model = flowkern.RealNVP(c, size, scales=levels, hidden_channels=hidden, blocks=2).to(device, dtype)
-        return _train_step(provider, model, x)
+        return _train_step(model, x, compile=provider == "compile")
     return [Case("realnvp_train_step", _params(n, c, size, dtype, L=levels, hidden=hidden, blocks=2), train)]
 
 
@@ -309,26 +310,17 @@ def glow_cases(n, c, size, levels, steps, hidden, dtype, device):
             model.forward_kld(x) if provider == "normflows" else model.log_prob(x)
         return model.train(train)
 
-    def compiled(provider, fn):
-        return _compiled(fn) if provider.endswith("compile") else fn
-
     def train(provider):
         model = glow(provider, train=True)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-        loss = model.forward_kld if provider == "normflows" else lambda v: model.bits_per_dim(v).mean()
-        loss = compiled(provider, loss)
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            loss(x).backward()
-            optimizer.step()
-        return step
+        loss = model.forward_kld if provider == "normflows" else None
+        return _train_step(model, x, loss, compile=provider.endswith("compile"))
 
     def sample(provider):
         if provider == "flowkern by inversion":
             return None  # sampling runs no backward: the same as "flowkern"
         model = glow(provider, train=False)
-        return compiled(provider, lambda: model.sample(n, temperature=0.7))
+        run = lambda: model.sample(n, temperature=0.7)  # noqa: E731
+        return _compiled(run) if provider.endswith("compile") else run
 
     return [Case("glow_train_step", params, train, providers=MODEL_PROVIDERS, versus=PLAIN_BASELINES),
             Case("glow_sample", {**params, "T": 0.7}, sample, providers=MODEL_PROVIDERS, versus=PLAIN_BASELINES)]
@@ -351,7 +343,7 @@ def inversion_cases(n, c, size, levels, hidden, depths, dtype, device, eager=Fal
             torch.manual_seed(0)
             model = flowkern.Glow(c, size, levels, steps, hidden, memory_saving=memory_saving).to(device, dtype)
             model(x)  # ActNorm's initialisation
-            return _train_step(provider, model, x, keep_grads=True)
+            return _train_step(model, x, keep_grads=True)
         return build
 
     return [Case(INVERSION_CASE, _params(n, c, size, dtype, K=steps, L=levels, hidden=hidden), make(steps, True),
