@@ -1,6 +1,6 @@
 """The ops layers call: inputs checked here once, then run by the active backend.
 
-Fused ops (coupling, ActNorm, 1×1 conv) go to ``flowkern.backends.resolve(device)``; the small tensor
+Fused ops (coupling, ActNorm, 1×1 conv) go to ``flowkern.backends.dispatch``; the small tensor
 algebra around them (masks, LU assembly, squeeze, Gaussian standardisation) is the reference's own.
 Shapes and conventions are documented in :mod:`flowkern.reference`.
 """
@@ -44,13 +44,13 @@ def _check_coupling(x, h, mask, parity, scale, x_name):
 def coupling_forward(x, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
     """Coupling ``x`` (N, C, H, W) given conditioner output ``h`` → ``(y, logdet (N,))``."""
     _check_coupling(x, h, mask, parity, scale, "x")
-    return backends.resolve(x.device).coupling_forward(x, h, mask, parity, scale, float(bound))
+    return backends.dispatch("coupling_forward", x, h, mask, parity, scale, float(bound))
 
 
 def coupling_inverse(y, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
     """Inverse coupling of ``y`` (N, C, H, W) → ``(x, logdet (N,) of the forward map)``."""
     _check_coupling(y, h, mask, parity, scale, "y")
-    return backends.resolve(y.device).coupling_inverse(y, h, mask, parity, scale, float(bound))
+    return backends.dispatch("coupling_inverse", y, h, mask, parity, scale, float(bound))
 
 
 def _check_actnorm(x, log_scale, bias, x_name):
@@ -66,13 +66,13 @@ def _check_actnorm(x, log_scale, bias, x_name):
 def actnorm_forward(x, log_scale, bias):
     """``y = x · exp(log_scale) + bias`` per channel of ``x`` (N, C, H, W) → ``(y, logdet (N,))``."""
     _check_actnorm(x, log_scale, bias, "x")
-    return backends.resolve(x.device).actnorm_forward(x, log_scale, bias)
+    return backends.dispatch("actnorm_forward", x, log_scale, bias)
 
 
 def actnorm_inverse(y, log_scale, bias):
     """``x = (y − bias) · exp(−log_scale)`` → ``(x, logdet (N,) of the forward map)``."""
     _check_actnorm(y, log_scale, bias, "y")
-    return backends.resolve(y.device).actnorm_inverse(y, log_scale, bias)
+    return backends.dispatch("actnorm_inverse", y, log_scale, bias)
 
 
 def conv1x1(x, weight, bias=None):
@@ -89,7 +89,7 @@ def conv1x1(x, weight, bias=None):
         if bias.shape[0] != weight.shape[0] or bias.device != x.device:
             raise ValueError(f"bias must have shape ({weight.shape[0]},) on {x.device}, "
                              f"got {tuple(bias.shape)} on {bias.device}")
-    return backends.resolve(x.device).conv1x1(x, weight, bias)
+    return backends.dispatch("conv1x1", x, weight, bias)
 
 
 def actnorm_conv1x1(x, log_scale, bias, weight):

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import data as datasets
-from .backends import BackendUnavailable, resolve, set_backend
+from .backends import AUTO, BackendUnavailable, auto_choices, get_backend, set_backend
 from .models import Glow, RealNVP, RealNVP2d
 
 MODELS = ("glow", "realnvp", "realnvp2d")
@@ -231,6 +231,13 @@ class Run:
     def lead(self):
         return self.rank == 0
 
+    def backends(self):
+        """The backend that ran the fused ops, or under "auto" the one it chose for each op."""
+        if get_backend() != AUTO:
+            return get_backend()
+        return {op: choice.backend for (device, op), choice in sorted(auto_choices().items())
+                if torch.device(device).type == self.device.type}
+
     def learning_rate(self, step):
         return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup))
 
@@ -246,7 +253,6 @@ class Run:
         seconds = time.perf_counter() - began
         metrics = {"model": cfg.model, "data": self.data.name, "steps": self.step, "processes": self.world,
                    "global_batch_size": cfg.batch_size * self.world,
-                   "backend": resolve(self.device).__name__.rsplit(".", 1)[-1],
                    "memory_saving": cfg.memory_saving, "replica_max_abs_difference": self.replica_difference()}
         if self.step > start:  # what this invocation trained (a resumed run may only evaluate and sample)
             metrics.update(train_seconds=round(seconds, 2), steps_per_second=round((self.step - start) / seconds, 3),
@@ -257,6 +263,7 @@ class Run:
                 metrics["uniform_bits_per_dim"] = math.log2(self.data.n_bins)
             if cfg.sample:
                 metrics["samples"] = self.write_samples()
+            metrics["backend"] = self.backends()
             path = os.path.join(cfg.out, "metrics.json")
             if self.resumed and os.path.isfile(path):  # keep what earlier invocations measured
                 with open(path) as f:

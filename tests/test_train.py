@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import flowkern
 import flowkern.train as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +47,9 @@ def test_glow_on_digits_learns_and_writes_its_run(tmp_path):
     metrics = read_metrics(tmp_path)
     assert metrics["steps"] == 40 and metrics["uniform_bits_per_dim"] == pytest.approx(math.log2(17))
     assert metrics["test_bits_per_dim"] < metrics["uniform_bits_per_dim"]
+    ran = set(flowkern.available_backends())  # under "auto": what it chose for each op a Glow step calls
+    assert {"coupling_forward", "coupling_inverse", "conv1x1"} <= set(metrics["backend"]) and set(
+        metrics["backend"].values()) <= ran
     for name in ("samples_t0.5.png", "samples_t1.png"):
         with Image.open(tmp_path / name) as image:
             assert image.mode == "L" and image.width == image.height >= 8 * 9

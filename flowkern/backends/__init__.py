@@ -1,11 +1,27 @@
-"""Backend registry: which implementation of the fused ops runs.
+"""Backend registry: which implementation of each fused op runs.
 
 A backend is a module that defines every name in ``flowkern.reference.OPS`` with the reference's
-signature. ``"auto"`` resolves per call to the first available backend in ``AUTO_PREFERENCE`` for the
-device of the op's input tensor.
+signature, and may define ``unsupported(device) -> str | None``: why it cannot run ops on ``device``
+(``None`` when it can; a backend without it runs everywhere).
+
+The active setting is a process-wide default (:func:`set_backend`), overridden inside
+:func:`use_backend` blocks, which are local to the thread or task that entered them. Under ``"auto"``,
+the first call of each op on each device times every backend that runs there on one problem of a Glow's
+size (``PROBLEM``; with the call's dtypes and options, forward and, where the call records a gradient,
+backward) and keeps the fastest for the rest of the process (:func:`auto_choices` shows what was chosen
+and the times). Compiled code makes the same choice when it is traced. ``AUTO_PREFERENCE`` orders the
+candidates; a later one must be ``AUTO_MARGIN`` faster to displace an earlier one, so timing noise does
+not flip choices between runs.
 """
 import contextlib
+import contextvars
+import dataclasses
 import importlib
+import statistics
+import threading
+import time
+
+import torch
 
 from .. import reference
 
@@ -18,18 +34,34 @@ _MODULES = {
     "native": "flowkern.backends.native",
 }
 
-# Fastest first, per device type; "reference" is always last and always available.
+# Candidates for "auto" per device type, in order of preference; "reference" runs everywhere.
 AUTO_PREFERENCE = {"cuda": ("triton", "native", "reference"), "cpu": ("native", "reference")}
+AUTO_MARGIN = 0.9  # a candidate is chosen over an earlier one if it takes under 90% of its time
+AUTO_ROUNDS = 5  # timed calls per candidate, after one untimed warm-up (which compiles Triton kernels)
 
 
 class BackendUnavailable(RuntimeError):
     """Raised when a known backend cannot be used here; the message says why."""
 
 
+@dataclasses.dataclass(frozen=True)
+class AutoChoice:
+    """What ``"auto"`` chose for one op on one device, and why.
+
+    ``seconds`` maps each candidate to the median time of a call (forward, plus backward when
+    ``backward``), or to the reason it could not run these inputs.
+    """
+    backend: str
+    seconds: dict
+    backward: bool
+
+
 _loaded: dict = {}
 _reasons: dict = {}
-_current = AUTO
-_auto: dict = {}  # device type -> backend module chosen by "auto"
+_default = AUTO
+_override = contextvars.ContextVar("flowkern_backend", default=None)
+_choices: dict = {}  # (device str, op) -> AutoChoice
+_choosing = threading.Lock()
 
 
 def _load(name):
@@ -76,43 +108,146 @@ def available_backends(with_reasons: bool = False):
     return [name for name, reason in status.items() if reason is None]
 
 
+def unsupported(name: str, device) -> "str | None":
+    """Why backend ``name`` cannot run ops on ``device`` (a ``torch.device`` or str), or ``None`` if it can."""
+    _check_name(name)
+    if name == AUTO:
+        return None
+    try:
+        module = _load(name)
+    except BackendUnavailable as exc:
+        return str(exc)
+    check = getattr(module, "unsupported", None)
+    return None if check is None else check(torch.device(device))
+
+
 def set_backend(name: str) -> None:
-    """Make ``name`` the active backend for every flowkern op and layer."""
-    global _current
+    """Make ``name`` the process-wide backend for every flowkern op and layer (outside :func:`use_backend`)."""
+    global _default
     _check_name(name)
     if name != AUTO:
         _load(name)
-    _current = name
+    _default = name
 
 
 def get_backend() -> str:
-    """The active backend's name (possibly ``"auto"``)."""
-    return _current
+    """The active backend's name (possibly ``"auto"``) in this thread or task."""
+    name = _override.get()
+    return _default if name is None else name
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Context manager: run the enclosed code with backend ``name``, then restore the previous one."""
-    previous = _current
-    set_backend(name)
+    """Run the enclosed code with backend ``name``, in this thread or task only, then restore the previous one.
+
+    ``torch.compile`` guards on the active backend: code compiled under one backend is recompiled, not
+    reused, when called under another.
+    """
+    _check_name(name)
+    if name != AUTO:
+        _load(name)
+    token = _override.set(name)
     try:
         yield
     finally:
-        set_backend(previous)
+        _override.reset(token)
 
 
-def resolve(device) -> object:
-    """The backend module that runs an op on ``device`` under the active setting."""
-    if _current != AUTO:
-        return _loaded[_current]
-    module = _auto.get(device.type)
-    if module is None:
-        module = reference
-        for name in AUTO_PREFERENCE.get(device.type, ("reference",)):
-            try:
-                module = _load(name)
-                break
-            except BackendUnavailable:
-                continue
-        _auto[device.type] = module
-    return module
+def auto_choices() -> dict:
+    """``{(device, op): AutoChoice}`` for every op ``"auto"`` has chosen a backend for in this process."""
+    return dict(_choices)
+
+
+def dispatch(op: str, *args):
+    """Run fused op ``op`` (a name in ``reference.OPS``) on ``args`` with the backend the active setting picks
+    for the device of ``args[0]``."""
+    name = get_backend()
+    if name == AUTO:
+        device = str(args[0].device)
+        choice = None if torch.compiler.is_compiling() else _choices.get((device, op))
+        # Compiled code chooses once, at trace time: the choice is a constant of the graph.
+        name = choice.backend if choice is not None else _choose(device, op, _describe(args))
+    return getattr(_loaded[name], op)(*args)
+
+
+# The problem "auto" times every op on: a Glow step's tensors at its first level, for 16 images of 32×32.
+PROBLEM = (16, 12, 16, 16)
+
+
+def _describe(args):
+    """What of ``args`` the measurement keeps: each tensor's dtype and whether the call records its gradient,
+    string options and absent tensors. Constants only, so that ``torch.compile`` can pass them to
+    :func:`_choose`; numbers are left out, since a compiled graph may trace them as symbols."""
+    grad = torch.is_grad_enabled()
+    return tuple([("tensor", a.dtype, grad and a.requires_grad) if isinstance(a, torch.Tensor)
+                  else a if a is None or isinstance(a, str) else "number" for a in args])
+
+
+def _problem(op, described, device):
+    """Random arguments of ``op`` at the sizes of ``PROBLEM``, with the dtypes, gradient flags and string
+    options of the call ``described``."""
+    n, c, height, width = PROBLEM
+    if op.startswith("coupling"):
+        mask, scale = described[2], described[4]
+        h_channels = reference.conditioner_channels(c, mask, 0, scale)[1]
+        shapes, options = [PROBLEM, (n, h_channels, height, width)], [mask, 0, scale, 2.0]
+    elif op.startswith("actnorm"):
+        shapes, options = [PROBLEM, (c,), (c,)], []
+    else:
+        shapes, options = [PROBLEM, (c, c), (c,)], []
+    args = []
+    for shape, a in zip(shapes, described):
+        if a is not None:
+            _, dtype, requires_grad = a
+            a = torch.randn(shape, dtype=dtype, device=device).requires_grad_(requires_grad)
+        args.append(a)
+    return args + options
+
+
+@torch._dynamo.assume_constant_result
+def _choose(device: str, op: str, described: tuple) -> str:
+    """The backend ``"auto"`` runs ``op`` with on ``device``: measured on the first call, then remembered."""
+    with _choosing:
+        choice = _choices.get((device, op))
+        if choice is None:
+            choice = _choices[(device, op)] = _measure(torch.device(device), op, described)
+    return choice.backend
+
+
+def _measure(device, op, described) -> AutoChoice:
+    candidates = [name for name in AUTO_PREFERENCE.get(device.type, ()) if unsupported(name, device) is None]
+    if "reference" not in candidates:
+        candidates.append("reference")
+        _load("reference")
+    args = _problem(op, described, device)
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    if len(candidates) == 1:
+        return AutoChoice(candidates[0], {}, bool(inputs))
+
+    def call(fn):
+        with torch.enable_grad() if inputs else torch.no_grad():
+            out = fn(*args)
+        if inputs:
+            outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+            torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs], allow_unused=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    seconds, times = {}, {}
+    for name in candidates:  # the warm-up: compiles, and finds the candidates that cannot run these inputs
+        try:
+            call(getattr(_loaded[name], op))
+            times[name] = []
+        except Exception as exc:
+            seconds[name] = f"{type(exc).__name__}: {exc}"
+    for _ in range(AUTO_ROUNDS):  # round-robin, so a slow moment of the machine hits every candidate
+        for name in times:
+            start = time.perf_counter()
+            call(getattr(_loaded[name], op))
+            times[name].append(time.perf_counter() - start)
+    best = None
+    for name in times:
+        seconds[name] = statistics.median(times[name])
+        if best is None or seconds[name] < AUTO_MARGIN * seconds[best]:
+            best = name
+    return AutoChoice(best or "reference", seconds, bool(inputs))

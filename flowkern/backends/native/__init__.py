@@ -3,10 +3,24 @@ was built with CUDA. Its ops are ``torch.ops.flowkern.*`` (schemas in ``csrc/ops
 their fake implementations and autograd. Importing it fails, with the reason, if the extension was not
 built or does not load; flowkern then runs on the other backends.
 """
+import torch
+
 from ... import _C  # noqa: F401  (loading the library registers the ops)
-from .._ops import FusedOps
+from .._ops import NAMESPACE, FusedOps
 
 PREFIX = ""
 ops = FusedOps(PREFIX).register_fakes_and_autograd()
 globals().update(ops.functions())
-__all__ = ["ops", "PREFIX", *ops.functions()]
+
+
+def unsupported(device: torch.device) -> "str | None":
+    """Why the extension cannot run ops on ``device``, or ``None`` when it has kernels for it."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    if key is None:
+        return f"the extension has kernels for CPU and CUDA tensors only, not {device.type}"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{PREFIX}coupling_forward", key):
+        return f"the extension was built without {key} kernels"
+    return None
+
+
+__all__ = ["ops", "PREFIX", "unsupported", *ops.functions()]

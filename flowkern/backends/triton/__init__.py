@@ -29,4 +29,15 @@ for _name, _kernel in _KERNELS.items():
 
 ops = FusedOps(PREFIX).register_fakes_and_autograd()
 globals().update(ops.functions())
-__all__ = ["ops", "PREFIX", *ops.functions()]
+
+
+def unsupported(device: torch.device) -> "str | None":
+    """Why the Triton kernels cannot run on ``device``, or ``None`` when they can."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return None
+    if device.type == "cpu" and interpreting():
+        return None
+    return f"Triton kernels run on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not {device.type}"
+
+
+__all__ = ["ops", "PREFIX", "unsupported", *ops.functions()]
