@@ -55,33 +55,59 @@ def load_npz(path, key=None) -> torch.Tensor:
 
     ``key`` names the array; by default the file's only array, or ``"x"``/``"images"`` if present.
     """
-    with np.load(path) as archive:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(f"{path}: not a readable .npz archive of images ({error})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: a single .npy array, not a .npz archive of images")
+    with archive:
+        names = list(archive.keys())
         if key is None:
-            names = list(archive.keys())
             key = next((k for k in ("x", "images") if k in names), names[0] if len(names) == 1 else None)
             if key is None:
-                raise ValueError(f"{path} holds arrays {names}; pass key= to choose one")
-        array = archive[key]
+                raise ValueError(f"{path} holds the arrays {names}: name the images x or images (or pass key= "
+                                 "to load_npz)")
+        elif key not in names:
+            raise ValueError(f"{path} has no array {key!r}; it holds {names}")
+        try:
+            array = archive[key]
+        except (OSError, ValueError, EOFError) as error:
+            raise ValueError(f"{path}: its array {key!r} cannot be read ({error})") from None
     return _to_nchw(array, str(path))
 
 
-def load_image_folder(path, size=None, grey=False) -> torch.Tensor:
-    """Every image file in a folder (sorted by name) as uint8 (N, C, H, W); resized to ``size`` if given."""
-    from PIL import Image
+def image_files(path):
+    """The image files under the folder ``path``, subfolders included (one per class, say), in sorted order."""
+    found = []
+    for folder, subfolders, files in os.walk(path):
+        subfolders.sort()
+        found += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(IMAGE_SUFFIXES)]
+    return found
 
-    files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES))
+
+def load_image_folder(path, size=None, grey=False) -> torch.Tensor:
+    """Every image file under a folder and its subfolders (in sorted order) as uint8 (N, C, H, W), resized
+    to ``size`` (an int or (width, height)) if given."""
+    from PIL import Image, UnidentifiedImageError
+
+    files = image_files(path)
     if not files:
-        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {path} or its subfolders")
     images = []
-    for name in files:
-        with Image.open(os.path.join(path, name)) as image:
-            image = image.convert("L" if grey else "RGB")
-            if size is not None:
-                image = image.resize((size, size) if isinstance(size, int) else size, Image.BILINEAR)
-            images.append(np.asarray(image))
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                image = image.convert("L" if grey else "RGB")
+                if size is not None:
+                    image = image.resize((size, size) if isinstance(size, int) else size, Image.BILINEAR)
+                images.append(np.asarray(image))
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            raise ValueError(f"{file}: not a readable image ({error})") from None
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
-        raise ValueError(f"images in {path} differ in size {sorted(shapes)}; pass size= to resize them")
+        raise ValueError(f"images in {path} differ in size {sorted(shapes)}: choose one size to resize them to "
+                         "(size=, or --image-size on the command line)")
     return _to_nchw(np.stack(images), path)
 
 
@@ -111,9 +137,17 @@ def load_cifar10(path):
     def read(names):
         parts = []
         for name in names:
-            with open(os.path.join(folder, name), "rb") as f:
-                parts.append(np.asarray(pickle.load(f, encoding="bytes")[b"data"], dtype=np.uint8))
-        return torch.from_numpy(np.concatenate(parts).reshape(-1, 3, 32, 32))
+            file = os.path.join(folder, name)
+            try:
+                with open(file, "rb") as f:
+                    rows = np.asarray(pickle.load(f, encoding="bytes")[b"data"], dtype=np.uint8)
+                if rows.ndim != 2 or rows.shape[1] != 3 * 32 * 32:
+                    raise ValueError(f"rows of 3072 values expected, got shape {rows.shape}")
+                parts.append(rows.reshape(-1, 3, 32, 32))
+            except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as error:
+                raise ValueError(f"{file}: not a batch of the python version of CIFAR-10, or truncated "
+                                 f"({type(error).__name__}: {error})") from None
+        return torch.from_numpy(np.concatenate(parts))
 
     return read(CIFAR10_TRAIN), read(CIFAR10_TEST)
 
@@ -122,14 +156,20 @@ def split(data: torch.Tensor, test_fraction: float = 0.1, seed: int = 0):
     """``(train, test)``: a fixed random ``test_fraction`` of the rows of ``data`` held out."""
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if len(data) < 2:
+        raise ValueError(f"need at least 2 rows to hold some out for testing, got {len(data)}")
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     n_test = max(1, round(len(data) * test_fraction))
     return data[order[n_test:]], data[order[:n_test]]
 
 
 def _to_nchw(array, source):
-    if not np.issubdtype(array.dtype, np.integer) or array.min() < 0 or array.max() > 255:
-        raise ValueError(f"{source}: expected integer images in 0..255, got dtype {array.dtype}")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{source}: expected integer images (levels 0..255), got dtype {array.dtype}")
+    if array.size == 0:
+        raise ValueError(f"{source}: holds no images (shape {array.shape})")
+    if array.min() < 0 or array.max() > 255:
+        raise ValueError(f"{source}: expected levels 0..255, got values from {array.min()} to {array.max()}")
     if array.ndim == 3:
         array = array[:, None]
     elif array.ndim == 4 and array.shape[-1] in (1, 3, 4) and array.shape[1] not in (1, 3, 4):

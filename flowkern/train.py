@@ -1,24 +1,27 @@
 """Train, evaluate and sample a flow from the command line.
 
     python -m flowkern.train                                     # Glow on the embedded digits
-    python -m flowkern.train --model realnvp2d --data moons --steps 3000 --sample
+    python -m flowkern.train --model realnvp2d --data moons --steps 3000
     python -m flowkern.train --data cifar10 --data-dir ~/data --memory-saving
     torchrun --nproc_per_node=2 -m flowkern.train --steps 2000  # DistributedDataParallel (gloo / NCCL)
 
 The run folder (``--out``) receives ``checkpoint.pt`` (model, optimiser, step and configuration),
-``log.jsonl`` (one line per step), ``metrics.json`` at the end and, with ``--sample``, PNG samples.
-Each step's batch and dequantisation noise are a function of (seed, step) alone, so ``--resume``
-continues exactly as if the run had never stopped, and N processes of batch B see the batches of one
-process of batch N·B.
+``config.json``, ``log.jsonl`` (one line per step, flushed to disk with every checkpoint), ``metrics.json``
+at the end and PNG samples. Each step's batch and dequantisation noise are a function of (seed, step)
+alone, so ``--resume`` continues exactly as if the run had never stopped, and N processes of batch B see
+the batches of one process of batch N·B. Ctrl-C stops after the current step and saves a checkpoint.
 """
 import argparse
 import collections
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -26,50 +29,215 @@ import torch.distributed as dist
 from torch import nn
 
 from . import data as datasets
-from .backends import AUTO, BackendUnavailable, auto_choices, get_backend, set_backend
+from .backends import _MODULES, AUTO, BackendUnavailable, auto_choices, get_backend, pin_auto_choices, set_backend
 from .models import Glow, RealNVP, RealNVP2d
 
 MODELS = ("glow", "realnvp", "realnvp2d")
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT, LOG = "checkpoint.pt", "log.jsonl"
+DEVICE_TYPES = ("cpu", "cuda")
+
+# ---------------------------------------------------------------------------------------------- options
+
+
+def data_kind(name: str) -> str:
+    """What ``--data`` names: digits, toy (a 2-D set), cifar10, folder (of images) or npz."""
+    if name == "digits" or name in datasets.TOY_SETS:
+        return "toy" if name in datasets.TOY_SETS else "digits"
+    if name == "cifar10" or (os.path.isdir(name) and datasets.find_cifar10(name)):
+        return "cifar10"
+    return "npz" if name.endswith(".npz") else "folder"
+
+
+def _at_least(low):
+    return lambda v: None if v >= low else f"at least {low}"
+
+
+def _positive(v):
+    return None if math.isfinite(v) and v > 0 else "a finite number above 0"
+
+
+def _bits(v):
+    return None if 1 <= v <= 8 else "from 1 to 8"
+
+
+def _fraction(v):
+    return None if 0 < v < 1 else "between 0 and 1"
+
+
+def _temperatures(values):
+    return None if values and all(math.isfinite(t) and t > 0 for t in values) else "finite numbers above 0"
+
+
+def _device(value):
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        device = None
+    return None if device is not None and device.type in DEVICE_TYPES else "cpu, cuda or cuda:N"
+
+
+def _images(cfg):
+    return None if data_kind(cfg.data) != "toy" else f"{cfg.data} is 2-D points, not images"
+
+
+def _eight_bit(cfg):
+    kind = data_kind(cfg.data)
+    return None if kind in ("cifar10", "folder", "npz") else (
+        "digits have 17 levels" if kind == "digits" else f"{cfg.data} is 2-D points")
+
+
+def _folder(cfg):
+    return None if data_kind(cfg.data) == "folder" else "it resizes a folder's images"
+
+
+def _held_out(cfg):
+    kind = data_kind(cfg.data)
+    return None if kind in ("digits", "folder", "npz") else (
+        "CIFAR-10 has its own test set" if kind == "cifar10" else f"{cfg.data} draws its own test points")
+
+
+def _cifar(cfg):
+    return None if cfg.data == "cifar10" else "it locates CIFAR-10 for --data cifar10"
+
+
+def _for(*models):
+    return lambda cfg: None if cfg.model in models else f"it applies to {' and '.join(models)}"
+
+
+def _memory_saving(cfg):
+    return None if cfg.memory_saving else "it applies with --memory-saving"
+
+
+def option(default, help, *, check=None, applies=None, resumable=True, **argparse_options):
+    """One option of the run: its default, help, the check of its value (``check(value)`` returns what
+    was expected, or None), when it applies (``applies(cfg)`` returns why not, or None), and whether a
+    resumed run may change it (architecture and data may not)."""
+    factory = {"default_factory": (lambda: list(default))} if isinstance(default, list) else {"default": default}
+    return field(**factory, metadata=dict(help=help, check=check, applies=applies, resumable=resumable,
+                                          argparse=argparse_options))
 
 
 @dataclass
 class Config:
-    model: str | None = None  # default: glow for images, realnvp2d for points
-    data: str = "digits"  # digits, a 2-D toy set, cifar10, or a folder of images / a .npz
-    data_dir: str | None = None  # where cifar10 lies
-    steps: int = 2000
-    batch_size: int = 64  # per process
-    lr: float = 1e-3
-    warmup: int = 200  # steps of linear learning-rate warm-up
-    clip: float = 50.0  # gradient-norm clipping
-    seed: int = 0
-    backend: str = "auto"
-    device: str | None = None
-    memory_saving: bool = False
-    check_reconstruction: float | None = None
-    levels: int | None = None  # scales; default by image size
-    depth: int = 8  # flow steps per level (glow), couplings (realnvp2d)
-    hidden: int = 64
-    blocks: int = 2  # residual blocks per RealNVP s/t network
-    coupling: str = "affine"  # glow: affine or additive
-    n_bits: int = 8  # quantisation of 8-bit images (digits keep their 17 levels)
-    image_size: int | None = None  # resize a folder of images
-    test_fraction: float = 0.1
-    out: str | None = None  # default runs/<model>-<data>
-    checkpoint_every: int = 500
-    sample: bool = False
-    temperatures: list = field(default_factory=lambda: [0.5, 0.7, 0.85, 1.0])
-    progress: bool = True
+    """Every option of a run: the command line is built from these declarations."""
+    model: str | None = option(None, "glow or realnvp for images, realnvp2d for 2-D points (default: by --data)",
+                               resumable=False, choices=MODELS)
+    data: str = option("digits", f"digits, {', '.join(datasets.TOY_SETS)}, cifar10, a folder of images (searched "
+                       "recursively) or a .npz of integer images", resumable=False)
+    data_dir: str | None = option(None, "the folder holding cifar-10-batches-py (or set CIFAR10_DIR)",
+                                  applies=_cifar)
+    steps: int = option(2000, "train until this many steps", check=_at_least(0))
+    batch_size: int = option(64, "per process", check=_at_least(1), resumable=False)
+    lr: float = option(1e-3, "peak learning rate", check=_positive)
+    warmup: int = option(200, "steps of linear learning-rate warm-up (0: none)", check=_at_least(0))
+    clip: float = option(50.0, "largest gradient norm; larger ones are scaled down to it", check=_positive)
+    seed: int = option(0, "seeds the model, the batches and the dequantisation noise", check=_at_least(0),
+                       resumable=False)
+    backend: str = option("auto", "the fused ops' implementation", choices=(*_MODULES, AUTO))
+    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)", check=_device)
+    memory_saving: bool = option(False, "train by inversion: activation memory flat in depth")
+    check_reconstruction: float | None = option(
+        None, "warn when an input rebuilt by inversion is off by more than this relative error",
+        check=_positive, applies=_memory_saving, metavar="TOL")
+    levels: int | None = option(None, "scales of glow or realnvp (default: by image size, at most 3)",
+                                check=_at_least(1), applies=_for("glow", "realnvp"), resumable=False)
+    depth: int = option(8, "flow steps per level (glow) or couplings (realnvp2d)", check=_at_least(1),
+                        applies=_for("glow", "realnvp2d"), resumable=False)
+    hidden: int = option(64, "conditioner width", check=_at_least(1), resumable=False)
+    blocks: int = option(2, "residual blocks per s/t network", check=_at_least(1), applies=_for("realnvp"),
+                         resumable=False)
+    coupling: str = option("affine", "the coupling's transform", applies=_for("glow"), resumable=False,
+                           choices=("affine", "additive"))
+    n_bits: int = option(8, "quantise 8-bit images to this many bits", check=_bits, applies=_eight_bit,
+                         resumable=False)
+    image_size: int | None = option(None, "resize a folder's images to this size", check=_at_least(2),
+                                    applies=_folder, resumable=False)
+    test_fraction: float = option(0.1, "share of the images held out for evaluation", check=_fraction,
+                                  applies=_held_out, resumable=False)
+    out: str | None = option(None, "run folder (default: runs/<model>-<data>)")
+    checkpoint_every: int = option(500, "steps between checkpoints", check=_at_least(1))
+    eval_every: int = option(0, "steps between evaluations of the test set, logged (0: at the end only)",
+                             check=_at_least(0))
+    sample: bool = option(True, "write samples at the end (images: a PNG grid per temperature; 2-D points: "
+                          "density and samples)")
+    sample_every: int = option(0, "steps between sample files during training (0: none)", check=_at_least(0))
+    temperatures: list = option([0.5, 0.7, 0.85, 1.0], "sampling temperatures", check=_temperatures,
+                                applies=_images, type=float, nargs="+")
+    progress: bool = option(True, "show a progress bar")
 
 
-# what a resumed run may change; the rest comes from its checkpoint, so that it continues the same run
-RESUMABLE = ("steps", "backend", "device", "out", "checkpoint_every", "sample", "temperatures", "progress",
-             "check_reconstruction", "data_dir")
+def _flag(name):
+    return "--" + name.replace("_", "-")
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flowkern.train", description=__doc__.split("\n\n")[0],
+                                argument_default=argparse.SUPPRESS)
+    for f in fields(Config):
+        kw = dict(f.metadata["argparse"])
+        if f.type is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif "type" not in kw:
+            kw["type"] = next(t for t in typing.get_args(f.type) or (f.type,) if t is not type(None))
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        help = f.metadata["help"]
+        if "(default" not in help and default is not None:
+            help += f" (default: {shown})"
+        p.add_argument(_flag(f.name), dest=f.name, help=help, **kw)
+    p.add_argument("--resume", action="store_true", default=False,
+                   help="continue the run in --out from its checkpoint: the learning-rate schedule, clipping, "
+                        "steps, evaluation, sampling, backend, device and outputs may change; architecture "
+                        "and data may not")
+    p.add_argument("--overwrite", action="store_true", default=False, help="start again in an --out that holds a run")
+    return p
+
+
+@dataclass
+class Command:
+    """What the command line asked for: the configuration, the options it named, and how to start."""
+    cfg: Config
+    given: dict
+    resume: bool = False
+    overwrite: bool = False
+
+
+def parse_args(argv=None) -> Command:
+    """Parse and check the command line; a bad option exits with status 2 and a one-line message."""
+    p = parser()
+    args = vars(p.parse_args(argv))
+    resume, overwrite = args.pop("resume"), args.pop("overwrite")
+    if resume and overwrite:
+        p.error("--resume continues a run and --overwrite starts it again: pass one")
+    by_name = {f.name: f for f in fields(Config)}
+    for name, value in args.items():
+        check = by_name[name].metadata["check"]
+        expected = check(value) if check is not None and value is not None else None
+        if expected is not None:
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            p.error(f"{_flag(name)} {shown}: expected {expected}")
+    cfg = Config(**args)
+    cfg.model = cfg.model or default_model(cfg.data)
+    for name in args:
+        applies = by_name[name].metadata["applies"]
+        reason = applies(cfg) if applies is not None else None
+        if reason is not None:
+            p.error(f"{_flag(name)} does not apply to --model {cfg.model} --data {cfg.data}: {reason}")
+    if cfg.out is None:
+        cfg.out = os.path.join("runs", f"{cfg.model}-{os.path.basename(os.path.normpath(cfg.data))}")
+    return Command(cfg, args, resume, overwrite)
+
+
+def resumed_config(stored: dict, given: dict) -> Config:
+    """The configuration of a resumed run: the checkpoint's, with the options given that a resumed run may
+    change; a change of any other option is refused (ValueError)."""
+    by_name = {f.name: f for f in fields(Config)}
+    for name, value in given.items():
+        if not by_name[name].metadata["resumable"] and name in stored and value != stored[name]:
+            raise ValueError(f"{_flag(name)} {value}: a resumed run keeps the architecture and data it started "
+                             f"with ({_flag(name)} {stored[name]}); start a new run with another --out")
+    known = {k: v for k, v in stored.items() if k in by_name}  # options added since keep their defaults
+    return Config(**{**known, **given})
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -99,11 +267,11 @@ class Data:
 
 
 def load_data(cfg: Config) -> Data:
-    name = cfg.data
-    if name == "digits":
+    name, kind = cfg.data, data_kind(cfg.data)
+    if kind == "digits":
         train, test = datasets.split(datasets.load_digits()[0], cfg.test_fraction)
         return Data(name, train, test, n_bins=17)
-    if name in datasets.TOY_SETS:
+    if kind == "toy":
         return Data(name, datasets.toy2d(name, 20000, seed=1), datasets.toy2d(name, 4000, seed=2))
     if name == "cifar10":
         folder = cfg.data_dir or os.environ.get("CIFAR10_DIR")
@@ -111,11 +279,12 @@ def load_data(cfg: Config) -> Data:
             raise ValueError("--data cifar10 needs --data-dir (or CIFAR10_DIR): the folder holding "
                              "cifar-10-batches-py; flowkern never downloads data")
         train, test = datasets.load_cifar10(folder)
-    elif os.path.isdir(name) and datasets.find_cifar10(name):
+    elif kind == "cifar10":
         train, test = datasets.load_cifar10(name)
-    elif os.path.isdir(name):
-        train, test = datasets.split(datasets.load_image_folder(name, cfg.image_size), cfg.test_fraction)
-    elif name.endswith(".npz") and os.path.isfile(name):
+    elif kind == "folder" and os.path.isdir(name):
+        train, test = datasets.split(datasets.load_image_folder(name, cfg.image_size),
+                                     cfg.test_fraction)
+    elif kind == "npz" and os.path.isfile(name):
         train, test = datasets.split(datasets.load_npz(name), cfg.test_fraction)
     else:
         raise ValueError(f"--data {name!r}: expected digits, {', '.join(datasets.TOY_SETS)}, cifar10, "
@@ -135,8 +304,6 @@ def default_model(data_name):
 def resolve_defaults(cfg: Config, data: Data) -> Config:
     """Fill in the model and its number of levels from the data."""
     cfg.model = cfg.model or default_model(cfg.data)
-    if cfg.model not in MODELS:
-        raise ValueError(f"--model {cfg.model!r}: expected one of {', '.join(MODELS)}")
     if data.images == (cfg.model == "realnvp2d"):
         kind = "images" if data.images else "2-D points"
         raise ValueError(f"--model {cfg.model} does not model {kind} ({cfg.data}); use "
@@ -148,11 +315,12 @@ def resolve_defaults(cfg: Config, data: Data) -> Config:
     return cfg
 
 
-def build_model(cfg: Config, data: Data) -> nn.Module:
+def build_model(cfg: Config, data_shape) -> nn.Module:
+    """The model ``cfg`` describes, for rows of shape ``data_shape`` ((C, H, W) images or (D,) points)."""
     if cfg.model == "realnvp2d":
-        model = RealNVP2d(dim=data.train.shape[1], hidden=cfg.hidden, layers=cfg.depth)
+        model = RealNVP2d(dim=data_shape[0], hidden=cfg.hidden, layers=cfg.depth)
     else:
-        channels, height, width = data.train.shape[1:]
+        channels, height, width = data_shape
         if height != width:
             raise ValueError(f"{cfg.model} needs square images, got {height}×{width}; pass --image-size")
         if cfg.model == "glow":
@@ -161,6 +329,33 @@ def build_model(cfg: Config, data: Data) -> nn.Module:
         else:
             model = RealNVP(channels, height, scales=cfg.levels, hidden_channels=cfg.hidden, blocks=cfg.blocks)
     return model.set_memory_saving(cfg.memory_saving, cfg.check_reconstruction)
+
+
+@dataclass
+class TrainedRun:
+    """A run loaded back by :func:`load_run`: the model (in evaluation mode), its configuration, the number
+    of levels of its data (``None`` for points) and the steps it was trained."""
+    model: nn.Module
+    config: Config
+    n_bins: int | None
+    step: int
+
+
+def load_run(path, device="cpu") -> TrainedRun:
+    """Rebuild the model of the run folder ``path`` from its checkpoint, as it was last saved."""
+    checkpoint = os.path.join(path, CHECKPOINT)
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"no {CHECKPOINT} in {path}: not a run folder, or its run saved no checkpoint")
+    state = torch.load(checkpoint, map_location=device, weights_only=True)
+    cfg = resumed_config(state["config"], {})
+    if "data_shape" in state:
+        shape, n_bins = state["data_shape"], state["n_bins"]
+    else:  # written before checkpoints recorded the data's shape
+        data = load_data(cfg)
+        shape, n_bins = data.train.shape[1:], data.n_bins
+    model = build_model(cfg, shape).to(device)
+    model.load_state_dict(state["model"])
+    return TrainedRun(model.eval(), cfg, n_bins, state["step"])
 
 
 class BitsPerDim(nn.Module):
@@ -179,9 +374,6 @@ def batch_loss(objective, x, step):
     return objective(x).mean()
 
 
-# ------------------------------------------------------------------------------------------------- training
-
-
 def adam(params, lr):
     """Adam fused into one kernel over all parameters where their device has one (CPU and CUDA: a
     quarter of the default loop's time on a Glow's 4 M parameters), else the multi-tensor version."""
@@ -192,44 +384,135 @@ def adam(params, lr):
         return torch.optim.Adam(params, lr=lr, foreach=True)
 
 
-class Run:
-    """One process's part of a training run: ``Run(cfg).train()`` trains, evaluates, samples, and returns
-    the final metrics."""
+# --------------------------------------------------------------------------------------------- run folder
 
-    def __init__(self, cfg: Config, resume: bool = False, overwrite: bool = False):
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+def check_folder(out, resume, overwrite):
+    """Refuse an ``out`` that cannot take this run: a new run never silently replaces one (a log counts,
+    even without a checkpoint), and a resumed one needs its checkpoint. Writes nothing."""
+    checkpoint, log = os.path.join(out, CHECKPOINT), os.path.join(out, LOG)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: a file, not a folder")
+    if resume and not os.path.isfile(checkpoint):
+        stopped = (" (its log shows a run that stopped before its first checkpoint: --overwrite starts it again)"
+                   if os.path.isfile(log) else "")
+        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}{stopped}")
+    if not resume and not overwrite and (os.path.isfile(checkpoint) or os.path.isfile(log)):
+        raise FileExistsError(f"{out} holds a run: pass --resume to continue it, --overwrite to start it "
+                              "again, or choose another --out")
+
+
+def create_folder(out):
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".writable")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot write there ({error.strerror or error})") from None
+
+
+def open_log(path, step):
+    """The run's log opened for appending after the lines of steps before ``step``; lines of later steps (a
+    resumed run writes them again) and a line torn by a stop while writing are dropped."""
+    kept = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # torn by a stop mid-write; only the last line can be
+                    break
+                if record["step"] < step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+def _sync(file):
+    file.flush()
+    os.fsync(file.fileno())
+
+
+class StopRequest:
+    """While active, Ctrl-C (SIGINT) asks the loop to stop after its current step instead of raising at once;
+    a second Ctrl-C raises as usual."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nflowkern.train: stopping after this step (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+
+class Run:
+    """One process's part of a training run: ``Run(parse_args(argv)).train()`` trains, evaluates, samples,
+    and returns the final metrics. Every check of the configuration and the data happens here, before
+    anything is written."""
+
+    def __init__(self, command: Command):
+        cfg = command.cfg
+        check_folder(cfg.out, command.resume, command.overwrite)
         self.rank, self.world, self.device = _start_processes(cfg.device)
-        path = os.path.join(cfg.out, CHECKPOINT)
         state = None
-        if resume:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-            state = torch.load(path, map_location=self.device, weights_only=True)
-            cfg = Config(**{**state["config"], **{k: getattr(cfg, k) for k in RESUMABLE}})
-        elif os.path.isfile(path) and not overwrite:
-            raise FileExistsError(f"{path} exists: pass --resume to continue that run, --overwrite to start "
-                                  "it again, or choose another --out")
+        if command.resume:
+            state = torch.load(os.path.join(cfg.out, CHECKPOINT), map_location=self.device, weights_only=True)
+            cfg = resumed_config(state["config"], {**command.given, "out": cfg.out})
         self.cfg = cfg
         set_backend(cfg.backend)
+        if state is not None and cfg.backend == AUTO and isinstance(state.get("backend"), dict):
+            pin_auto_choices(self.device, state["backend"])  # the same kernels as before the stop
         torch.manual_seed(cfg.seed)
         self.data = load_data(cfg)
+        if len(self.data.train) < 1 or len(self.data.test) < 1:
+            raise ValueError(f"--data {cfg.data}: needs at least one training and one test row")
         resolve_defaults(cfg, self.data)
-        self.model = build_model(cfg, self.data).to(self.device)
+        self.model = build_model(cfg, self.data.train.shape[1:]).to(self.device)
         self.objective = BitsPerDim(self.model, self.data.n_bins)
         if self.world > 1:
             self.objective = nn.parallel.DistributedDataParallel(self.objective)
         self.optimizer = adam(self.model.parameters(), cfg.lr)
-        self.step = 0
-        self.resumed = state is not None
+        self.step, self.resumed, self.stopping = 0, state is not None, False
         if self.resumed:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.step = state["step"]
         self.dims = math.prod(self.data.train.shape[1:])
         self.recent = collections.deque(maxlen=100)  # the last steps' losses
+        if self.lead:
+            create_folder(cfg.out)
 
     @property
     def lead(self):
         return self.rank == 0
+
+    def learning_rate(self, step):
+        return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup))
 
     def backends(self):
         """The backend that ran the fused ops, or under "auto" the one it chose for each op."""
@@ -238,14 +521,9 @@ class Run:
         return {op: choice.backend for (device, op), choice in sorted(auto_choices().items())
                 if torch.device(device).type == self.device.type}
 
-    def learning_rate(self, step):
-        return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup))
-
     def train(self) -> dict:
         cfg = self.cfg
         if self.lead:
-            os.makedirs(cfg.out, exist_ok=True)
-            _truncate_log(os.path.join(cfg.out, "log.jsonl"), self.step)
             with open(os.path.join(cfg.out, "config.json"), "w") as f:
                 json.dump(asdict(cfg), f, indent=1)
         start, began = self.step, time.perf_counter()
@@ -276,61 +554,81 @@ class Run:
     def _loop(self):
         cfg = self.cfg
         bar = _progress(range(self.step, cfg.steps), self.step, cfg.steps, cfg.progress and self.lead)
-        log = open(os.path.join(cfg.out, "log.jsonl"), "a") if self.lead else None
+        log = open_log(os.path.join(cfg.out, LOG), self.step) if self.lead else None
         last_saved = self.step
         try:
-            for step in bar:
-                lr = self.learning_rate(step)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                x = self.data.batch(step, cfg.batch_size, cfg.seed, self.rank, self.world).to(self.device)
-                loss = batch_loss(self.objective, x, step)
-                mean_loss, finite = self._agree(loss)
-                if not finite:
-                    raise NonFiniteLoss(self._stop_message(step, "loss", mean_loss, last_saved))
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip))
-                if not math.isfinite(grad_norm):
-                    raise NonFiniteLoss(self._stop_message(step, "gradient norm", grad_norm, last_saved))
-                self.optimizer.step()
-                self.step = step + 1
-                self.recent.append(mean_loss)
-                if log is not None:
-                    log.write(json.dumps({"step": step, "bits_per_dim": mean_loss, "lr": lr,
-                                          "grad_norm": grad_norm}) + "\n")
-                if step % 10 == 0 or self.step == cfg.steps:
-                    bar.set_postfix(nll=f"{mean_loss * self.dims * math.log(2):.2f}", bpd=f"{mean_loss:.3f}",
-                                    lr=f"{lr:.1e}", refresh=False)
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                    self.save()
-                    last_saved = self.step
+            with StopRequest() as stop:
+                for step in bar:
+                    record = self._train_step(step, stop, last_saved)
+                    if self.lead and cfg.eval_every and self.step % cfg.eval_every == 0:
+                        record["test_bits_per_dim"] = self.evaluate()
+                    if log is not None:
+                        log.write(json.dumps(record) + "\n")
+                    if step % 10 == 0 or self.step == cfg.steps:
+                        bar.set_postfix(nll=f"{record['bits_per_dim'] * self.dims * math.log(2):.2f}",
+                                        bpd=f"{record['bits_per_dim']:.3f}", lr=f"{record['lr']:.1e}", refresh=False)
+                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or self.stopping:
+                        if log is not None:
+                            _sync(log)  # every line before a checkpoint is on disk before the checkpoint
+                        self.save()
+                        last_saved = self.step
+                    if self.lead and cfg.sample_every and self.step % cfg.sample_every == 0:
+                        self.write_samples(tag=f"_step{self.step}")
+                    if self.stopping:
+                        raise Interrupted(f"interrupted: stopped after step {self.step} and saved "
+                                          f"{os.path.join(cfg.out, CHECKPOINT)}; --resume continues")
         finally:
             if log is not None:
                 log.close()
             bar.close()
 
-    def _agree(self, loss):
-        """The loss averaged over processes, and whether it is finite on all of them (so that all stop)."""
+    def _train_step(self, step, stop, last_saved) -> dict:
+        """One optimiser step; returns its log record."""
+        cfg = self.cfg
+        lr = self.learning_rate(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x = self.data.batch(step, cfg.batch_size, cfg.seed, self.rank, self.world).to(self.device)
+        loss = batch_loss(self.objective, x, step)
+        mean_loss, finite, self.stopping = self._agree(loss, stop.requested)
+        if not finite:
+            raise NonFiniteLoss(self._stop_message(step, "loss", mean_loss, last_saved))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip))
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLoss(self._stop_message(step, "gradient norm", grad_norm, last_saved))
+        self.optimizer.step()
+        self.step = step + 1
+        self.recent.append(mean_loss)
+        return {"step": step, "bits_per_dim": mean_loss, "lr": lr, "grad_norm": grad_norm}
+
+    def _agree(self, loss, stop_requested):
+        """The loss averaged over processes, whether it is finite on all of them, and whether any was asked
+        to stop (so that all stop together)."""
         value = loss.detach().double().reshape(1)
         if self.world > 1:
-            value = torch.cat([value, (~torch.isfinite(value)).double()])
+            value = torch.cat([value, (~torch.isfinite(value)).double(), value.new_tensor([float(stop_requested)])])
             dist.all_reduce(value)
-            return value[0].item() / self.world, value[1].item() == 0
+            return value[0].item() / self.world, value[1].item() == 0, value[2].item() > 0
         value = value.item()
-        return value, math.isfinite(value)
+        return value, math.isfinite(value), stop_requested
 
     def _stop_message(self, step, what, value, last_saved):
-        saved = (f"the last good checkpoint is {os.path.join(self.cfg.out, CHECKPOINT)} (step {last_saved})"
-                 if last_saved > 0 else "no checkpoint was written")
-        return (f"the {what} is {value} at step {step}: training stopped; {saved}. Lower --lr, lengthen "
-                "--warmup or lower --clip, then --resume")
+        advice = "Lower --lr, lengthen --warmup or lower --clip"
+        if last_saved > 0:
+            return (f"the {what} is {value} at step {step}: training stopped; the last good checkpoint is "
+                    f"{os.path.join(self.cfg.out, CHECKPOINT)} (step {last_saved}). {advice}, then --resume: "
+                    "they take effect from that step")
+        return (f"the {what} is {value} at step {step}: training stopped before its first checkpoint. {advice}, "
+                "then start again with --overwrite")
 
     def save(self):
         if not self.lead:
             return
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                 "config": asdict(self.cfg)}
+                 "config": asdict(self.cfg), "data_shape": list(self.data.train.shape[1:]),
+                 "n_bins": self.data.n_bins, "backend": self.backends()}
         path = os.path.join(self.cfg.out, CHECKPOINT)
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)  # a stop while saving keeps the previous checkpoint
@@ -358,8 +656,9 @@ class Run:
         return total / len(self.data.test)
 
     @torch.no_grad()
-    def write_samples(self, n=64):
-        """PNG grids of samples at each temperature (images) or a density and sample plot (points)."""
+    def write_samples(self, n=64, tag=""):
+        """PNG grids of samples at each temperature (images) or a density and sample plot (points), named
+        with ``tag`` after the temperature."""
         self.model.eval()
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         if self.data.images:
@@ -367,10 +666,10 @@ class Run:
             for t in self.cfg.temperatures:
                 x = self.model.sample(n, temperature=t, generator=generator).float().cpu()
                 levels = torch.floor((x + 0.5) * self.data.n_bins).clamp(0, self.data.n_bins - 1)
-                files.append(f"samples_t{t:g}.png")
+                files.append(f"samples_t{t:g}{tag}.png")
                 save_grid(levels, self.data.n_bins, os.path.join(self.cfg.out, files[-1]))
         else:
-            files = ["density.png"]
+            files = [f"density{tag}.png"]
             plot_density(self.model, self.data, os.path.join(self.cfg.out, files[0]), generator)
         self.model.train()
         return files
@@ -447,16 +746,6 @@ def _barrier(world):
         dist.barrier()
 
 
-def _truncate_log(path, step):
-    """Drop the lines of steps at or after ``step`` (a resumed run writes them again)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] < step]
-    with open(path, "w") as f:
-        f.writelines(lines)
-
-
 def _progress(steps, initial, total, enabled):
     from tqdm import tqdm
 
@@ -466,64 +755,17 @@ def _progress(steps, initial, total, enabled):
 # ----------------------------------------------------------------------------------------- command line
 
 
-def parse_args(argv=None):
-    defaults = Config()
-    p = argparse.ArgumentParser(prog="python -m flowkern.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", choices=MODELS, help="default: glow for images, realnvp2d for 2-D points")
-    p.add_argument("--data", default=defaults.data,
-                   help=f"digits, {', '.join(datasets.TOY_SETS)}, cifar10, a folder of images, or a .npz")
-    p.add_argument("--data-dir", help="the folder holding cifar-10-batches-py (or set CIFAR10_DIR)")
-    p.add_argument("--steps", type=int, default=defaults.steps, help="train until this many steps")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--warmup", type=int, default=defaults.warmup, help="steps of linear learning-rate warm-up")
-    p.add_argument("--clip", type=float, default=defaults.clip, help="gradient-norm clipping")
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--backend", default=defaults.backend, help="auto, reference, triton or native")
-    p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--memory-saving", action="store_true", help="train by inversion (flat activation memory)")
-    p.add_argument("--check-reconstruction", type=float, metavar="TOL",
-                   help="with --memory-saving: warn when a rebuilt input's relative error exceeds TOL")
-    p.add_argument("--levels", type=int, help="scales of glow/realnvp; default by image size (at most 3)")
-    p.add_argument("--depth", type=int, default=defaults.depth,
-                   help="flow steps per level (glow) or couplings (realnvp2d)")
-    p.add_argument("--hidden", type=int, default=defaults.hidden, help="conditioner width")
-    p.add_argument("--blocks", type=int, default=defaults.blocks, help="residual blocks per realnvp s/t network")
-    p.add_argument("--coupling", choices=("affine", "additive"), default=defaults.coupling, help="glow")
-    p.add_argument("--n-bits", type=int, default=defaults.n_bits, help="quantise 8-bit images to fewer bits")
-    p.add_argument("--image-size", type=int, help="resize a folder's images to this size")
-    p.add_argument("--test-fraction", type=float, default=defaults.test_fraction,
-                   help="held out for evaluation (digits, folders, .npz)")
-    p.add_argument("--out", help="run folder; default runs/<model>-<data>")
-    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint, with its configuration (only --steps, "
-                        "--backend, --device, --data-dir, --check-reconstruction and the output, checkpoint, "
-                        "sampling and progress options may change)")
-    p.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run")
-    p.add_argument("--sample", action="store_true", help="write PNG samples at the end")
-    p.add_argument("--temperatures", type=float, nargs="+", default=defaults.temperatures)
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "warmup", "depth", "hidden", "checkpoint_every"):
-        if getattr(args, name) < (0 if name == "steps" else 1):
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    resume, overwrite = args.resume, args.overwrite
-    del args.resume, args.overwrite
-    cfg = Config(**vars(args))
-    cfg.model = cfg.model or default_model(cfg.data)
-    if cfg.out is None:
-        cfg.out = os.path.join("runs", f"{cfg.model}-{os.path.basename(os.path.normpath(cfg.data))}")
-    return cfg, resume, overwrite
-
-
 def main(argv=None):
-    cfg, resume, overwrite = parse_args(argv)
+    """The command line: 0 when the run is done, 1 when it stopped on a non-finite loss, 2 for a bad option,
+    data or run folder (one line on stderr, nothing written), 130 when interrupted (after a checkpoint)."""
+    try:
+        command = parse_args(argv)
+    except SystemExit as exit:  # argparse's --help, or its message for a bad option
+        return exit.code
     try:
         try:
-            run = Run(cfg, resume=resume, overwrite=overwrite)
-        except (ValueError, BackendUnavailable, FileNotFoundError, FileExistsError) as error:  # configuration, data
+            run = Run(command)
+        except (ValueError, OSError, BackendUnavailable) as error:  # configuration, data, run folder
             print(f"flowkern.train: {error}", file=sys.stderr)
             return 2
         try:
@@ -531,6 +773,12 @@ def main(argv=None):
         except NonFiniteLoss as error:
             print(f"flowkern.train: {error}", file=sys.stderr)
             return 1
+        except Interrupted as error:
+            print(f"flowkern.train: {error}", file=sys.stderr)
+            return 130
+    except KeyboardInterrupt:
+        print("flowkern.train: interrupted", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

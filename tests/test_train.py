@@ -33,10 +33,11 @@ def read_metrics(out):
 
 
 def test_defaults_train_glow_on_digits():
-    cfg, resume, overwrite = train.parse_args([])
+    command = train.parse_args([])
+    cfg = command.cfg
     assert (cfg.model, cfg.data, cfg.out) == ("glow", "digits", os.path.join("runs", "glow-digits"))
-    assert not resume and not overwrite
-    assert train.parse_args(["--data", "moons"])[0].model == "realnvp2d"
+    assert not command.resume and not command.overwrite and command.given == {} and cfg.sample
+    assert train.parse_args(["--data", "moons"]).cfg.model == "realnvp2d"
 
 
 def test_glow_on_digits_learns_and_writes_its_run(tmp_path):
@@ -100,8 +101,8 @@ def test_memory_saving_trains_like_backpropagation(tmp_path):
 
 
 def test_realnvp_on_digits_by_inversion(tmp_path):
-    assert run(tmp_path, "--model", "realnvp", "--steps", "3", "--memory-saving", "--check-reconstruction",
-               "1e-3") == 0
+    assert train.main(["--model", "realnvp", "--hidden", "16", "--blocks", "1", "--batch-size", "32", "--out",
+                       str(tmp_path), "--steps", "3", "--memory-saving", "--check-reconstruction", "1e-3"]) == 0
     metrics = read_metrics(tmp_path)
     assert (metrics["model"], metrics["memory_saving"], metrics["steps"]) == ("realnvp", True, 3)
     assert torch.load(tmp_path / train.CHECKPOINT, weights_only=True)["config"]["check_reconstruction"] == 1e-3
@@ -127,7 +128,7 @@ def test_images_from_a_folder_and_npz(tmp_path):
     assert data.train.max() < 32
     train.resolve_defaults(cfg, data)
     assert (cfg.model, cfg.levels) == ("glow", 2)
-    model = train.build_model(cfg, data)
+    model = train.build_model(cfg, data.train.shape[1:])
     assert model.bits_per_dim(data.batch(0, 4, seed=0), data.n_bins).shape == (4,)
 
 

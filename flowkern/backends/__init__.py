@@ -158,6 +158,20 @@ def auto_choices() -> dict:
     return dict(_choices)
 
 
+def pin_auto_choices(device, choices: dict) -> None:
+    """Make ``"auto"`` run each op of ``choices`` (``{op: backend name}``) on ``device`` with that backend,
+    without measuring: a resumed training run keeps the choices it started with."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    for op, name in choices.items():
+        if op not in reference.OPS:
+            raise ValueError(f"unknown op {op!r}; expected one of: {', '.join(reference.OPS)}")
+        _check_name(name)
+        _load(name)
+        _choices[(str(device), op)] = AutoChoice(name, {}, False)
+
+
 def dispatch(op: str, *args):
     """Run fused op ``op`` (a name in ``reference.OPS``) on ``args`` with the backend the active setting picks
     for the device of ``args[0]``."""

@@ -1,0 +1,241 @@
+"""`python -m flowkern.train` as a hostile user meets it: every option checked, resume that takes the
+changes it may and refuses the rest, a log that survives kill -9, Ctrl-C, bad data, and loading a run back."""
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import flowkern
+import flowkern.train as train
+from test_train import ROOT, TINY, read_log, read_metrics, run
+
+
+def refused(capsys, out, *args):
+    """Run the command; assert it exits with 2, one line on stderr, nothing written. Returns that line."""
+    assert run(out, *args) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert not os.path.isdir(out) or not os.listdir(out), "a refused run wrote into its folder"
+    return lines[-1]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--clip", "-1"], "--clip -1.0: expected a finite number above 0"),
+    (["--clip", "0"], "--clip 0.0: expected a finite number above 0"),
+    (["--lr", "nan"], "--lr nan: expected a finite number above 0"),
+    (["--n-bits", "9", "--data", "X.npz"], "--n-bits 9: expected from 1 to 8"),
+    (["--temperatures", "0.7", "-1"], "--temperatures 0.7 -1.0: expected finite numbers above 0"),
+    (["--test-fraction", "1"], "--test-fraction 1.0: expected between 0 and 1"),
+    (["--steps", "-3"], "--steps -3: expected at least 0"),
+    (["--device", "mps"], "--device mps: expected cpu, cuda or cuda:N"),
+    (["--device", "potato"], "--device potato: expected cpu, cuda or cuda:N"),
+    (["--device", "meta"], "--device meta: expected cpu, cuda or cuda:N"),
+    (["--n-bits", "5"], "--n-bits does not apply to --model glow --data digits: digits have 17 levels"),
+    (["--image-size", "16"], "--image-size does not apply"),
+    (["--data", "moons", "--temperatures", "0.5"], "moons is 2-D points, not images"),
+    (["--blocks", "3"], "--blocks does not apply to --model glow"),
+    (["--coupling", "additive", "--model", "realnvp"], "it applies to glow"),
+    (["--check-reconstruction", "1e-3"], "it applies with --memory-saving"),
+    (["--data-dir", "/tmp"], "it locates CIFAR-10"),
+    (["--resume", "--overwrite"], "pass one"),
+    (["--model", "potato"], "invalid choice"),
+])
+def test_every_bad_option_is_refused_at_parse_time(tmp_path, capsys, args, expected):
+    assert expected in refused(capsys, tmp_path / "run", *args)
+
+
+def test_help_shows_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit:
+        train.parse_args(["--help"])
+    assert exit.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for field in train.fields(train.Config):
+        assert train._flag(field.name) in text
+    assert "--lr LR peak learning rate (default: 0.001)" in text
+    assert "--sample, --no-sample" in text and "--eval-every" in text and "--sample-every" in text
+
+
+def poison_at(monkeypatch, bad_step):
+    loss_of = train.batch_loss
+
+    def poisoned(objective, x, step):
+        loss = loss_of(objective, x, step)
+        return loss * float("nan") if step == bad_step else loss
+    monkeypatch.setattr(train, "batch_loss", poisoned)
+
+
+def test_resume_takes_the_schedule_it_may_change_and_refuses_the_rest(tmp_path, capsys, monkeypatch):
+    poison_at(monkeypatch, 7)
+    assert run(tmp_path, "--steps", "12", "--checkpoint-every", "5", "--no-sample") == 1
+    assert "then --resume" in capsys.readouterr().err
+    monkeypatch.undo()
+    for args, name in [(["--depth", "3"], "--depth 3"), (["--hidden", "8"], "--hidden 8"),
+                       (["--batch-size", "8"], "--batch-size 8"), (["--seed", "4"], "--seed 4")]:
+        assert run(tmp_path, "--resume", *args) == 2
+        message = capsys.readouterr().err
+        assert f"{name}: a resumed run keeps the architecture and data" in message, message
+    assert [line["step"] for line in read_log(tmp_path)] == list(range(7))  # refused runs touched nothing
+
+    # the advice of the non-finite-loss message, followed: new learning rate, warm-up and clipping apply
+    assert run(tmp_path, "--resume", "--lr", "2e-4", "--warmup", "20", "--clip", "1", "--no-sample") == 0
+    log = read_log(tmp_path)
+    assert [line["step"] for line in log] == list(range(12))
+    for line in log[5:]:
+        assert line["lr"] == pytest.approx(2e-4 * (line["step"] + 1) / 20)
+    state = torch.load(tmp_path / train.CHECKPOINT, weights_only=True)
+    assert state["step"] == 12 and (state["config"]["lr"], state["config"]["clip"]) == (2e-4, 1.0)
+    assert state["config"]["depth"] == 2  # what the resumed run did not name comes from the checkpoint
+
+
+def test_a_loss_that_fails_before_any_checkpoint_does_not_suggest_resume(tmp_path, capsys, monkeypatch):
+    poison_at(monkeypatch, 2)
+    assert run(tmp_path, "--steps", "12", "--checkpoint-every", "5") == 1
+    message = capsys.readouterr().err
+    assert "before its first checkpoint" in message and "--overwrite" in message and "--resume" not in message
+    monkeypatch.undo()
+    assert "holds a run" in refused_again(capsys, tmp_path)  # a log without a checkpoint is still a run
+    assert run(tmp_path, "--resume") == 2 and "stopped before its first checkpoint" in capsys.readouterr().err
+    assert run(tmp_path, "--steps", "3", "--overwrite", "--no-sample") == 0
+    assert [line["step"] for line in read_log(tmp_path)] == [0, 1, 2]
+
+
+def refused_again(capsys, out):
+    assert run(out, "--steps", "3") == 2
+    return capsys.readouterr().err
+
+
+def test_resume_without_steps_evaluates_and_samples_without_training(tmp_path):
+    assert run(tmp_path, "--steps", "6", "--no-sample") == 0
+    assert run(tmp_path, "--resume", "--sample", "--temperatures", "0.6") == 0
+    assert len(read_log(tmp_path)) == 6 and read_metrics(tmp_path)["steps"] == 6
+    assert (tmp_path / "samples_t0.6.png").is_file()
+
+
+def test_evaluation_and_samples_during_training(tmp_path):
+    assert run(tmp_path, "--steps", "6", "--eval-every", "3", "--sample-every", "3", "--temperatures", "0.5") == 0
+    log = read_log(tmp_path)
+    assert [i for i, line in enumerate(log) if "test_bits_per_dim" in line] == [2, 5]
+    assert log[5]["test_bits_per_dim"] == pytest.approx(read_metrics(tmp_path)["test_bits_per_dim"])
+    assert {p.name for p in tmp_path.glob("samples_*.png")} == {
+        "samples_t0.5_step3.png", "samples_t0.5_step6.png", "samples_t0.5.png"}  # samples by default
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, monkeypatch, capsys):
+    assert run(tmp_path / "whole", "--steps", "10", "--no-sample") == 0
+    loss_of = train.batch_loss
+
+    def interrupted(objective, x, step):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss_of(objective, x, step)
+    monkeypatch.setattr(train, "batch_loss", interrupted)
+    assert run(tmp_path / "parts", "--steps", "10", "--no-sample") == 130
+    assert "stopped after step 5 and saved" in capsys.readouterr().err
+    assert torch.load(tmp_path / "parts" / train.CHECKPOINT, weights_only=True)["step"] == 5
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert run(tmp_path / "parts", "--resume", "--no-sample") == 0
+    assert read_log(tmp_path / "parts") == read_log(tmp_path / "whole")
+
+
+def test_a_resumed_run_keeps_the_backends_auto_chose(tmp_path, monkeypatch):
+    assert run(tmp_path, "--steps", "3", "--no-sample") == 0
+    chosen = torch.load(tmp_path / train.CHECKPOINT, weights_only=True)["backend"]
+    assert {"coupling_forward", "conv1x1"} <= set(chosen)
+    monkeypatch.setattr(flowkern.backends, "_choices", {})  # as in a new process
+    monkeypatch.setattr(flowkern.backends, "_measure", None)  # which must not measure again
+    assert run(tmp_path, "--resume", "--steps", "5", "--no-sample") == 0
+    assert {op: c.backend for (_, op), c in flowkern.backends.auto_choices().items()} == chosen
+
+
+def test_kill_9_at_a_random_moment_loses_no_logged_step_before_the_checkpoint(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    # two processes: a named backend, since "auto" measures in each process and may choose differently
+    backend = ["--backend", "native" if "native" in flowkern.available_backends() else "reference"]
+    assert run(whole, "--steps", "40", "--no-sample", *backend) == 0
+    # the same number of threads as this process: the losses must match bit for bit
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": ROOT}
+    process = subprocess.Popen([sys.executable, "-m", "flowkern.train", *TINY, "--steps", "40", "--no-sample",
+                                "--checkpoint-every", "3", "--out", str(killed), *backend], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / train.CHECKPOINT).is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(random.uniform(0, 0.5))
+    process.kill()
+    process.wait()
+    saved = torch.load(killed / train.CHECKPOINT, weights_only=True)["step"]
+    assert saved >= 3
+    assert [line["step"] for line in read_log(killed)][:saved] == list(range(saved))
+    with open(killed / train.LOG, "a") as f:
+        f.write('{"step": 39, "bits_per')  # a line torn by the kill is repaired on resume
+    assert run(killed, "--resume", "--no-sample") == 0
+    assert read_log(killed) == read_log(whole)
+
+
+def test_bad_data_gets_one_line_and_nothing_written(tmp_path, capsys):
+    folder = tmp_path / "images" / "cats"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not an image at all")
+    assert "broken.png: not a readable image" in refused(capsys, tmp_path / "a", "--data", str(tmp_path / "images"))
+
+    np.savez(tmp_path / "one.npz", x=np.zeros((1, 8, 8), np.uint8))
+    assert "need at least 2 rows" in refused(capsys, tmp_path / "b", "--data", str(tmp_path / "one.npz"))
+    np.savez(tmp_path / "wide.npz", x=np.full((4, 8, 8), 300, np.int64))
+    assert "expected levels 0..255, got values from 300 to 300" in refused(
+        capsys, tmp_path / "c", "--data", str(tmp_path / "wide.npz"))
+    np.savez(tmp_path / "two.npz", a=np.zeros((4, 8, 8), np.uint8), b=np.zeros((4, 8, 8), np.uint8))
+    assert "name the images x or images" in refused(capsys, tmp_path / "d", "--data", str(tmp_path / "two.npz"))
+    (tmp_path / "random.npz").write_bytes(os.urandom(4096))
+    assert "not a readable .npz archive" in refused(capsys, tmp_path / "e", "--data", str(tmp_path / "random.npz"))
+
+    cifar = tmp_path / "cifar-10-batches-py"
+    cifar.mkdir()
+    batch = {b"data": np.zeros((10000, 3072), np.uint8), b"labels": [0] * 10000}
+    for name in train.datasets.CIFAR10_TRAIN + train.datasets.CIFAR10_TEST:
+        with open(cifar / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(cifar / "data_batch_3", "r+b") as f:
+        f.truncate(5000)
+    assert "data_batch_3: not a batch of the python version of CIFAR-10, or truncated" in refused(
+        capsys, tmp_path / "f", "--data", "cifar10", "--data-dir", str(tmp_path), "--steps", "1")
+
+
+def test_out_that_cannot_hold_a_run(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert "a file, not a folder" in refused(capsys, tmp_path / "file")
+    assert "cannot write there" in refused(capsys, tmp_path / "file" / "run")
+
+
+def test_a_folder_of_class_subfolders_trains(tmp_path):
+    for label in ("a", "b"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.random.randint(0, 256, (8, 8), np.uint8)).save(tmp_path / "images" / label / f"{i}.png")
+    assert train.datasets.load_image_folder(tmp_path / "images").shape == (10, 3, 8, 8)
+    assert run(tmp_path / "run", "--data", str(tmp_path / "images"), "--steps", "2", "--batch-size", "4",
+               "--n-bits", "5", "--no-sample") == 0
+
+
+def test_load_run_rebuilds_the_trained_model(tmp_path):
+    assert run(tmp_path, "--steps", "5", "--no-sample", "--depth", "3") == 0
+    loaded = train.load_run(tmp_path)
+    assert loaded.step == 5 and loaded.n_bins == 17 and loaded.config.depth == 3 and not loaded.model.training
+    data = train.load_data(loaded.config)
+    generator = torch.Generator().manual_seed(12345)  # the evaluation's dequantisation noise
+    x = data.prepare(data.test, generator)
+    with torch.no_grad():
+        bits = loaded.model.bits_per_dim(x, loaded.n_bins).double().mean().item()
+    assert bits == pytest.approx(read_metrics(tmp_path)["test_bits_per_dim"], rel=1e-6)
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
+        train.load_run(tmp_path / "nothing")
+
