@@ -9,7 +9,16 @@ from .models import Glow, RealNVP, RealNVP2d
 
 __version__ = "0.1.0"
 
+
+def load_run(path, device="cpu"):
+    """The model a ``python -m flowkern.train`` run folder holds, rebuilt from its checkpoint: see
+    :func:`flowkern.train.load_run`."""
+    from .train import load_run as load
+
+    return load(path, device)
+
+
 __all__ = [
     "BackendUnavailable", "Glow", "RealNVP", "RealNVP2d", "available_backends", "data", "functional",
-    "get_backend", "nn", "reference", "set_backend", "use_backend",
+    "get_backend", "load_run", "nn", "reference", "set_backend", "use_backend",
 ]

@@ -1,4 +1,7 @@
 """Input checks shared by the functional ops and the layers: clear errors instead of wrong results."""
+import math
+import operator
+
 import torch
 
 
@@ -41,3 +44,21 @@ def check_module_input(module, x, name="x"):
 def check_choice(value, choices, name):
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_count(value, name, minimum=1):
+    """``value`` must be an integer (not a bool) of at least ``minimum``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+
+
+def check_temperature(value):
+    """A sampling temperature: a finite number, at least 0 (0 gives every latent's mean)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {value!r}")

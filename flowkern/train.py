@@ -144,7 +144,7 @@ class Config:
     depth: int = option(8, "flow steps per level (glow) or couplings (realnvp2d)", check=_at_least(1),
                         applies=_for("glow", "realnvp2d"), resumable=False)
     hidden: int = option(64, "conditioner width", check=_at_least(1), resumable=False)
-    blocks: int = option(2, "residual blocks per s/t network", check=_at_least(1), applies=_for("realnvp"),
+    blocks: int = option(2, "residual blocks per s/t network", check=_at_least(0), applies=_for("realnvp"),
                          resumable=False)
     coupling: str = option("affine", "the coupling's transform", applies=_for("glow"), resumable=False,
                            choices=("affine", "additive"))

@@ -176,3 +176,17 @@ def test_flow_step_folds_actnorm_into_the_conv_exactly():
         torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name}: {m}")
     torch.testing.assert_close(step.inverse(y), x, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(step.inverse(y), unfolded.inverse(y), rtol=1e-12, atol=1e-12)
+
+
+def test_actnorm_reads_its_buffer_parameters_copied_in_with_the_flag_set_are_kept():
+    layer = fnn.ActNorm(3)
+    with torch.no_grad():
+        layer.log_scale.copy_(torch.tensor([0.1, -0.2, 0.3]))
+        layer.bias.copy_(torch.tensor([1.0, 2.0, 3.0]))
+        layer.initialized.fill_(True)
+    layer.train()(torch.randn(8, 3, 4, 4) * 9)
+    torch.testing.assert_close(layer.log_scale.detach(), torch.tensor([0.1, -0.2, 0.3]))
+    with torch.no_grad():
+        layer.initialized.fill_(False)  # and cleared again: the next training forward initialises
+    y, _ = layer(torch.randn(8, 3, 4, 4) * 9 + 1)
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)

@@ -228,7 +228,7 @@ def test_a_folder_of_class_subfolders_trains(tmp_path):
 
 def test_load_run_rebuilds_the_trained_model(tmp_path):
     assert run(tmp_path, "--steps", "5", "--no-sample", "--depth", "3") == 0
-    loaded = train.load_run(tmp_path)
+    loaded = flowkern.load_run(tmp_path)
     assert loaded.step == 5 and loaded.n_bins == 17 and loaded.config.depth == 3 and not loaded.model.training
     data = train.load_data(loaded.config)
     generator = torch.Generator().manual_seed(12345)  # the evaluation's dequantisation noise

@@ -82,3 +82,57 @@ def test_models_check_inputs():
         model.inverse(torch.randn(2, 3, 8, 8))
     with pytest.raises(ValueError, match=r"shape \(N, 2\)"):
         flowkern.RealNVP2d()(torch.randn(4, 3))
+
+
+MODELS = {
+    "glow": (lambda: flowkern.Glow(3, 8, levels=2, steps=2, hidden_channels=4), (3, 8, 8)),
+    "realnvp": (lambda: flowkern.RealNVP(3, 8, scales=2, hidden_channels=4, blocks=1), (3, 8, 8)),
+    "realnvp2d": (lambda: flowkern.RealNVP2d(hidden=4, layers=2), (2,)),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_an_empty_batch_gives_empty_results(name, training):
+    factory, shape = MODELS[name]
+    model = factory().train(training)
+    x = torch.rand(0, *shape) - 0.5
+    zs, logdet = model(x)
+    assert logdet.shape == (0,) and model.log_prob(x).shape == (0,) and model.bits_per_dim(x, 256).shape == (0,)
+    latents = zs if isinstance(zs, list) else [zs]
+    assert [z.shape[1:] for z in latents] == [torch.Size(s) for s in model.latent_shapes()]
+    assert all(z.shape[0] == 0 for z in latents)
+    assert model.inverse(zs).shape == (0, *shape)
+    assert model.sample(0).shape == (0, *shape)
+    actnorms = [m for m in model.modules() if isinstance(m, fnn.ActNorm)]
+    assert not any(bool(m.initialized) for m in actnorms)  # nothing to initialise from
+    model.train()(torch.rand(4, *shape) - 0.5)
+    assert all(bool(m.initialized) for m in actnorms)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_arguments_get_clear_errors(name):
+    factory, shape = MODELS[name]
+    model = factory()
+    with pytest.raises(ValueError, match="n must be at least 0, got -1"):
+        model.sample(-1)
+    with pytest.raises(TypeError, match="n must be an int, got 2.5"):
+        model.sample(2.5)
+    for temperature in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            model.sample(2, temperature=temperature)
+    assert model.sample(2, temperature=0).shape == (2, *shape)  # every latent at its mean
+    with pytest.raises(ValueError, match="n_bins must be at least 1, got 0"):
+        model.bits_per_dim(torch.rand(2, *shape), n_bins=0)
+
+
+def test_model_sizes_are_checked():
+    for build, message in [(lambda: flowkern.Glow(3, 8, 2, 2, hidden_channels=0), "hidden_channels must be at least 1"),
+                           (lambda: flowkern.Glow(3, 8, 2, steps=0), "steps must be at least 1"),
+                           (lambda: flowkern.RealNVP(3, 8, 2, hidden_channels=0), "hidden_channels must be at least"),
+                           (lambda: flowkern.RealNVP2d(hidden=0), "hidden must be at least 1"),
+                           (lambda: flowkern.RealNVP2d(dim=1), "dim must be at least 2")]:
+        with pytest.raises(ValueError, match=message):
+            build()
+    with pytest.raises(TypeError, match="levels must be an int"):
+        flowkern.Glow(3, 8, levels=2.0)

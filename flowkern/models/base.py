@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
-from .._validation import check_image, check_module_input
+from .._validation import check_count, check_image, check_module_input, check_temperature
 from ..nn import Squeeze
 
 
@@ -48,7 +48,9 @@ class FlowModel(nn.Module):
         number of levels it was quantised to (2**n_bits; 17 for digits), whose ``D · log(n_bins)`` term turns
         the density into the probability of the discrete data. ``n_bins=None`` gives the continuous value.
         """
-        dims = x[0].numel()
+        if n_bins is not None:
+            check_count(n_bins, "n_bins")
+        dims = math.prod(x.shape[1:])
         nll = -self.log_prob(x)
         if n_bins is not None:
             nll = nll + dims * math.log(n_bins)
@@ -57,6 +59,8 @@ class FlowModel(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator=None):
         """Draw ``n`` samples with every latent ~ N(0, temperature²)."""
+        check_count(n, "n", minimum=0)
+        check_temperature(temperature)
         param = next(self.parameters())
         zs = [temperature * torch.randn(n, *shape, generator=generator, device=param.device, dtype=param.dtype)
               for shape in self.latent_shapes()]

@@ -1,3 +1,4 @@
+from .._validation import check_count
 from ..nn import FlowSequential, FlowStep, Gaussianize, Split, Squeeze
 from .base import MultiScaleFlow, _Level
 
@@ -24,8 +25,9 @@ class Glow(MultiScaleFlow):
 
     def __init__(self, in_channels=3, image_size=32, levels=3, steps=32, hidden_channels=512,
                  coupling="affine", lu=True, learn_prior=True, memory_saving=False):
-        if levels < 1 or steps < 1:
-            raise ValueError(f"Glow needs levels >= 1 and steps >= 1, got levels={levels}, steps={steps}")
+        for value, name in ((in_channels, "in_channels"), (image_size, "image_size"), (levels, "levels"),
+                            (steps, "steps"), (hidden_channels, "hidden_channels")):
+            check_count(value, name)
         if image_size % 2 ** levels:
             raise ValueError(f"image_size must be divisible by 2**levels = {2 ** levels}, got {image_size}")
         channels, size = in_channels, image_size

@@ -1,4 +1,4 @@
-from .._validation import check_module_input, check_tensor
+from .._validation import check_count, check_module_input, check_tensor
 from ..nn import AffineCoupling, FlowSequential, MLPConditioner, ResNetConditioner, Split, Squeeze
 from .base import FlowModel, MultiScaleFlow, _Level
 
@@ -29,8 +29,10 @@ class RealNVP(MultiScaleFlow):
 
     def __init__(self, in_channels=3, image_size=32, scales=3, hidden_channels=64, blocks=4, bound=2.0,
                  memory_saving=False):
-        if scales < 1:
-            raise ValueError(f"RealNVP needs scales >= 1, got {scales}")
+        for value, name in ((in_channels, "in_channels"), (image_size, "image_size"), (scales, "scales"),
+                            (hidden_channels, "hidden_channels")):
+            check_count(value, name)
+        check_count(blocks, "blocks", minimum=0)
         if image_size % 2 ** (scales - 1):
             raise ValueError(f"image_size must be divisible by 2**(scales - 1) = {2 ** (scales - 1)}, "
                              f"got {image_size}")
@@ -74,8 +76,9 @@ class RealNVP2d(FlowModel):
 
     def __init__(self, dim=2, hidden=64, layers=8, depth=2, bound=2.0, memory_saving=False):
         super().__init__()
-        if dim < 2:
-            raise ValueError(f"RealNVP2d needs dim >= 2, got {dim}")
+        check_count(dim, "dim", minimum=2)
+        for value, name in ((hidden, "hidden"), (layers, "layers"), (depth, "depth")):
+            check_count(value, name)
         self.dim = dim
         self.flow = FlowSequential(*[
             AffineCoupling(dim, mask="channel", parity=i % 2, scale="exp", bound=bound,

@@ -11,8 +11,9 @@ class ActNorm(nn.Module):
 
     The first forward in training mode sets ``log_scale`` and ``bias`` so that the output has zero mean
     and unit variance per channel on that batch (statistics all-reduced across processes when
-    ``torch.distributed`` is initialised). The ``initialized`` flag is a buffer, so a model restored from
-    a ``state_dict`` is not initialised again. A channel with zero variance keeps scale 1.
+    ``torch.distributed`` is initialised). The ``initialized`` flag is a buffer and the layer reads it, so
+    a model restored from a ``state_dict``, or given parameters with the flag set, is not initialised
+    again. A channel with zero variance keeps scale 1; an empty batch initialises nothing.
 
     Shapes: x (N, C, H, W) → y (N, C, H, W), logdet (N,) = H · W · Σ log_scale.
     """
@@ -24,32 +25,49 @@ class ActNorm(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
-        self._initialized = False  # host copy of the buffer: no device sync on every forward
+        # The buffer is the truth. Its value is read again only when the buffer has been written or
+        # replaced since (its version or storage changed), so a forward does not wait on the device.
+        self._initialized, self._seen = False, None
+
+    def is_initialized(self) -> bool:
+        """The ``initialized`` buffer's value (compiled code: its value when last read eagerly, initialised
+        or loaded from a ``state_dict``)."""
+        if torch.compiler.is_compiling():
+            return self._initialized
+        buffer = self.initialized
+        seen = (buffer.data_ptr(), buffer._version)
+        if seen != self._seen:
+            self._initialized, self._seen = bool(buffer), seen
+        return self._initialized
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._initialized = bool(self.initialized)
+        self._seen = None
+        self.is_initialized()
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
         """Set the parameters from the batch ``x`` (N, C, H, W) so that the output is standardised."""
         xf = x.double().transpose(0, 1).reshape(self.channels, -1)
-        stats = torch.stack([xf.sum(1), xf.pow(2).sum(1), torch.full_like(xf[:, 0], xf.shape[1])])
+        stats = torch.stack([xf.sum(1), xf.pow(2).sum(1), xf.new_full((self.channels,), xf.shape[1])])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
         total, total_sq, count = stats
+        if count[0] == 0:  # an empty batch (on every process): nothing to initialise from
+            return
         mean = total / count
         std = (total_sq / count - mean.pow(2)).clamp_min(0).sqrt()
         log_scale = torch.where(std > self.eps, -torch.log(std.clamp_min(self.eps)), torch.zeros_like(std))
         self.log_scale.copy_(log_scale)
         self.bias.copy_(-mean * torch.exp(log_scale))
         self.initialized.fill_(True)
-        self._initialized = True
+        self._seen = None
+        self.is_initialized()
 
     def will_initialize(self) -> bool:
         """Whether the next forward sets the parameters from its batch (training mode, not yet initialised):
         that forward must run ActNorm as its own pass, not folded into a neighbouring layer."""
-        return self.training and not self._initialized
+        return self.training and not self.is_initialized()
 
     def _check(self, x, name):
         check_image(x, name, self.channels)

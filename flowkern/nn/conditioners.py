@@ -158,4 +158,4 @@ class MLPConditioner(nn.Module):
 
     def forward(self, x):
         n, c, h, w = x.shape
-        return self.net(x.reshape(n, c)).reshape(n, -1, h, w)
+        return self.net(x.reshape(n, c)).reshape(n, self.net[-1].out_features, h, w)

@@ -98,12 +98,13 @@ class _UnitByInversion(torch.autograd.Function):
         return (grad_x, None, None, None, *(next(param_grads) if need else None for need in needed[4:]))
 
 
+@torch.compiler.disable(reason="memory_saving=True rebuilds activations in a hand-written backward pass that "
+                                "torch.compile does not trace: each chain trained by inversion runs eagerly, between "
+                                "compiled graphs (compile with memory_saving=False for one graph)")
 def chain_by_inversion(chain, x):
-    """``chain(x)`` with activations rebuilt by inversion in the backward pass: ``(y, logdet)``."""
-    if torch.compiler.is_compiling():
-        raise RuntimeError(
-            "memory_saving=True rebuilds activations in a hand-written backward pass that torch.compile does "
-            "not trace; compile the model with memory_saving=False, or train it eagerly")
+    """``chain(x)`` with activations rebuilt by inversion in the backward pass: ``(y, logdet)``.
+
+    Under ``torch.compile`` it runs eagerly (a graph break; with ``fullgraph=True``, an error that says why)."""
     units = list(chain.units())
     handoff = _Handoff(chain, len(units))
     logdet = 0

@@ -100,7 +100,7 @@ def _affine(x, h, mask, parity, scale, bound, inverse):
         logdet = torch.zeros(n, dtype=ct, device=x.device)
     else:
         out = (t - shift) * torch.exp(-logs) if inverse else t * torch.exp(logs) + shift
-        logdet = logs.reshape(n, -1).sum(dim=1)
+        logdet = logs.flatten(1).sum(dim=1)
     if passed is not None:
         out = _merge(passed, out, parity)
     return out, logdet

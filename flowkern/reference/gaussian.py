@@ -16,7 +16,7 @@ def standardize(z, mean, log_std):
     ct = compute_dtype(z.dtype)
     log_std = log_std.to(ct).expand(z.shape)
     eps = (z.to(ct) - mean.to(ct)) * torch.exp(-log_std)
-    return eps.to(z.dtype), -log_std.reshape(z.shape[0], -1).sum(dim=1)
+    return eps.to(z.dtype), -log_std.flatten(1).sum(dim=1)
 
 
 def unstandardize(eps, mean, log_std):
@@ -24,10 +24,10 @@ def unstandardize(eps, mean, log_std):
     ct = compute_dtype(eps.dtype)
     log_std = log_std.to(ct).expand(eps.shape)
     z = eps.to(ct) * torch.exp(log_std) + mean.to(ct)
-    return z.to(eps.dtype), -log_std.reshape(eps.shape[0], -1).sum(dim=1)
+    return z.to(eps.dtype), -log_std.flatten(1).sum(dim=1)
 
 
 def standard_normal_log_prob(z):
     """Per-sample log density of N(0, I) at ``z`` (N, ...), in nats, float32 (float64 for float64)."""
-    z = z.to(compute_dtype(z.dtype)).reshape(z.shape[0], -1)
+    z = z.to(compute_dtype(z.dtype)).flatten(1)
     return -0.5 * (z.pow(2).sum(dim=1) + z.shape[1] * math.log(2 * math.pi))
