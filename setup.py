@@ -40,8 +40,11 @@ def _extensions():
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp", "-DFLOWKERN_PYTHON_MODULE"]  # at::parallel_for is OpenMP in torch's headers
-    if platform.machine() in ("x86_64", "AMD64") and all(_cpu_has(f) for f in ("avx2", "fma", "f16c")):
+    cpu_features = ()
+    if platform.machine() in ("x86_64", "AMD64") and all(_cpu_has(f) for f in AVX2):
+        cpu_features = AVX2
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]  # at::vec, 256 bits
+    _record_build(cpu_features)
     extra = {"cxx": cxx}
     kwargs = dict(name="flowkern._C", sources=sources, include_dirs=[os.path.join(ROOT, "csrc")],
                   extra_compile_args=extra, extra_link_args=["-fopenmp"], py_limited_api=False)
@@ -53,6 +56,17 @@ def _extensions():
     else:
         ext = CppExtension(**kwargs)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+AVX2 = ("avx2", "fma", "f16c")
+
+
+def _record_build(cpu_features):
+    """Write flowkern/_build.py: the CPU features the extension's code needs, which flowkern checks before it
+    loads the extension (code built for AVX2 dies with SIGILL on a CPU without it)."""
+    with open(os.path.join(ROOT, "flowkern", "_build.py"), "w") as f:
+        f.write('"""Written by setup.py when it builds flowkern._C."""\n'
+                f"CPU_FEATURES = {tuple(cpu_features)!r}  # what the extension's CPU code needs\n")
 
 
 def _cpu_has(feature):

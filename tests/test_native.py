@@ -95,3 +95,24 @@ def test_cpu_vector_math_keeps_the_precision_of_the_dtype(native, scale):
     y32, logdet32 = native.coupling_forward(x.float(), h.float(), "channel", 0, scale, 2.0)
     torch.testing.assert_close(logdet32.double(), expected_logdet, rtol=2e-6, atol=0)
     torch.testing.assert_close(y32.double(), expected_y, rtol=1e-5, atol=1e-5)
+
+
+def test_an_extension_built_for_avx2_is_not_loaded_on_a_cpu_without_it(monkeypatch):
+    from flowkern.backends.native import cpu_features
+
+    with pytest.raises(RuntimeError, match="built for CPUs with AVX2, FMA, F16C, and this CPU lacks AVX2, FMA"):
+        cpu_features.check_cpu_features(("avx2", "fma", "f16c"), {"sse2", "f16c"})
+    cpu_features.check_cpu_features(("avx2",), {"avx2", "sse2"})
+    cpu_features.check_cpu_features((), set())
+    assert "sse2" in (cpu_features.cpu_features() or {"sse2"})  # every x86-64 CPU has it
+
+    monkeypatch.setattr(cpu_features, "build_features", lambda: ("avx2", "fma", "f16c"))
+    monkeypatch.setattr(cpu_features, "cpu_features", lambda: {"sse2"})
+    monkeypatch.delitem(sys.modules, "flowkern.backends.native", raising=False)
+    monkeypatch.setattr(backends, "_loaded", {k: v for k, v in backends._loaded.items() if k != "native"})
+    monkeypatch.setattr(backends, "_reasons", {})
+    monkeypatch.setattr(backends, "_choices", {})
+    reason = flowkern.available_backends(with_reasons=True)["native"]
+    assert "this CPU lacks AVX2, FMA, F16C; rebuild it on this machine" in reason
+    y, _ = flowkern.nn.ActNorm(3)(torch.randn(2, 3, 4, 4))  # flowkern runs on without it
+    assert backends.auto_choices()[("cpu", "actnorm_forward")].backend == "reference"

@@ -1,7 +1,9 @@
-// Calls every flowkern op through the dispatcher, as a libtorch program would, and checks it against a
-// plain ATen reference written here from the definitions (not from flowkern's kernels). Run by ctest.
+// Calls every flowkern op through the dispatcher, as a libtorch program would, in float32 and float64, and
+// checks it against a plain ATen reference written here from the definitions (not from flowkern's kernels);
+// the backward ops against autograd through that reference. Run by ctest.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <cstdio>
 #include <string>
@@ -65,48 +67,93 @@ std::tuple<at::Tensor, at::Tensor> reference_coupling(const at::Tensor& x, const
   return {out, logdet};
 }
 
-void test_coupling() {
+// float32 kernels against an ATen reference that rounds differently: 1e-5 (reductions 1e-4); float64: 1e-10.
+double tolerance(at::ScalarType dtype, bool reduction = false) {
+  return dtype == at::kDouble ? 1e-10 : (reduction ? 1e-4 : 1e-5);
+}
+
+std::string dtype_name(at::ScalarType dtype) { return dtype == at::kDouble ? " float64" : " float32"; }
+
+using CouplingBackward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                            const at::Tensor&, c10::string_view, int64_t,
+                                                            c10::string_view, double, bool);
+
+void test_coupling(at::ScalarType dtype) {
   auto forward = op<Coupling>("flowkern::coupling_forward");
   auto inverse = op<Coupling>("flowkern::coupling_inverse");
+  auto backward = op<CouplingBackward>("flowkern::coupling_backward");
   for (const bool checkerboard : {false, true}) {
     for (const int64_t parity : {0, 1}) {
       for (const std::string scale : {"sigmoid", "exp", "additive"}) {
         const int64_t c = 5, first = 3, n_t = checkerboard ? c : (parity == 0 ? c - first : first);
-        const at::Tensor x = at::randn({3, c, 7, 5}, at::kFloat);
-        const at::Tensor h = at::randn({3, scale == "additive" ? n_t : 2 * n_t, 7, 5}, at::kFloat);
-        const std::string name = std::string(checkerboard ? "checkerboard" : "channel") + " parity " +
-                                 std::to_string(parity) + " " + scale;
+        const at::Tensor x = at::randn({3, c, 7, 5}, dtype);
+        const at::Tensor h = at::randn({3, scale == "additive" ? n_t : 2 * n_t, 7, 5}, dtype);
+        const char* mask = checkerboard ? "checkerboard" : "channel";
+        const std::string name = std::string(mask) + " parity " + std::to_string(parity) + " " + scale +
+                                 dtype_name(dtype);
         for (const bool inv : {false, true}) {
-          const auto [out, logdet] = (inv ? inverse : forward)
-                                         .call(x, h, checkerboard ? "checkerboard" : "channel", parity, scale, 1.5);
+          const std::string kind = inv ? "inverse " : "forward ";
+          const auto [out, logdet] = (inv ? inverse : forward).call(x, h, mask, parity, scale, 1.5);
           const auto [ref_out, ref_logdet] = reference_coupling(x, h, checkerboard, parity, scale, 1.5, inv);
-          expect_close(out, ref_out, "coupling_" + std::string(inv ? "inverse " : "forward ") + name);
-          expect_close(logdet, ref_logdet, "coupling log-det " + name, 1e-4);
+          expect_close(out, ref_out, "coupling_" + kind + name, tolerance(dtype));
+          expect_close(logdet, ref_logdet, "coupling log-det " + kind + name, tolerance(dtype, true));
+
+          const at::Tensor input = x.detach().requires_grad_(), cond = h.detach().requires_grad_();
+          const auto [r_out, r_logdet] = reference_coupling(input, cond, checkerboard, parity, scale, 1.5, inv);
+          const at::Tensor grad_out = at::randn_like(x), grad_logdet = at::randn({3}, dtype);
+          const bool has_logdet = r_logdet.requires_grad();  // additive coupling: a constant zero log-det
+          const auto ref_grads = has_logdet
+                                     ? torch::autograd::grad({r_out, r_logdet}, {input, cond}, {grad_out, grad_logdet})
+                                     : torch::autograd::grad({r_out}, {input, cond}, {grad_out});
+          const auto [grad_x, grad_h] = backward.call(grad_out, grad_logdet, x, h, mask, parity, scale, 1.5, inv);
+          expect_close(grad_x, ref_grads[0], "coupling_backward " + kind + "∂input " + name, tolerance(dtype, true));
+          expect_close(grad_h, ref_grads[1], "coupling_backward " + kind + "∂h " + name, tolerance(dtype, true));
         }
       }
     }
   }
 }
 
-void test_actnorm_and_conv1x1() {
+using ActNormBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                       const at::Tensor&, const at::Tensor&, bool);
+
+void test_actnorm_and_conv1x1(at::ScalarType dtype) {
+  const std::string suffix = dtype_name(dtype);
   auto actnorm = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>("flowkern::actnorm");
-  const at::Tensor x = at::randn({4, 6, 9, 3}), log_scale = 0.3 * at::randn({6}), bias = at::randn({6});
-  const at::Tensor s = log_scale.view({1, -1, 1, 1}).exp(), b = bias.view({1, -1, 1, 1});
-  expect_close(actnorm.call(x, log_scale, bias, false), x * s + b, "actnorm forward");
-  expect_close(actnorm.call(x, log_scale, bias, true), (x - b) / s, "actnorm inverse");
+  auto actnorm_backward = op<ActNormBackward>("flowkern::actnorm_backward");
+  const at::Tensor x = at::randn({4, 6, 9, 3}, dtype), log_scale = 0.3 * at::randn({6}, dtype);
+  const at::Tensor bias = at::randn({6}, dtype);
+  for (const bool inv : {false, true}) {
+    const std::string kind = inv ? "inverse" : "forward";
+    const auto reference = [inv](const at::Tensor& x, const at::Tensor& log_scale, const at::Tensor& bias) {
+      const at::Tensor s = log_scale.view({1, -1, 1, 1}).exp(), b = bias.view({1, -1, 1, 1});
+      return inv ? (x - b) / s : x * s + b;
+    };
+    expect_close(actnorm.call(x, log_scale, bias, inv), reference(x, log_scale, bias), "actnorm " + kind + suffix,
+                 tolerance(dtype));
+    const at::Tensor input = x.detach().requires_grad_(), ls = log_scale.detach().requires_grad_();
+    const at::Tensor b = bias.detach().requires_grad_(), grad_out = at::randn_like(x);
+    const auto ref = torch::autograd::grad({reference(input, ls, b)}, {input, ls, b}, {grad_out});
+    const auto [grad_x, grad_log_scale, grad_bias] = actnorm_backward.call(grad_out, x, log_scale, bias, inv);
+    expect_close(grad_x, ref[0], "actnorm_backward " + kind + " ∂x" + suffix, tolerance(dtype));
+    expect_close(grad_log_scale, ref[1], "actnorm_backward " + kind + " ∂log_scale" + suffix, tolerance(dtype, true));
+    expect_close(grad_bias, ref[2], "actnorm_backward " + kind + " ∂bias" + suffix, tolerance(dtype, true));
+  }
 
   auto conv = op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>(
       "flowkern::conv1x1");
-  const at::Tensor weight = at::randn({7, 6}), bias7 = at::randn({7});
+  const at::Tensor weight = at::randn({7, 6}, dtype), bias7 = at::randn({7}, dtype);
   const at::Tensor expected = at::einsum("oc,nchw->nohw", {weight, x}) + bias7.view({1, -1, 1, 1});
-  expect_close(conv.call(x, weight, bias7), expected, "conv1x1", 1e-4);
+  expect_close(conv.call(x, weight, bias7), expected, "conv1x1" + suffix, tolerance(dtype, true));
+  expect_close(conv.call(x, weight, std::nullopt), at::einsum("oc,nchw->nohw", {weight, x}),
+               "conv1x1 without bias" + suffix, tolerance(dtype, true));
 
   auto weight_grad = op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&)>(
       "flowkern::conv1x1_weight_grad");
-  const at::Tensor g = at::randn({4, 7, 9, 3});
+  const at::Tensor g = at::randn({4, 7, 9, 3}, dtype);
   const auto [grad_w, grad_b] = weight_grad.call(g, x);
-  expect_close(grad_w, at::einsum("nohw,nchw->oc", {g, x}), "conv1x1 weight gradient", 1e-4);
-  expect_close(grad_b, g.sum({0, 2, 3}), "conv1x1 bias gradient", 1e-4);
+  expect_close(grad_w, at::einsum("nohw,nchw->oc", {g, x}), "conv1x1 weight gradient" + suffix, tolerance(dtype, true));
+  expect_close(grad_b, g.sum({0, 2, 3}), "conv1x1 bias gradient" + suffix, tolerance(dtype, true));
 }
 
 void test_bad_input_is_refused() {
@@ -126,8 +173,10 @@ void test_bad_input_is_refused() {
 
 int main() {
   at::manual_seed(0);
-  test_coupling();
-  test_actnorm_and_conv1x1();
+  for (const auto dtype : {at::kFloat, at::kDouble}) {
+    test_coupling(dtype);
+    test_actnorm_and_conv1x1(dtype);
+  }
   test_bad_input_is_refused();
   std::printf("%d failure(s)\n", failures);
   return failures == 0 ? 0 : 1;

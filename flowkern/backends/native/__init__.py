@@ -1,12 +1,15 @@
 """The compiled extension ``flowkern._C`` built from ``csrc/``: C++ CPU kernels, and CUDA kernels when it
 was built with CUDA. Its ops are ``torch.ops.flowkern.*`` (schemas in ``csrc/ops.cpp``); this module adds
 their fake implementations and autograd. Importing it fails, with the reason, if the extension was not
-built or does not load; flowkern then runs on the other backends.
+built, was built for CPU features this CPU lacks, or does not load; flowkern then runs on the other backends.
 """
 import torch
 
-from ... import _C  # noqa: F401  (loading the library registers the ops)
 from .._ops import NAMESPACE, FusedOps
+from .cpu_features import check_cpu_features
+
+check_cpu_features()  # before loading: code built for AVX2 would die with SIGILL on a CPU without it
+from ... import _C  # noqa: F401, E402  (loading the library registers the ops)
 
 PREFIX = ""
 ops = FusedOps(PREFIX).register_fakes_and_autograd()
