@@ -1,26 +1,13 @@
-"""The ops layers call: inputs checked here once, then run by the active backend.
+"""The fused ops, as layers call them: inputs checked here once, then run by the active backend.
 
-Fused ops (coupling, ActNorm, 1×1 conv) go to ``flowkern.backends.dispatch``; the small tensor
-algebra around them (masks, LU assembly, squeeze, Gaussian standardisation) is the reference's own.
-Shapes and conventions are documented in :mod:`flowkern.reference`.
+Every op here goes to ``flowkern.backends.dispatch``; the small tensor algebra around them (masks, LU
+assembly, squeeze, Gaussian standardisation) is not dispatched, and layers take it from
+:mod:`flowkern.reference` directly. Shapes and conventions are documented in :mod:`flowkern.reference`.
 """
 import torch
 
 from . import backends, reference
 from ._validation import check_choice, check_image, check_like, check_tensor
-from .reference import (  # noqa: F401  (re-exported helpers)
-    actnorm_logdet,
-    conditioner_channels,
-    conv1x1_logdet,
-    coupling_condition,
-    lu_weight,
-    lu_weight_inverse,
-    standard_normal_log_prob,
-    standardize,
-    squeeze,
-    unsqueeze,
-    unstandardize,
-)
 
 
 def _check_coupling(x, h, mask, parity, scale, x_name):
@@ -33,7 +20,7 @@ def _check_coupling(x, h, mask, parity, scale, x_name):
     n, c, height, width = x.shape
     if mask == "channel" and c < 2:
         raise ValueError(f"a channel-mask coupling needs at least 2 channels, got shape {tuple(x.shape)}")
-    expected = conditioner_channels(c, mask, parity, scale)[1]
+    expected = reference.conditioner_channels(c, mask, parity, scale)[1]
     if h.shape != (n, expected, height, width):
         raise ValueError(
             f"h must have shape {(n, expected, height, width)} for a {mask}-mask {scale} coupling of "

@@ -3,13 +3,24 @@
 A fused backend defines seven ops in the ``flowkern`` namespace under its prefix (``triton_`` for the
 Triton kernels, none for the compiled extension) with the schemas below, and kernels for them. This
 module adds what does not depend on the kernels: fake implementations (shapes for ``torch.compile``) and
-the autograd formulas wiring each op to its backward op. :class:`FusedOps` then gives the backend the
-signatures of :mod:`flowkern.reference`.
+the autograd formulas wiring each op to its backward op.
+
+Each backend module then defines the functions of :data:`flowkern.reference.OPS` over its ops, one
+explicit function per op, named as in the layers and the reference:
+
+=====================  ======================================================================
+function               op (``torch.ops.flowkern.<prefix><op>``)
+=====================  ======================================================================
+``coupling_forward``   ``coupling_forward``; its backward ``coupling_backward(inverse=False)``
+``coupling_inverse``   ``coupling_inverse``; its backward ``coupling_backward(inverse=True)``
+``actnorm_forward``    ``actnorm(inverse=False)``, plus the log-det ``H·W·Σ log_scale``
+``actnorm_inverse``    ``actnorm(inverse=True)``, plus the forward map's log-det
+``conv1x1``            ``conv1x1``; its backward ``conv1x1`` by ``Wᵀ`` and ``conv1x1_weight_grad``
+=====================  ======================================================================
 """
 import torch
 
 from ..reference._dtypes import compute_dtype
-from ..reference.actnorm import actnorm_logdet
 
 NAMESPACE = "flowkern"
 
@@ -135,32 +146,3 @@ class FusedOps:
             torch.library.register_autograd(f"{NAMESPACE}::{self.prefix}{name}", backward,
                                             setup_context=setup_context)
         return self
-
-    def functions(self) -> dict:
-        """The fused ops of :data:`flowkern.reference.OPS`, for a backend module's namespace."""
-        coupling_forward, coupling_inverse, actnorm, conv1x1 = (
-            self.coupling_forward, self.coupling_inverse, self.actnorm, self.conv1x1)
-
-        def coupling_forward_fn(x, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
-            """(x (N, C, H, W), h) → (y (N, C, H, W) contiguous, logdet (N,))."""
-            return coupling_forward(x, h, mask, parity, scale, bound)
-
-        def coupling_inverse_fn(y, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
-            """(y (N, C, H, W), h) → (x (N, C, H, W) contiguous, logdet (N,) of the forward map)."""
-            return coupling_inverse(y, h, mask, parity, scale, bound)
-
-        def actnorm_forward_fn(x, log_scale, bias):
-            """(x (N, C, H, W), log_scale (C,), bias (C,)) → (y contiguous, logdet (N,))."""
-            return actnorm(x, log_scale, bias, False), actnorm_logdet(x, log_scale)
-
-        def actnorm_inverse_fn(y, log_scale, bias):
-            """(y (N, C, H, W), log_scale (C,), bias (C,)) → (x contiguous, logdet (N,) of the forward map)."""
-            return actnorm(y, log_scale, bias, True), actnorm_logdet(y, log_scale)
-
-        def conv1x1_fn(x, weight, bias=None):
-            """(x (N, C_in, H, W), weight (C_out, C_in), bias (C_out,) or None) → y (N, C_out, H, W)."""
-            return conv1x1(x, weight, bias)
-
-        return {"coupling_forward": coupling_forward_fn, "coupling_inverse": coupling_inverse_fn,
-                "actnorm_forward": actnorm_forward_fn, "actnorm_inverse": actnorm_inverse_fn,
-                "conv1x1": conv1x1_fn}

@@ -3,7 +3,7 @@ import math
 import torch
 from torch import nn
 
-from .. import functional as F
+from ..reference import standard_normal_log_prob
 from .._validation import check_count, check_image, check_module_input, check_temperature
 from ..nn import Squeeze
 
@@ -39,7 +39,7 @@ class FlowModel(nn.Module):
     def log_prob(self, x):
         """Per-sample log density of ``x`` in nats, prior included: shape (N,)."""
         zs, logdet = self(x)
-        return logdet + sum(F.standard_normal_log_prob(z) for z in self._latents(zs))
+        return logdet + sum(standard_normal_log_prob(z) for z in self._latents(zs))
 
     def bits_per_dim(self, x, n_bins=256):
         """Per-sample negative log-likelihood in bits per dimension, shape (N,).

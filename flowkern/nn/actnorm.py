@@ -2,7 +2,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import functional as F
+from .. import functional
 from .._validation import check_image, check_module_input
 
 
@@ -77,11 +77,11 @@ class ActNorm(nn.Module):
         self._check(x, "x")
         if self.will_initialize():
             self.initialize(x)
-        return F.actnorm_forward(x, self.log_scale, self.bias)
+        return functional.actnorm_forward(x, self.log_scale, self.bias)
 
     def inverse(self, y):
         self._check(y, "y")
-        return F.actnorm_inverse(y, self.log_scale, self.bias)[0]
+        return functional.actnorm_inverse(y, self.log_scale, self.bias)[0]
 
     def extra_repr(self):
         return f"{self.channels}"

@@ -4,7 +4,7 @@ Each ends in a zero-initialised layer, so a fresh coupling is the identity (Glow
 its scale starts at ``s(0)``.
 """
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from torch import nn
 
 from .actnorm import ActNorm
@@ -42,7 +42,7 @@ class ConvActNorm(nn.Module):
         if not self.folds():
             return self.norm(self.conv(x))[0].relu()
         # the convolution's backward needs its input and weight, not its output: ReLU may overwrite it
-        return TF.conv2d(x, *self.folded(), padding=self.conv.padding).relu_()
+        return F.conv2d(x, *self.folded(), padding=self.conv.padding).relu_()
 
 
 def zero_conv(in_channels, out_channels, kernel_size=3):
@@ -104,12 +104,12 @@ def glow_conditioner_by_matmul(x, w1, b1, w2, b2, w3, b3):
     """
     n, _, height, width = x.shape
     pixels, c_out = height * width, w3.shape[0]
-    h = TF.conv2d(x.contiguous(memory_format=torch.channels_last), w1, b1, padding=1).relu_()
+    h = F.conv2d(x.contiguous(memory_format=torch.channels_last), w1, b1, padding=1).relu_()
     h = h.permute(0, 2, 3, 1).reshape(n * pixels, -1)
     h = torch.addmm(b2, h, w2.flatten(1).t()).relu_()
     taps = w3.flip(2, 3).transpose(0, 1).reshape(h.shape[1], c_out * 9)
     per_tap = (h @ taps).view(n, pixels, c_out * 9).transpose(1, 2)
-    return TF.fold(per_tap, (height, width), 3, padding=1) + b3.view(1, -1, 1, 1)
+    return F.fold(per_tap, (height, width), 3, padding=1) + b3.view(1, -1, 1, 1)
 
 
 class _ResidualBlock(nn.Module):

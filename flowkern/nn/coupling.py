@@ -1,7 +1,8 @@
 import torch
 from torch import nn
 
-from .. import functional as F
+from .. import functional
+from ..reference import conditioner_channels, coupling_condition
 from .._validation import check_choice, check_image, check_module_input
 from ..reference import MASKS, SCALES
 from .conditioners import GlowConditioner
@@ -34,7 +35,7 @@ class AffineCoupling(nn.Module):
         if mask == "channel" and channels < 2:
             raise ValueError(f"a channel-mask coupling needs at least 2 channels, got {channels}")
         self.channels, self.mask, self.parity, self.scale, self.bound = channels, mask, parity, scale, bound
-        self.conditioner_channels = F.conditioner_channels(channels, mask, parity, scale)
+        self.conditioner_channels = conditioner_channels(channels, mask, parity, scale)
         if conditioner is None:
             conditioner = GlowConditioner(*self.conditioner_channels, hidden_channels)
         elif not isinstance(conditioner, nn.Module):
@@ -44,17 +45,17 @@ class AffineCoupling(nn.Module):
     def _conditioner_output(self, x, name):
         check_image(x, name, self.channels)
         check_module_input(self, x, name)
-        return self.conditioner(F.coupling_condition(x, self.mask, self.parity))
+        return self.conditioner(coupling_condition(x, self.mask, self.parity))
 
     def _options(self):
         return dict(mask=self.mask, parity=self.parity, scale=self.scale, bound=self.bound)
 
     def forward(self, x):
-        return F.coupling_forward(x, self._conditioner_output(x, "x"), **self._options())
+        return functional.coupling_forward(x, self._conditioner_output(x, "x"), **self._options())
 
     def inverse(self, y):
         # The pass-through part of y equals that of x, so the conditioner sees the same input.
-        return F.coupling_inverse(y, self._conditioner_output(y, "y"), **self._options())[0]
+        return functional.coupling_inverse(y, self._conditioner_output(y, "y"), **self._options())[0]
 
     def rebuild(self, y):
         """For training by inversion: ``(x, leaf, y_again, logdet)`` with ``x`` the input rebuilt from ``y``
@@ -67,8 +68,8 @@ class AffineCoupling(nn.Module):
         leaf = y.detach().requires_grad_()
         h = self._conditioner_output(leaf, "y")
         with torch.no_grad():
-            x = F.coupling_inverse(y, h, **self._options())[0]
-        y_again, logdet = F.coupling_forward(leaf + (x - y).detach(), h, **self._options())
+            x = functional.coupling_inverse(y, h, **self._options())[0]
+        y_again, logdet = functional.coupling_forward(leaf + (x - y).detach(), h, **self._options())
         return x, leaf, y_again, logdet
 
     def extra_repr(self):

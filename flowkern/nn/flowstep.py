@@ -1,7 +1,8 @@
 import torch
 from torch import nn
 
-from .. import functional as F
+from .. import functional
+from ..reference import actnorm_logdet
 from .actnorm import ActNorm
 from .coupling import AdditiveCoupling, AffineCoupling
 from .invconv import InvConv1x1
@@ -130,9 +131,9 @@ class ActNormConv1x1:
     def __call__(self, x):
         actnorm, conv = self.actnorm, self.conv
         conv._check(x, "x")
-        y = F.actnorm_conv1x1(x, actnorm.log_scale, actnorm.bias, conv.weight_matrix())
-        return y, F.actnorm_logdet(x, actnorm.log_scale) + conv.logdet(x)
+        y = functional.actnorm_conv1x1(x, actnorm.log_scale, actnorm.bias, conv.weight_matrix())
+        return y, actnorm_logdet(x, actnorm.log_scale) + conv.logdet(x)
 
     def inverse(self, y):
-        return F.actnorm_conv1x1_inverse(y, self.actnorm.log_scale, self.actnorm.bias,
+        return functional.actnorm_conv1x1_inverse(y, self.actnorm.log_scale, self.actnorm.bias,
                                          self.conv.inverse_weight_matrix())

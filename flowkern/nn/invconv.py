@@ -1,7 +1,8 @@
 import torch
 from torch import nn
 
-from .. import functional as F
+from .. import functional
+from ..reference import conv1x1_logdet, lu_weight, lu_weight_inverse
 from .._validation import check_image, check_module_input
 from ..reference._dtypes import compute_dtype
 
@@ -61,18 +62,18 @@ class InvConv1x1(nn.Module):
 
     def weight_matrix(self) -> torch.Tensor:
         """The (C, C) mixing matrix."""
-        return self._cached("weight", F.lu_weight) if self.lu else self.weight
+        return self._cached("weight", lu_weight) if self.lu else self.weight
 
     def inverse_weight_matrix(self) -> torch.Tensor:
         """The (C, C) inverse mixing matrix."""
         if self.lu:
-            return self._cached("inverse", F.lu_weight_inverse)
+            return self._cached("inverse", lu_weight_inverse)
         return self._cached("inverse", lambda w: torch.linalg.inv(w.double()).to(w.dtype))
 
     def logdet(self, x):
         """Log-det of the layer over ``x`` (N, C, H, W), shape (N,)."""
         if self.lu:
-            return F.conv1x1_logdet(x, self.log_s)
+            return conv1x1_logdet(x, self.log_s)
         per_pixel = torch.linalg.slogdet(self.weight.double())[1]
         return (per_pixel * (x.shape[2] * x.shape[3])).to(compute_dtype(x.dtype)).expand(x.shape[0])
 
@@ -82,11 +83,11 @@ class InvConv1x1(nn.Module):
 
     def forward(self, x):
         self._check(x, "x")
-        return F.conv1x1(x, self.weight_matrix()), self.logdet(x)
+        return functional.conv1x1(x, self.weight_matrix()), self.logdet(x)
 
     def inverse(self, y):
         self._check(y, "y")
-        return F.conv1x1(y, self.inverse_weight_matrix())
+        return functional.conv1x1(y, self.inverse_weight_matrix())
 
     def extra_repr(self):
         return f"{self.channels}, lu={self.lu}"

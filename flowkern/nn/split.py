@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from .. import functional as F
+from ..reference import standardize, unstandardize
 from .._validation import check_image, check_module_input
 from .conditioners import zero_conv
 
@@ -37,7 +37,7 @@ class Split(nn.Module):
         check_image(x, "x", self.channels)
         check_module_input(self, x)
         z1, z2 = x.chunk(2, dim=1)
-        eps, logdet = F.standardize(z2, *self._mean_log_std(z1))
+        eps, logdet = standardize(z2, *self._mean_log_std(z1))
         return (z1, eps), logdet
 
     def inverse(self, y):
@@ -47,7 +47,7 @@ class Split(nn.Module):
         check_module_input(self, z1, "z1")
         if eps.shape[0] != z1.shape[0] or eps.shape[2:] != z1.shape[2:]:
             raise ValueError(f"z1 and eps must share N, H, W, got {tuple(z1.shape)} and {tuple(eps.shape)}")
-        z2, _ = F.unstandardize(eps, *self._mean_log_std(z1))
+        z2, _ = unstandardize(eps, *self._mean_log_std(z1))
         return torch.cat([z1, z2], dim=1)
 
     def extra_repr(self):
@@ -69,12 +69,12 @@ class Gaussianize(nn.Module):
     def forward(self, x):
         check_image(x, "x", self.channels)
         check_module_input(self, x)
-        return F.standardize(x, self.mean, self.log_std)
+        return standardize(x, self.mean, self.log_std)
 
     def inverse(self, y):
         check_image(y, "y", self.channels)
         check_module_input(self, y, "y")
-        return F.unstandardize(y, self.mean, self.log_std)[0]
+        return unstandardize(y, self.mean, self.log_std)[0]
 
     def extra_repr(self):
         return f"{self.channels}"

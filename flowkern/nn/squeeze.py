@@ -1,6 +1,6 @@
 from torch import nn
 
-from .. import functional as F
+from ..reference import squeeze, unsqueeze
 from .._validation import check_image
 from ..reference._dtypes import compute_dtype
 
@@ -20,14 +20,14 @@ class Squeeze(nn.Module):
         if x.shape[2] % self.factor or x.shape[3] % self.factor:
             raise ValueError(f"Squeeze(factor={self.factor}) needs H and W divisible by {self.factor}, "
                              f"got shape {tuple(x.shape)}")
-        return F.squeeze(x, self.factor), x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype))
+        return squeeze(x, self.factor), x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype))
 
     def inverse(self, y):
         check_image(y, "y")
         if y.shape[1] % (self.factor ** 2):
             raise ValueError(f"Squeeze.inverse needs a channel count divisible by {self.factor ** 2}, "
                              f"got shape {tuple(y.shape)}")
-        return F.unsqueeze(y, self.factor)
+        return unsqueeze(y, self.factor)
 
     def extra_repr(self):
         return f"factor={self.factor}"

@@ -5,6 +5,7 @@ Triton is first imported), which is how the kernels are tested without a GPU.
 """
 import torch
 
+from ...reference.actnorm import actnorm_logdet
 from .._ops import NAMESPACE, SCHEMAS, FusedOps
 from ._common import interpreting
 
@@ -28,7 +29,31 @@ for _name, _kernel in _KERNELS.items():
     torch.library.impl(f"{NAMESPACE}::{PREFIX}{_name}", ("cpu", "cuda"), _kernel)
 
 ops = FusedOps(PREFIX).register_fakes_and_autograd()
-globals().update(ops.functions())
+
+
+def coupling_forward(x, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
+    """(x (N, C, H, W), h) → (y (N, C, H, W) contiguous, logdet (N,))."""
+    return ops.coupling_forward(x, h, mask, parity, scale, bound)
+
+
+def coupling_inverse(y, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
+    """(y (N, C, H, W), h) → (x (N, C, H, W) contiguous, logdet (N,) of the forward map)."""
+    return ops.coupling_inverse(y, h, mask, parity, scale, bound)
+
+
+def actnorm_forward(x, log_scale, bias):
+    """(x (N, C, H, W), log_scale (C,), bias (C,)) → (y contiguous, logdet (N,))."""
+    return ops.actnorm(x, log_scale, bias, False), actnorm_logdet(x, log_scale)
+
+
+def actnorm_inverse(y, log_scale, bias):
+    """(y (N, C, H, W), log_scale (C,), bias (C,)) → (x contiguous, logdet (N,) of the forward map)."""
+    return ops.actnorm(y, log_scale, bias, True), actnorm_logdet(y, log_scale)
+
+
+def conv1x1(x, weight, bias=None):
+    """(x (N, C_in, H, W), weight (C_out, C_in), bias (C_out,) or None) → y (N, C_out, H, W)."""
+    return ops.conv1x1(x, weight, bias)
 
 
 def unsupported(device: torch.device) -> "str | None":
@@ -40,4 +65,5 @@ def unsupported(device: torch.device) -> "str | None":
     return f"Triton kernels run on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not {device.type}"
 
 
-__all__ = ["ops", "PREFIX", "unsupported", *ops.functions()]
+__all__ = ["ops", "PREFIX", "unsupported", "actnorm_forward", "actnorm_inverse", "conv1x1", "coupling_forward",
+           "coupling_inverse"]
