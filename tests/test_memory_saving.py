@@ -198,7 +198,10 @@ def test_a_folding_flow_step_is_rebuilt_as_two_units():
     assert [type(u).__name__ for u in step.units()] == ["ActNorm", "InvConv1x1", "AffineCoupling"]
     step(x)  # ActNorm's initialisation
     assert [type(u).__name__ for u in step.units()] == ["ActNormConv1x1", "AffineCoupling"]
+    assert all(isinstance(u, flowkern.nn.Unit) for u in step.units())
     mixing = next(step.units())
+    assert mixing is step.folded and "folded" not in dict(step.named_modules())  # built once, not a submodule
+    assert list(step.state_dict()) == list(flowkern.nn.FlowStep(4, hidden_channels=8).state_dict())
     assert {id(p) for p in mixing.parameters()} == {id(p) for p in [*step[0].parameters(), *step[1].parameters()]}
     y, logdet = mixing(x)
     u, actnorm_logdet = step[0](x)

@@ -4,12 +4,12 @@ from .conditioners import GlowConditioner, MLPConditioner, ResNetConditioner
 from .coupling import AdditiveCoupling, AffineCoupling
 from .flowstep import ActNormConv1x1, FlowSequential, FlowStep
 from .invconv import InvConv1x1
-from .memory_saving import ReconstructionWarning
+from .memory_saving import ReconstructionWarning, Unit
 from .split import Gaussianize, Split
 from .squeeze import Squeeze
 
 __all__ = [
     "ActNorm", "ActNormConv1x1", "AdditiveCoupling", "AffineCoupling", "FlowSequential", "FlowStep", "Gaussianize",
     "GlowConditioner", "InvConv1x1", "MLPConditioner", "ReconstructionWarning", "ResNetConditioner", "Split",
-    "Squeeze",
+    "Squeeze", "Unit",
 ]

@@ -1,3 +1,5 @@
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -6,7 +8,7 @@ from ..reference import actnorm_logdet
 from .actnorm import ActNorm
 from .coupling import AdditiveCoupling, AffineCoupling
 from .invconv import InvConv1x1
-from .memory_saving import chain_by_inversion
+from .memory_saving import Unit, chain_by_inversion
 
 
 class FlowSequential(nn.Sequential):
@@ -32,7 +34,7 @@ class FlowSequential(nn.Sequential):
         self.check_reconstruction = check_reconstruction
         self.last_reconstruction_error = None
 
-    def units(self):
+    def units(self) -> Iterator[Unit]:
         """The layers, nested chains (such as :class:`FlowStep`) expanded: what the backward pass of
         training by inversion rebuilds one at a time."""
         for layer in self:
@@ -87,14 +89,15 @@ class FlowStep(FlowSequential):
             raise ValueError(f"coupling must be 'affine' or 'additive', got {coupling!r}")
         super().__init__(ActNorm(channels), InvConv1x1(channels, lu=lu), coupling_layer)
         self.fold_actnorm = fold_actnorm
+        self.folded = ActNormConv1x1(self[0], self[1])  # a plain attribute: not a submodule
 
     def _folds(self):
         # ActNorm's data-dependent initialisation needs its own forward on the first training batch
         return self.fold_actnorm and not self[0].will_initialize()
 
-    def units(self):
+    def units(self) -> Iterator[Unit]:
         if self._folds():
-            yield ActNormConv1x1(self[0], self[1])
+            yield self.folded
             yield self[2]
         else:
             yield from super().units()
@@ -102,21 +105,22 @@ class FlowStep(FlowSequential):
     def forward(self, x):
         if not self._folds():
             return self.run(x)
-        y, logdet = ActNormConv1x1(self[0], self[1])(x)
+        y, logdet = self.folded(x)
         y, coupling_logdet = self[2](y)
         return y, logdet + coupling_logdet
 
     def inverse(self, y):
         if not self.fold_actnorm:
             return super().inverse(y)
-        return ActNormConv1x1(self[0], self[1]).inverse(self[2].inverse(y))
+        return self.folded.inverse(self[2].inverse(y))
 
 
 class ActNormConv1x1:
     """An :class:`ActNorm` and the :class:`InvConv1x1` after it as one layer: the per-pixel map
     ``W·(x·e^log_scale + bias)`` computed in one pass, with the log-dets of both. A view of the two
-    modules (it owns no parameters): how a folding :class:`FlowStep` runs them, and the unit in which
-    training by inversion rebuilds them.
+    modules, built once by a :class:`FlowStep`; it owns no parameters (they stay the two modules', and so
+    in the step's ``state_dict``), so it is a :class:`~flowkern.nn.memory_saving.Unit`, not an
+    ``nn.Module``: how a folding step runs them, and the unit in which training by inversion rebuilds them.
 
     Shapes: x (N, C, H, W) → y (N, C, H, W), logdet (N,).
     """
@@ -136,4 +140,4 @@ class ActNormConv1x1:
 
     def inverse(self, y):
         return functional.actnorm_conv1x1_inverse(y, self.actnorm.log_scale, self.actnorm.bias,
-                                         self.conv.inverse_weight_matrix())
+                                                  self.conv.inverse_weight_matrix())

@@ -16,9 +16,30 @@ the gradients computed from them are wrong. With ``check_reconstruction`` set, t
 input, compares it with the one rebuilt by the backward pass, and warns with the measured error.
 """
 import warnings
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch.autograd.function import once_differentiable
+
+
+@runtime_checkable
+class Unit(Protocol):
+    """What the backward pass rebuilds one at a time: a flow layer, or a view of several run as one
+    (:class:`~flowkern.nn.ActNormConv1x1`). A chain lists its units with ``units()``.
+
+    A unit may also define ``rebuild(y) -> (x, leaf, y_again, logdet)`` when it has a cheaper way than
+    inverse-then-forward (see :func:`rebuild`); the couplings do.
+    """
+
+    def __call__(self, x: torch.Tensor) -> tuple:
+        """``(y, logdet (N,))``; must draw no random numbers, since the backward pass runs it again."""
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """The input ``x`` that gives output ``y``."""
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """Its parameters, whose gradients the unit's autograd node returns."""
 
 
 class ReconstructionWarning(UserWarning):
@@ -29,8 +50,8 @@ def relative_error(got, expected):
     return ((got - expected).norm() / expected.norm().clamp_min(torch.finfo(expected.dtype).tiny)).item()
 
 
-def rebuild(layer, y):
-    """``(x, leaf, y_again, logdet)``: the layer's input rebuilt from its output ``y``, and its output and
+def rebuild(layer: Unit, y):
+    """``(x, leaf, y_again, logdet)``: the unit's input rebuilt from its output ``y``, and its output and
     log-det recomputed under autograd from ``leaf``, a tensor equal to ``x``. Layers with a cheaper way
     than inverse-then-forward define ``rebuild`` themselves (the couplings run their conditioner once)."""
     if hasattr(layer, "rebuild"):
