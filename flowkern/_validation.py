@@ -4,6 +4,8 @@ import operator
 
 import torch
 
+from .reference.coupling import MASKS, SCALES, conditioner_channels
+
 
 def check_tensor(x, name, ndim=None, floating=True):
     if not isinstance(x, torch.Tensor):
@@ -62,3 +64,22 @@ def check_temperature(value):
     """A sampling temperature: a finite number, at least 0 (0 gives every latent's mean)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"temperature must be a finite number >= 0, got {value!r}")
+
+
+def check_coupling(x, h, mask, parity, scale, x_name="x"):
+    """The inputs of a coupling: ``x`` (N, C, H, W), its options, and ``h`` of the shape the options need."""
+    check_image(x, x_name)
+    check_choice(mask, MASKS, "mask")
+    check_choice(parity, (0, 1), "parity")
+    check_choice(scale, SCALES, "scale")
+    check_image(h, "h")
+    check_like(h, x, "h", x_name)
+    n, c, height, width = x.shape
+    if mask == "channel" and c < 2:
+        raise ValueError(f"a channel-mask coupling needs at least 2 channels, got shape {tuple(x.shape)}")
+    expected = conditioner_channels(c, mask, parity, scale)[1]
+    if h.shape != (n, expected, height, width):
+        raise ValueError(
+            f"h must have shape {(n, expected, height, width)} for a {mask}-mask {scale} coupling of "
+            f"{x_name} with shape {tuple(x.shape)}, got {tuple(h.shape)}"
+        )

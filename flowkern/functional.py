@@ -6,37 +6,19 @@ assembly, squeeze, Gaussian standardisation) is not dispatched, and layers take 
 """
 import torch
 
-from . import backends, reference
-from ._validation import check_choice, check_image, check_like, check_tensor
-
-
-def _check_coupling(x, h, mask, parity, scale, x_name):
-    check_image(x, x_name)
-    check_choice(mask, reference.MASKS, "mask")
-    check_choice(parity, (0, 1), "parity")
-    check_choice(scale, reference.SCALES, "scale")
-    check_image(h, "h")
-    check_like(h, x, "h", x_name)
-    n, c, height, width = x.shape
-    if mask == "channel" and c < 2:
-        raise ValueError(f"a channel-mask coupling needs at least 2 channels, got shape {tuple(x.shape)}")
-    expected = reference.conditioner_channels(c, mask, parity, scale)[1]
-    if h.shape != (n, expected, height, width):
-        raise ValueError(
-            f"h must have shape {(n, expected, height, width)} for a {mask}-mask {scale} coupling of "
-            f"{x_name} with shape {tuple(x.shape)}, got {tuple(h.shape)}"
-        )
+from . import backends
+from ._validation import check_coupling, check_image, check_tensor
 
 
 def coupling_forward(x, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
     """Coupling ``x`` (N, C, H, W) given conditioner output ``h`` → ``(y, logdet (N,))``."""
-    _check_coupling(x, h, mask, parity, scale, "x")
+    check_coupling(x, h, mask, parity, scale, "x")
     return backends.dispatch("coupling_forward", x, h, mask, parity, scale, float(bound))
 
 
 def coupling_inverse(y, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
     """Inverse coupling of ``y`` (N, C, H, W) → ``(x, logdet (N,) of the forward map)``."""
-    _check_coupling(y, h, mask, parity, scale, "y")
+    check_coupling(y, h, mask, parity, scale, "y")
     return backends.dispatch("coupling_inverse", y, h, mask, parity, scale, float(bound))
 
 

@@ -9,6 +9,7 @@ from .coupling import (
     MASKS,
     SCALES,
     checkerboard,
+    channel_layout,
     channel_split_sizes,
     conditioner_channels,
     coupling_condition,
@@ -24,7 +25,7 @@ OPS = ("coupling_forward", "coupling_inverse", "actnorm_forward", "actnorm_inver
 __all__ = [
     "OPS", "MASKS", "SCALES",
     "actnorm_forward", "actnorm_inverse", "conv1x1", "coupling_forward", "coupling_inverse",
-    "actnorm_logdet", "channel_split_sizes", "checkerboard", "conditioner_channels", "conv1x1_logdet",
+    "actnorm_logdet", "channel_layout", "channel_split_sizes", "checkerboard", "conditioner_channels", "conv1x1_logdet",
     "coupling_condition",
     "lu_weight", "lu_weight_inverse", "squeeze", "standard_normal_log_prob", "standardize",
     "transformed_channels", "unsqueeze", "unstandardize",

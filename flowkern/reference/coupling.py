@@ -33,6 +33,16 @@ def channel_split_sizes(channels: int, parity: int) -> tuple[int, int]:
     return (first, second) if parity == 0 else (second, first)
 
 
+def channel_layout(channels: int, mask: str, parity: int) -> tuple[int, int, int, int]:
+    """(first pass-through channel, their count, first transformed channel, their count) in ``x``: the
+    channel mask passes one half (the first ``ceil(C/2)`` channels or the rest) and transforms the other;
+    the checkerboard mask transforms every channel (at half of the pixels)."""
+    if mask == "checkerboard":
+        return 0, 0, 0, channels
+    n_pass, n_t = channel_split_sizes(channels, parity)
+    return (0, n_pass, n_pass, n_t) if parity == 0 else (n_t, n_pass, 0, n_t)
+
+
 def transformed_channels(channels: int, mask: str, parity: int) -> int:
     return channel_split_sizes(channels, parity)[1] if mask == "channel" else channels
 

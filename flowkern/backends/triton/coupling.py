@@ -7,7 +7,8 @@ log-det is deterministic. The checkerboard mask is computed from pixel indices, 
 import triton
 import triton.language as tl
 
-from ...reference import channel_split_sizes, conditioner_channels
+from ..._validation import check_coupling
+from ...reference import channel_layout
 from ...reference._dtypes import compute_dtype
 from ._common import accumulator, check_launchable, empty, inner_dense, pixel_block
 
@@ -47,17 +48,38 @@ def _transformed(pix, inside, W, parity, MASK: tl.constexpr):
 
 
 @triton.jit
-def _log_scale(raw, bound, SCALE: tl.constexpr):
-    """(log s, d log s / d raw) for the sigmoid (Glow) and exp-tanh (RealNVP) scales."""
+def _sigmoid_terms(raw):
+    """Glow's scale s = sigmoid(z), z = raw + 2, from e = e^{−|z|} and r = 1/(1+e): s = r for z ≥ 0, e·r
+    otherwise, so that no exp overflows (``sigmoid_terms`` in csrc/flowkern/math.h)."""
+    z = raw + 2.0
+    e = tl.exp(-tl.abs(z))
+    r = 1.0 / (1.0 + e)
+    return z, e, r, tl.where(z >= 0, r, e * r)
+
+
+@triton.jit
+def _scale_and_log(raw, bound, SCALE: tl.constexpr):
+    """(s, log s) for the sigmoid (Glow) and exp-tanh (RealNVP) scales (``scale_and_log`` in math.h)."""
     if SCALE == 0:
-        z = raw + 2.0
-        logs = tl.minimum(z, 0.0) - _log1p(tl.exp(-tl.abs(z)))
-        dlogs = tl.exp(logs - z)  # 1 − sigmoid(z) = sigmoid(z) · e^{−z}
+        z, e, r, s = _sigmoid_terms(raw)
+        logs = tl.minimum(z, 0.0) - _log1p(e)
+    else:
+        logs = bound * _tanh(raw)
+        s = tl.exp(logs)
+    return s, logs
+
+
+@triton.jit
+def _scale_and_slope(raw, bound, SCALE: tl.constexpr):
+    """(s, d log s / d raw), without a logarithm (``scale_and_slope`` in math.h)."""
+    if SCALE == 0:
+        z, e, r, s = _sigmoid_terms(raw)
+        dlogs = tl.where(z >= 0, e * r, r)  # 1 − s
     else:
         t = _tanh(raw)
-        logs = bound * t
+        s = tl.exp(bound * t)
         dlogs = bound * (1.0 - t * t)
-    return logs, dlogs
+    return s, dlogs
 
 
 @triton.jit
@@ -90,13 +112,13 @@ def _coupling_kernel(
         else:
             raw = tl.load(h_row + k * h_sc, mask=active, other=0.0).to(ACC)
             shift = tl.load(h_row + (n_t + k) * h_sc, mask=active, other=0.0).to(ACC)
-            logs, _ = _log_scale(raw, bound, SCALE)
-            logs = tl.where(active, logs, 0.0)
+            s, logs = _scale_and_log(raw, bound, SCALE)
+            s = tl.where(active, s, 1.0)
             if INVERSE:
-                out = (v - shift) * tl.exp(-logs)
+                out = (v - shift) / s
             else:
-                out = v * tl.exp(logs) + shift
-            acc += logs
+                out = v * s + shift
+            acc += tl.where(active, logs, 0.0)
         tl.store(out_row + c * HW, out.to(out_ptr.dtype.element_ty), mask=inside)
     tl.store(partial_ptr + n * tl.num_programs(1) + block, tl.sum(acc, axis=0))
 
@@ -111,7 +133,8 @@ def _coupling_backward_kernel(
     """Gradients of the op's input and of ``h`` from the gradients of its output and log-det.
 
     Forward ``y = x·s + shift``:  ∂x = g·s,  ∂shift = g,  ∂log s = g·x·s + ∂logdet.
-    Inverse ``x = (y − shift)·s⁻¹``:  ∂y = g·s⁻¹,  ∂shift = −g·s⁻¹,  ∂log s = −g·x + ∂logdet.
+    Inverse ``x = (y − shift)/s``:  ∂y = g/s,  ∂shift = −g/s,  ∂log s = ∂logdet − g·x
+    (``couple_backward`` in math.h).
     """
     n = tl.program_id(0)
     pix = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -138,16 +161,14 @@ def _coupling_backward_kernel(
         else:
             v = tl.load(in_row + c * in_sc, mask=inside).to(ACC)
             raw = tl.load(h_row + k * h_sc, mask=active, other=0.0).to(ACC)
-            logs, dlogs = _log_scale(raw, bound, SCALE)
-            logs = tl.where(active, logs, 0.0)
+            s, dlogs = _scale_and_slope(raw, bound, SCALE)
+            s = tl.where(active, s, 1.0)
             if INVERSE:
                 shift = tl.load(h_row + (n_t + k) * h_sc, mask=active, other=0.0).to(ACC)
-                inv_s = tl.exp(-logs)
-                gin = g * inv_s
+                gin = g / s
                 gshift = -gin
-                glogs = gld - g * (v - shift) * inv_s
+                glogs = gld - gin * (v - shift)
             else:
-                s = tl.exp(logs)
                 gin = g * s
                 gshift = g
                 glogs = gin * v + gld
@@ -158,26 +179,10 @@ def _coupling_backward_kernel(
             tl.store(gh_row + (n_t + k) * HW, gshift.to(gh_ptr.dtype.element_ty), mask=inside)
 
 
-def _channels(c, mask, parity):
-    """(first pass-through channel, count, first transformed channel, count)."""
-    if mask == "checkerboard":
-        return 0, 0, 0, c
-    first = (c + 1) // 2
-    n_pass, n_t = channel_split_sizes(c, parity)
-    return (0, n_pass, first, n_t) if parity == 0 else (n_t, n_pass, 0, n_t)
-
-
-def _check_h(x, h, mask, parity, scale):
-    expected = conditioner_channels(x.shape[1], mask, parity, scale)[1]
-    if h.dim() != 4 or h.shape != (x.shape[0], expected, *x.shape[2:]):
-        raise ValueError(f"coupling: h must have shape {(x.shape[0], expected, *x.shape[2:])} for a {mask}-mask "
-                         f"{scale} coupling of an input of shape {tuple(x.shape)}, got {tuple(h.shape)}")
-
-
 def _run(x, h, mask, parity, scale, bound, inverse):
     """Coupling or inverse coupling of x (N, C, H, W) → (out (N, C, H, W) contiguous, logdet (N,))."""
     check_launchable(x, "coupling")
-    _check_h(x, h, mask, parity, scale)
+    check_coupling(x, h, mask, parity, scale)
     x, h = inner_dense(x), inner_dense(h)
     n, c, height, width = x.shape
     hw = height * width
@@ -187,7 +192,7 @@ def _run(x, h, mask, parity, scale, bound, inverse):
     partial = empty(grid, dtype=compute_dtype(x.dtype), device=x.device)
     _coupling_kernel[grid](
         x, h, out, partial, c, hw, width, x.stride(0), x.stride(1), h.stride(0), h.stride(1),
-        *_channels(c, mask, parity), parity, bound,
+        *channel_layout(c, mask, parity), parity, bound,
         MASK=_MASK[mask], SCALE=_SCALE[scale], INVERSE=inverse, ACC=accumulator(x.dtype), BLOCK=block,
     )
     return out, partial.sum(dim=1)
@@ -195,7 +200,7 @@ def _run(x, h, mask, parity, scale, bound, inverse):
 
 def coupling_backward(grad_out, grad_logdet, inp, h, mask, parity, scale, bound, inverse):
     check_launchable(inp, "coupling backward")
-    _check_h(inp, h, mask, parity, scale)
+    check_coupling(inp, h, mask, parity, scale, "input")
     grad_out, inp, h = inner_dense(grad_out), inner_dense(inp), inner_dense(h)
     n, c, height, width = inp.shape
     hw = height * width
@@ -205,7 +210,7 @@ def coupling_backward(grad_out, grad_logdet, inp, h, mask, parity, scale, bound,
     _coupling_backward_kernel[(n, triton.cdiv(hw, block))](
         grad_out, grad_logdet.contiguous(), inp, h, grad_in, grad_h,
         c, hw, width, grad_out.stride(0), grad_out.stride(1), inp.stride(0), inp.stride(1),
-        h.stride(0), h.stride(1), grad_h.stride(0), *_channels(c, mask, parity), parity, bound,
+        h.stride(0), h.stride(1), grad_h.stride(0), *channel_layout(c, mask, parity), parity, bound,
         MASK=_MASK[mask], SCALE=_SCALE[scale], INVERSE=inverse, ACC=accumulator(inp.dtype), BLOCK=block,
     )
     return grad_in, grad_h
