@@ -77,13 +77,13 @@ def test_resume_continues_as_if_uninterrupted(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    loss_of = train.batch_loss
+    loss_of = train.loop.batch_loss
 
     def poisoned(objective, x, step):
         loss = loss_of(objective, x, step)
         return loss * float("nan") if step == 7 else loss
 
-    monkeypatch.setattr(train, "batch_loss", poisoned)
+    monkeypatch.setattr(train.loop, "batch_loss", poisoned)
     assert run(tmp_path, "--steps", "20", "--checkpoint-every", "5") == 1
     message = capsys.readouterr().err
     assert "loss is nan at step 7" in message and "(step 5)" in message

@@ -1,5 +1,6 @@
 """`python -m flowkern.train` as a hostile user meets it: every option checked, resume that takes the
 changes it may and refuses the rest, a log that survives kill -9, Ctrl-C, bad data, and loading a run back."""
+import dataclasses
 import os
 import pickle
 import random
@@ -56,19 +57,19 @@ def test_help_shows_every_option_with_its_default(capsys):
         train.parse_args(["--help"])
     assert exit.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for field in train.fields(train.Config):
-        assert train._flag(field.name) in text
+    for field in dataclasses.fields(train.Config):
+        assert train.options._flag(field.name) in text
     assert "--lr LR peak learning rate (default: 0.001)" in text
     assert "--sample, --no-sample" in text and "--eval-every" in text and "--sample-every" in text
 
 
 def poison_at(monkeypatch, bad_step):
-    loss_of = train.batch_loss
+    loss_of = train.loop.batch_loss
 
     def poisoned(objective, x, step):
         loss = loss_of(objective, x, step)
         return loss * float("nan") if step == bad_step else loss
-    monkeypatch.setattr(train, "batch_loss", poisoned)
+    monkeypatch.setattr(train.loop, "batch_loss", poisoned)
 
 
 def test_resume_takes_the_schedule_it_may_change_and_refuses_the_rest(tmp_path, capsys, monkeypatch):
@@ -129,13 +130,13 @@ def test_evaluation_and_samples_during_training(tmp_path):
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, monkeypatch, capsys):
     assert run(tmp_path / "whole", "--steps", "10", "--no-sample") == 0
-    loss_of = train.batch_loss
+    loss_of = train.loop.batch_loss
 
     def interrupted(objective, x, step):
         if step == 4:
             os.kill(os.getpid(), signal.SIGINT)
         return loss_of(objective, x, step)
-    monkeypatch.setattr(train, "batch_loss", interrupted)
+    monkeypatch.setattr(train.loop, "batch_loss", interrupted)
     assert run(tmp_path / "parts", "--steps", "10", "--no-sample") == 130
     assert "stopped after step 5 and saved" in capsys.readouterr().err
     assert torch.load(tmp_path / "parts" / train.CHECKPOINT, weights_only=True)["step"] == 5
@@ -201,7 +202,7 @@ def test_bad_data_gets_one_line_and_nothing_written(tmp_path, capsys):
     cifar = tmp_path / "cifar-10-batches-py"
     cifar.mkdir()
     batch = {b"data": np.zeros((10000, 3072), np.uint8), b"labels": [0] * 10000}
-    for name in train.datasets.CIFAR10_TRAIN + train.datasets.CIFAR10_TEST:
+    for name in flowkern.data.CIFAR10_TRAIN + flowkern.data.CIFAR10_TEST:
         with open(cifar / name, "wb") as f:
             pickle.dump(batch, f)
     with open(cifar / "data_batch_3", "r+b") as f:
@@ -221,7 +222,7 @@ def test_a_folder_of_class_subfolders_trains(tmp_path):
         (tmp_path / "images" / label).mkdir(parents=True)
         for i in range(5):
             Image.fromarray(np.random.randint(0, 256, (8, 8), np.uint8)).save(tmp_path / "images" / label / f"{i}.png")
-    assert train.datasets.load_image_folder(tmp_path / "images").shape == (10, 3, 8, 8)
+    assert flowkern.data.load_image_folder(tmp_path / "images").shape == (10, 3, 8, 8)
     assert run(tmp_path / "run", "--data", str(tmp_path / "images"), "--steps", "2", "--batch-size", "4",
                "--n-bits", "5", "--no-sample") == 0
 

@@ -1,0 +1,126 @@
+"""What a run is built from: its data sets, and the model its options describe (also rebuilt from a run
+folder by :func:`load_run`)."""
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import data as datasets
+from ..models import Glow, RealNVP, RealNVP2d
+from .folder import CHECKPOINT
+from .options import Config, data_kind, default_model, resumed_config
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+class Data:
+    """A training and a test set: uint8 levels (N, C, H, W) with ``n_bins`` levels, or points (N, D)."""
+
+    def __init__(self, name, train, test, n_bins=None):
+        self.name, self.train, self.test, self.n_bins = name, train, test, n_bins
+
+    @property
+    def images(self):
+        return self.n_bins is not None
+
+    def prepare(self, rows, generator=None):
+        """Rows of a set as model input: dequantised images on [-0.5, 0.5), or points as they are."""
+        if not self.images:
+            return rows
+        return datasets.dequantize(rows, self.n_bins, generator=generator, noise=True)
+
+    def batch(self, step, size, seed, rank=0, world=1):
+        """This process's share of step ``step``'s global batch of ``size · world`` rows."""
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        rows = torch.randint(len(self.train), (size * world,), generator=generator)
+        return self.prepare(self.train[rows], generator)[rank * size:(rank + 1) * size]
+
+
+def load_data(cfg: Config) -> Data:
+    name, kind = cfg.data, data_kind(cfg.data)
+    if kind == "digits":
+        train, test = datasets.split(datasets.load_digits()[0], cfg.test_fraction)
+        return Data(name, train, test, n_bins=17)
+    if kind == "toy":
+        return Data(name, datasets.toy2d(name, 20000, seed=1), datasets.toy2d(name, 4000, seed=2))
+    if name == "cifar10":
+        folder = cfg.data_dir or os.environ.get("CIFAR10_DIR")
+        if folder is None:
+            raise ValueError("--data cifar10 needs --data-dir (or CIFAR10_DIR): the folder holding "
+                             "cifar-10-batches-py; flowkern never downloads data")
+        train, test = datasets.load_cifar10(folder)
+    elif kind == "cifar10":
+        train, test = datasets.load_cifar10(name)
+    elif kind == "folder" and os.path.isdir(name):
+        train, test = datasets.split(datasets.load_image_folder(name, cfg.image_size),
+                                     cfg.test_fraction)
+    elif kind == "npz" and os.path.isfile(name):
+        train, test = datasets.split(datasets.load_npz(name), cfg.test_fraction)
+    else:
+        raise ValueError(f"--data {name!r}: expected digits, {', '.join(datasets.TOY_SETS)}, cifar10, "
+                         "a folder of images or a .npz file")
+    if cfg.n_bits < 8:
+        train, test = datasets.quantize(train, cfg.n_bits), datasets.quantize(test, cfg.n_bits)
+    return Data(os.path.basename(os.path.normpath(name)), train, test, n_bins=2 ** cfg.n_bits)
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+
+def resolve_defaults(cfg: Config, data: Data) -> Config:
+    """Fill in the model and its number of levels from the data."""
+    cfg.model = cfg.model or default_model(cfg.data)
+    if data.images == (cfg.model == "realnvp2d"):
+        kind = "images" if data.images else "2-D points"
+        raise ValueError(f"--model {cfg.model} does not model {kind} ({cfg.data}); use "
+                         f"{'glow or realnvp' if data.images else 'realnvp2d'}")
+    if data.images and cfg.levels is None:
+        size = data.train.shape[-1]
+        twos = (size & -size).bit_length() - 1  # times the size halves evenly
+        cfg.levels = max(1, min(3, twos - 1)) if cfg.model == "glow" else max(1, min(3, twos))
+    return cfg
+
+
+def build_model(cfg: Config, data_shape) -> nn.Module:
+    """The model ``cfg`` describes, for rows of shape ``data_shape`` ((C, H, W) images or (D,) points)."""
+    if cfg.model == "realnvp2d":
+        model = RealNVP2d(dim=data_shape[0], hidden=cfg.hidden, layers=cfg.depth)
+    else:
+        channels, height, width = data_shape
+        if height != width:
+            raise ValueError(f"{cfg.model} needs square images, got {height}×{width}; pass --image-size")
+        if cfg.model == "glow":
+            model = Glow(channels, height, levels=cfg.levels, steps=cfg.depth, hidden_channels=cfg.hidden,
+                         coupling=cfg.coupling)
+        else:
+            model = RealNVP(channels, height, scales=cfg.levels, hidden_channels=cfg.hidden, blocks=cfg.blocks)
+    return model.set_memory_saving(cfg.memory_saving, cfg.check_reconstruction)
+
+
+@dataclass
+class TrainedRun:
+    """A run loaded back by :func:`load_run`: the model (in evaluation mode), its configuration, the number
+    of levels of its data (``None`` for points) and the steps it was trained."""
+    model: nn.Module
+    config: Config
+    n_bins: int | None
+    step: int
+
+
+def load_run(path, device="cpu") -> TrainedRun:
+    """Rebuild the model of the run folder ``path`` from its checkpoint, as it was last saved."""
+    checkpoint = os.path.join(path, CHECKPOINT)
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"no {CHECKPOINT} in {path}: not a run folder, or its run saved no checkpoint")
+    state = torch.load(checkpoint, map_location=device, weights_only=True)
+    cfg = resumed_config(state["config"], {})
+    if "data_shape" in state:
+        shape, n_bins = state["data_shape"], state["n_bins"]
+    else:  # written before checkpoints recorded the data's shape
+        data = load_data(cfg)
+        shape, n_bins = data.train.shape[1:], data.n_bins
+    model = build_model(cfg, shape).to(device)
+    model.load_state_dict(state["model"])
+    return TrainedRun(model.eval(), cfg, n_bins, state["step"])
