@@ -4,6 +4,7 @@ import operator
 
 import torch
 
+from .reference._dtypes import LOWER_PRECISION
 from .reference.coupling import MASKS, SCALES, conditioner_channels
 
 
@@ -67,13 +68,18 @@ def check_temperature(value):
 
 
 def check_coupling(x, h, mask, parity, scale, x_name="x"):
-    """The inputs of a coupling: ``x`` (N, C, H, W), its options, and ``h`` of the shape the options need."""
+    """The inputs of a coupling: ``x`` (N, C, H, W), its options, and ``h`` of the shape the options need, in
+    ``x``'s dtype or a lower precision (a conditioner under autocast)."""
     check_image(x, x_name)
     check_choice(mask, MASKS, "mask")
     check_choice(parity, (0, 1), "parity")
     check_choice(scale, SCALES, "scale")
     check_image(h, "h")
-    check_like(h, x, "h", x_name)
+    if h.device != x.device:
+        raise ValueError(f"expected h on the device of {x_name} ({x.device}), got {h.device}")
+    if h.dtype != x.dtype and h.dtype not in LOWER_PRECISION.get(x.dtype, ()):
+        lower = "".join(f", {t}" for t in LOWER_PRECISION.get(x.dtype, ()))
+        raise TypeError(f"expected h of dtype {x.dtype}{lower} for {x_name} of dtype {x.dtype}, got {h.dtype}")
     n, c, height, width = x.shape
     if mask == "channel" and c < 2:
         raise ValueError(f"a channel-mask coupling needs at least 2 channels, got shape {tuple(x.shape)}")

@@ -1,4 +1,5 @@
-"""The fused ops, as layers call them: inputs checked here once, then run by the active backend.
+"""The fused ops, as layers call them: inputs checked here once, then run by the active backend, in the
+dtype of the flow's state even under ``torch.autocast`` (a coupling's ``h`` may come in lower precision).
 
 Every op here goes to ``flowkern.backends.dispatch``; the small tensor algebra around them (masks, LU
 assembly, squeeze, Gaussian standardisation) is not dispatched, and layers take it from
@@ -8,14 +9,17 @@ import torch
 
 from . import backends
 from ._validation import check_coupling, check_image, check_tensor
+from .reference._dtypes import full_precision
 
 
+@full_precision
 def coupling_forward(x, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
     """Coupling ``x`` (N, C, H, W) given conditioner output ``h`` → ``(y, logdet (N,))``."""
     check_coupling(x, h, mask, parity, scale, "x")
     return backends.dispatch("coupling_forward", x, h, mask, parity, scale, float(bound))
 
 
+@full_precision
 def coupling_inverse(y, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
     """Inverse coupling of ``y`` (N, C, H, W) → ``(x, logdet (N,) of the forward map)``."""
     check_coupling(y, h, mask, parity, scale, "y")
@@ -32,18 +36,21 @@ def _check_actnorm(x, log_scale, bias, x_name):
             raise ValueError(f"expected {name} on the device of {x_name} ({x.device}), got {p.device}")
 
 
+@full_precision
 def actnorm_forward(x, log_scale, bias):
     """``y = x · exp(log_scale) + bias`` per channel of ``x`` (N, C, H, W) → ``(y, logdet (N,))``."""
     _check_actnorm(x, log_scale, bias, "x")
     return backends.dispatch("actnorm_forward", x, log_scale, bias)
 
 
+@full_precision
 def actnorm_inverse(y, log_scale, bias):
     """``x = (y − bias) · exp(−log_scale)`` → ``(x, logdet (N,) of the forward map)``."""
     _check_actnorm(y, log_scale, bias, "y")
     return backends.dispatch("actnorm_inverse", y, log_scale, bias)
 
 
+@full_precision
 def conv1x1(x, weight, bias=None):
     """Per-pixel channel mixing of ``x`` (N, C_in, H, W) by ``weight`` (C_out, C_in) → (N, C_out, H, W)."""
     check_image(x, "x")
@@ -61,6 +68,7 @@ def conv1x1(x, weight, bias=None):
     return backends.dispatch("conv1x1", x, weight, bias)
 
 
+@full_precision
 def actnorm_conv1x1(x, log_scale, bias, weight):
     """ActNorm then a 1×1 conv in one pass: ``W·(x·e^log_scale + bias) = (W·diag(e^log_scale))·x + W·bias``.
 
@@ -72,6 +80,7 @@ def actnorm_conv1x1(x, log_scale, bias, weight):
     return conv1x1(x, weight * scale, weight @ bias.to(weight.dtype))
 
 
+@full_precision
 def actnorm_conv1x1_inverse(y, log_scale, bias, inverse_weight):
     """Inverse of :func:`actnorm_conv1x1` given ``W⁻¹`` (C, C): ``x = diag(e^−log_scale)·W⁻¹·y − bias·e^−log_scale``."""
     _check_actnorm(y, log_scale, bias, "y")

@@ -39,8 +39,8 @@ class ConvActNorm(nn.Module):
         return weight * self.norm.log_scale.exp().to(weight.dtype).view(-1, 1, 1, 1), self.norm.bias
 
     def forward(self, x):
-        if not self.folds():
-            return self.norm(self.conv(x))[0].relu()
+        if not self.folds():  # under autocast the convolution's output is low precision: ActNorm's is not
+            return self.norm(self.conv(x).to(self.norm.log_scale.dtype))[0].relu()
         # the convolution's backward needs its input and weight, not its output: ReLU may overwrite it
         return F.conv2d(x, *self.folded(), padding=self.conv.padding).relu_()
 

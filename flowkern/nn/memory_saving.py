@@ -15,6 +15,7 @@ Inverses can be ill-conditioned (exploding inverses, Behrmann et al. 2021): then
 the gradients computed from them are wrong. With ``check_reconstruction`` set, the chain also keeps its
 input, compares it with the one rebuilt by the backward pass, and warns with the measured error.
 """
+import contextlib
 import warnings
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
@@ -63,6 +64,23 @@ def rebuild(layer: Unit, y):
     return x, leaf, y_again, logdet
 
 
+def _autocast_state():
+    """``{device type: dtype}`` of the autocast contexts in force."""
+    return {t: torch.get_autocast_dtype(t) for t in ("cpu", "cuda") if torch.is_autocast_enabled(t)}
+
+
+@contextlib.contextmanager
+def _autocast(state):
+    """Autocast as ``state`` (from :func:`_autocast_state`) records it, and off elsewhere."""
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            if device_type in state:
+                stack.enter_context(torch.autocast(device_type, state[device_type]))
+            elif torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
 class _Handoff:
     """One call of a chain: ``outputs[i]`` is the output of unit ``i`` once the backward pass of unit
     ``i + 1`` has rebuilt it (its own input), waiting for the backward pass of unit ``i``."""
@@ -90,6 +108,7 @@ class _UnitByInversion(torch.autograd.Function):
         check = handoff.chain.check_reconstruction is not None and (index == 0 or not x.requires_grad)
         ctx.save_for_backward(y if last else None, x if check else None)
         ctx.unit, ctx.handoff, ctx.index, ctx.params = unit, handoff, index, params
+        ctx.autocast = _autocast_state()  # the backward rebuilds the unit as its forward ran
         return y, logdet
 
     @staticmethod
@@ -102,7 +121,7 @@ class _UnitByInversion(torch.autograd.Function):
         y = y.detach()  # the saved output leads back to this node: rebuilding must not
         needed = ctx.needs_input_grad
         params = [p for p, need in zip(ctx.params, needed[4:]) if need]
-        with torch.enable_grad():
+        with torch.enable_grad(), _autocast(ctx.autocast):
             x, leaf, y_again, logdet = rebuild(ctx.unit, y)
             outputs, grads_out = [y_again], [grad_y]
             if torch.is_tensor(logdet) and logdet.requires_grad:

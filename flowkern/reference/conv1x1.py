@@ -8,9 +8,10 @@ solves, never from a general matrix inverse.
 import torch
 import torch.nn.functional as F
 
-from ._dtypes import compute_dtype
+from ._dtypes import compute_dtype, full_precision
 
 
+@full_precision
 def conv1x1(x, weight, bias=None):
     """(x (N, C_in, H, W), weight (C_out, C_in), bias (C_out,) or None) → y (N, C_out, H, W)."""
     ct = compute_dtype(x.dtype)
@@ -28,6 +29,7 @@ def _lu_factors(lower, upper, sign, log_s):
     return unit_lower, upper_full
 
 
+@full_precision
 def lu_weight(perm, lower, upper, sign, log_s):
     """``W = P · L · (U + diag(sign · exp(log_s)))``; every argument (C, C) except sign, log_s (C,).
 
@@ -37,6 +39,7 @@ def lu_weight(perm, lower, upper, sign, log_s):
     return perm.to(unit_lower.dtype) @ unit_lower @ upper_full
 
 
+@full_precision
 def lu_weight_inverse(perm, lower, upper, sign, log_s):
     """``W⁻¹`` by forward then backward substitution: ``(U + diag)⁻¹ · (L⁻¹ · Pᵀ)``."""
     unit_lower, upper_full = _lu_factors(lower, upper, sign, log_s)

@@ -182,6 +182,7 @@ def _coupling_backward_kernel(
 def _run(x, h, mask, parity, scale, bound, inverse):
     """Coupling or inverse coupling of x (N, C, H, W) → (out (N, C, H, W) contiguous, logdet (N,))."""
     check_launchable(x, "coupling")
+    check_launchable(h, "coupling")
     check_coupling(x, h, mask, parity, scale)
     x, h = inner_dense(x), inner_dense(h)
     n, c, height, width = x.shape
@@ -200,6 +201,7 @@ def _run(x, h, mask, parity, scale, bound, inverse):
 
 def coupling_backward(grad_out, grad_logdet, inp, h, mask, parity, scale, bound, inverse):
     check_launchable(inp, "coupling backward")
+    check_launchable(h, "coupling backward")
     check_coupling(inp, h, mask, parity, scale, "input")
     grad_out, inp, h = inner_dense(grad_out), inner_dense(inp), inner_dense(h)
     n, c, height, width = inp.shape
