@@ -15,8 +15,12 @@ from ..backends import AUTO, auto_choices, get_backend, pin_auto_choices, set_ba
 from .building import build_model, load_data, resolve_defaults
 from .folder import (CHECKPOINT, LOG, Interrupted, NonFiniteLoss, StopRequest, check_folder, create_folder,
                      open_log, save_checkpoint, sync)
-from .options import Command, resumed_config
+from .options import PRECISIONS, Command, resumed_config
 from .outputs import evaluate, write_samples
+
+
+# float16 steps the gradient scaler may skip in a row (overflowing gradients) before the run stops
+MAX_SKIPPED = 20
 
 
 class BitsPerDim(nn.Module):
@@ -72,11 +76,18 @@ class Run:
         if self.world > 1:
             self.objective = nn.parallel.DistributedDataParallel(self.objective)
         self.optimizer = adam(self.model.parameters(), cfg.lr)
+        self.autocast_dtype = PRECISIONS[cfg.precision]
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError(f"--precision fp16 needs CUDA (autocast on {self.device.type} runs bfloat16): use bf16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.skipped = 0  # consecutive steps the gradient scaler skipped
         self.step, self.resumed, self.stopping = 0, state is not None, False
         if self.resumed:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.step = state["step"]
+            if "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
         self.dims = math.prod(self.data.train.shape[1:])
         self.recent = collections.deque(maxlen=100)  # the last steps' losses
         if self.lead:
@@ -106,7 +117,8 @@ class Run:
         seconds = time.perf_counter() - began
         metrics = {"model": cfg.model, "data": self.data.name, "steps": self.step, "processes": self.world,
                    "global_batch_size": cfg.batch_size * self.world,
-                   "memory_saving": cfg.memory_saving, "replica_max_abs_difference": self.replica_difference()}
+                   "memory_saving": cfg.memory_saving, "precision": cfg.precision,
+                   "replica_max_abs_difference": self.replica_difference()}
         if self.step > start:  # what this invocation trained (a resumed run may only evaluate and sample)
             metrics.update(train_seconds=round(seconds, 2), steps_per_second=round((self.step - start) / seconds, 3),
                            train_bits_per_dim=float(np.mean(self.recent)))
@@ -164,19 +176,28 @@ class Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x = self.data.batch(step, cfg.batch_size, cfg.seed, self.rank, self.world).to(self.device)
-        loss = batch_loss(self.objective, x, step)
+        with torch.autocast(self.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            loss = batch_loss(self.objective, x, step)
         mean_loss, finite, self.stopping = self._agree(loss, stop.requested)
         if not finite:
             raise NonFiniteLoss(self._stop_message(step, "loss", mean_loss, last_saved))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
         grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip))
+        record = {"step": step, "bits_per_dim": mean_loss, "lr": lr, "grad_norm": grad_norm}
         if not math.isfinite(grad_norm):
-            raise NonFiniteLoss(self._stop_message(step, "gradient norm", grad_norm, last_saved))
-        self.optimizer.step()
+            if not self.scaler.is_enabled() or self.skipped >= MAX_SKIPPED:
+                raise NonFiniteLoss(self._stop_message(step, "gradient norm", grad_norm, last_saved))
+            self.skipped += 1  # float16 gradients overflowed: the scaler skips this step and scales down
+            record["skipped"] = True
+        else:
+            self.skipped = 0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.step = step + 1
         self.recent.append(mean_loss)
-        return {"step": step, "bits_per_dim": mean_loss, "lr": lr, "grad_norm": grad_norm}
+        return record
 
     def _agree(self, loss, stop_requested):
         """The loss averaged over processes, whether it is finite on all of them, and whether any was asked
@@ -204,6 +225,8 @@ class Run:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
                  "config": asdict(self.cfg), "data_shape": list(self.data.train.shape[1:]),
                  "n_bins": self.data.n_bins, "backend": self.backends()}
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
         save_checkpoint(self.cfg.out, state)
 
     def replica_difference(self):
