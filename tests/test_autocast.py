@@ -112,3 +112,28 @@ def test_an_h_of_higher_precision_than_x_is_refused():
     x, h = torch.randn(2, 4, 3, 3, dtype=torch.float16), torch.randn(2, 4, 3, 3)
     with pytest.raises(TypeError, match="expected h of dtype torch.float16 for x of dtype torch.float16"):
         flowkern.functional.coupling_forward(x, h)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bfloat16_model_evaluates_samples_and_inverts(backend):
+    """``model.to(torch.bfloat16)``: the state is bfloat16 too, log-densities stay float32; a round trip is
+    exact to bfloat16's resolution: every layer rounds the state once each way, so the error may grow by one
+    unit in the last place (of values of order 1) per layer."""
+    if backend not in flowkern.available_backends():
+        pytest.skip(f"{backend} unavailable")
+    model, x = trained_like("glow")
+    with torch.no_grad():
+        expected = model.log_prob(x)
+        model = model.to(torch.bfloat16)
+        x16 = x.bfloat16()
+        with flowkern.use_backend(backend):
+            log_prob = model.log_prob(x16)
+            zs, logdet = model(x16)
+            back = model.inverse(zs)
+            samples = model.sample(4, temperature=0.7)
+    eps = torch.finfo(torch.bfloat16).eps
+    assert log_prob.dtype == logdet.dtype == torch.float32 and back.dtype == samples.dtype == torch.bfloat16
+    torch.testing.assert_close(log_prob, expected, rtol=2 * eps, atol=0)
+    layers = sum(len(list(chain.units())) for chain in model.chains())
+    torch.testing.assert_close(back.float(), x16.float(), rtol=0, atol=layers * eps)
+    assert torch.isfinite(samples.float()).all()
