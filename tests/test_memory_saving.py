@@ -211,3 +211,33 @@ def test_a_folding_flow_step_is_rebuilt_as_two_units():
     torch.testing.assert_close(mixing.inverse(y), x, rtol=1e-4, atol=1e-4)
     step.fold_actnorm = False
     assert len(list(step.units())) == 3
+
+
+def test_the_backward_rebuilds_with_the_backend_of_the_forward_in_any_thread(monkeypatch):
+    """A ``use_backend`` block is local to its thread; autograd may run a backward in another one."""
+    import sys
+    import threading
+    import types
+
+    from flowkern import backends
+
+    calls = []
+    module = types.ModuleType("flowkern_test_counted")
+    for op in flowkern.reference.OPS:
+        def counted(*args, _fn=getattr(flowkern.reference, op)):
+            calls.append(threading.current_thread().name)
+            return _fn(*args)
+        setattr(module, op, counted)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(backends._MODULES, "counted", module.__name__)
+    model = flowkern.Glow(3, 8, levels=2, steps=2, hidden_channels=8, memory_saving=True)
+    x = torch.rand(2, 3, 8, 8) - 0.5
+    model(x)
+    with flowkern.use_backend("counted"):
+        loss = -model.log_prob(x).mean()
+    forward_calls = len(calls)
+    thread = threading.Thread(target=loss.backward, name="elsewhere")
+    thread.start()
+    thread.join()
+    assert forward_calls > 0 and "elsewhere" in calls[forward_calls:]
+    assert all(p.grad is not None for p in model.parameters())

@@ -95,6 +95,14 @@ def test_resume_takes_the_schedule_it_may_change_and_refuses_the_rest(tmp_path, 
     assert state["config"]["depth"] == 2  # what the resumed run did not name comes from the checkpoint
 
 
+def test_options_that_apply_are_judged_by_the_resumed_runs_model(tmp_path, capsys):
+    assert run(tmp_path, "--steps", "2", "--memory-saving", "--no-sample") == 0
+    assert run(tmp_path, "--resume", "--steps", "3", "--check-reconstruction", "1e-3", "--no-sample") == 0
+    assert read_metrics(tmp_path)["steps"] == 3
+    assert run(tmp_path, "--resume", "--steps", "4", "--no-memory-saving", "--check-reconstruction", "1e-3") == 2
+    assert "--check-reconstruction does not apply" in capsys.readouterr().err
+
+
 def test_a_loss_that_fails_before_any_checkpoint_does_not_suggest_resume(tmp_path, capsys, monkeypatch):
     poison_at(monkeypatch, 2)
     assert run(tmp_path, "--steps", "12", "--checkpoint-every", "5") == 1

@@ -23,6 +23,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..backends import get_backend, use_backend
+
 
 @runtime_checkable
 class Unit(Protocol):
@@ -108,7 +110,9 @@ class _UnitByInversion(torch.autograd.Function):
         check = handoff.chain.check_reconstruction is not None and (index == 0 or not x.requires_grad)
         ctx.save_for_backward(y if last else None, x if check else None)
         ctx.unit, ctx.handoff, ctx.index, ctx.params = unit, handoff, index, params
-        ctx.autocast = _autocast_state()  # the backward rebuilds the unit as its forward ran
+        # the backward rebuilds the unit as its forward ran: under the same autocast and backend (autograd
+        # may run it in another thread, which a use_backend block does not reach)
+        ctx.autocast, ctx.backend = _autocast_state(), get_backend()
         return y, logdet
 
     @staticmethod
@@ -121,7 +125,7 @@ class _UnitByInversion(torch.autograd.Function):
         y = y.detach()  # the saved output leads back to this node: rebuilding must not
         needed = ctx.needs_input_grad
         params = [p for p, need in zip(ctx.params, needed[4:]) if need]
-        with torch.enable_grad(), _autocast(ctx.autocast):
+        with torch.enable_grad(), _autocast(ctx.autocast), use_backend(ctx.backend):
             x, leaf, y_again, logdet = rebuild(ctx.unit, y)
             outputs, grads_out = [y_again], [grad_y]
             if torch.is_tensor(logdet) and logdet.requires_grad:

@@ -197,11 +197,11 @@ def parse_args(argv=None) -> Command:
             p.error(f"{_flag(name)} {shown}: expected {expected}")
     cfg = Config(**args)
     cfg.model = cfg.model or default_model(cfg.data)
-    for name in args:
-        applies = by_name[name].metadata["applies"]
-        reason = applies(cfg) if applies is not None else None
-        if reason is not None:
-            p.error(f"{_flag(name)} does not apply to --model {cfg.model} --data {cfg.data}: {reason}")
+    if not resume:  # a resumed run's model and data are its checkpoint's: checked by resumed_config
+        try:
+            check_applies(cfg, args)
+        except ValueError as error:
+            p.error(str(error))
     if cfg.out is None:
         cfg.out = os.path.join("runs", f"{cfg.model}-{os.path.basename(os.path.normpath(cfg.data))}")
     return Command(cfg, args, resume, overwrite)
@@ -216,7 +216,18 @@ def resumed_config(stored: dict, given: dict) -> Config:
             raise ValueError(f"{_flag(name)} {value}: a resumed run keeps the architecture and data it started "
                              f"with ({_flag(name)} {stored[name]}); start a new run with another --out")
     known = {k: v for k, v in stored.items() if k in by_name}  # options added since keep their defaults
-    return Config(**{**known, **given})
+    cfg = Config(**{**known, **given})
+    check_applies(cfg, given)
+    return cfg
+
+
+def check_applies(cfg: Config, given) -> None:
+    """Refuse (ValueError) each option in ``given`` that does not apply to ``cfg``'s model and data."""
+    for name in given:
+        applies = {f.name: f for f in fields(Config)}[name].metadata["applies"]
+        reason = applies(cfg) if applies is not None else None
+        if reason is not None:
+            raise ValueError(f"{_flag(name)} does not apply to --model {cfg.model} --data {cfg.data}: {reason}")
 
 
 def default_model(data_name):
