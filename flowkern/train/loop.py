@@ -248,6 +248,8 @@ def _start_processes(device):
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this torch sees no CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if world == 1:
         return 0, 1, device
     local = int(os.environ.get("LOCAL_RANK", "0"))
