@@ -17,7 +17,7 @@ def _actnorm_kernel(
     x_ptr, log_scale_ptr, bias_ptr, out_ptr, C, HW, x_sn, x_sc,
     INVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # sample offsets pass 2³¹ elements in large batches
     pix = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = pix < HW
     for c in range(C):
@@ -36,7 +36,7 @@ def _actnorm_backward_kernel(
 ):
     """Forward: ∂x = g·s, ∂log_scale = Σ g·(y − b), ∂bias = Σ g.
     Inverse: ∂y = g·s⁻¹, ∂log_scale = −Σ g·x, ∂bias = −Σ g·s⁻¹."""
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # sample offsets pass 2³¹ elements in large batches
     block = tl.program_id(1)
     pix = block * BLOCK + tl.arange(0, BLOCK)
     inside = pix < HW

@@ -24,7 +24,7 @@ def _conv1x1_kernel(
     HAS_BIAS: tl.constexpr, ACC: tl.constexpr, CO_PAD: tl.constexpr, K_BLOCK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # sample offsets pass 2³¹ elements in large batches
     pix = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = pix < HW
     co = tl.arange(0, CO_PAD)
@@ -53,7 +53,7 @@ def _conv1x1_weight_grad_kernel(
     acc = tl.zeros((CO_BLOCK, CI_PAD), dtype=ACC)
     acc_b = tl.zeros((CO_BLOCK,), dtype=ACC)
     for blk in range(tl.program_id(1), blocks, tl.num_programs(1)):
-        n = blk // blocks_per_sample
+        n = (blk // blocks_per_sample).to(tl.int64)
         pix = (blk % blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
         inside = pix < HW
         g = tl.load(g_ptr + n * g_sn + co[:, None] * g_sc + pix[None, :],

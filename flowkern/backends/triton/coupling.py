@@ -89,7 +89,7 @@ def _coupling_kernel(
     pass_start, n_pass, t_start, n_t, parity, bound,
     MASK: tl.constexpr, SCALE: tl.constexpr, INVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # sample offsets pass 2³¹ elements in large batches
     block = tl.program_id(1)
     pix = block * BLOCK + tl.arange(0, BLOCK)
     inside = pix < HW
@@ -136,7 +136,7 @@ def _coupling_backward_kernel(
     Inverse ``x = (y − shift)/s``:  ∂y = g/s,  ∂shift = −g/s,  ∂log s = ∂logdet − g·x
     (``couple_backward`` in math.h).
     """
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # sample offsets pass 2³¹ elements in large batches
     pix = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = pix < HW
     active = _transformed(pix, inside, W, parity, MASK)
