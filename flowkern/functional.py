@@ -50,16 +50,20 @@ def actnorm_inverse(y, log_scale, bias):
     return backends.dispatch("actnorm_inverse", y, log_scale, bias)
 
 
+def _check_weight(x, weight, x_name):
+    check_tensor(weight, "weight", ndim=2)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must have shape (C_out, {x.shape[1]}) for {x_name} of shape {tuple(x.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"expected weight on the device of {x_name} ({x.device}), got {weight.device}")
+
+
 @full_precision
 def conv1x1(x, weight, bias=None):
     """Per-pixel channel mixing of ``x`` (N, C_in, H, W) by ``weight`` (C_out, C_in) → (N, C_out, H, W)."""
     check_image(x, "x")
-    check_tensor(weight, "weight", ndim=2)
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"weight must have shape (C_out, {x.shape[1]}) for x of shape {tuple(x.shape)}, "
-                         f"got {tuple(weight.shape)}")
-    if weight.device != x.device:
-        raise ValueError(f"expected weight on the device of x ({x.device}), got {weight.device}")
+    _check_weight(x, weight, "x")
     if bias is not None:
         check_tensor(bias, "bias", ndim=1)
         if bias.shape[0] != weight.shape[0] or bias.device != x.device:
@@ -76,13 +80,15 @@ def actnorm_conv1x1(x, log_scale, bias, weight):
     included: they are ``actnorm_logdet`` plus the convolution's.
     """
     _check_actnorm(x, log_scale, bias, "x")
-    scale = torch.exp(log_scale).to(weight.dtype)
-    return conv1x1(x, weight * scale, weight @ bias.to(weight.dtype))
+    _check_weight(x, weight, "x")
+    scale = torch.exp(log_scale).to(weight.dtype)  # the folded weight and bias are right by construction
+    return backends.dispatch("conv1x1", x, weight * scale, weight @ bias.to(weight.dtype))
 
 
 @full_precision
 def actnorm_conv1x1_inverse(y, log_scale, bias, inverse_weight):
     """Inverse of :func:`actnorm_conv1x1` given ``W⁻¹`` (C, C): ``x = diag(e^−log_scale)·W⁻¹·y − bias·e^−log_scale``."""
     _check_actnorm(y, log_scale, bias, "y")
+    _check_weight(y, inverse_weight, "y")
     inv_scale = torch.exp(-log_scale).to(inverse_weight.dtype)
-    return conv1x1(y, inv_scale[:, None] * inverse_weight, -bias.to(inv_scale.dtype) * inv_scale)
+    return backends.dispatch("conv1x1", y, inv_scale[:, None] * inverse_weight, -bias.to(inv_scale.dtype) * inv_scale)

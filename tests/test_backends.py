@@ -24,6 +24,7 @@ def _fake_backend(monkeypatch, name, op_wrapper):
         setattr(module, op, op_wrapper(op, getattr(flowkern.reference, op)))
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setitem(backends._MODULES, name, module.__name__)
+    monkeypatch.setattr(backends, "_loaded", dict(backends._loaded))  # loaded here, forgotten after the test
     return module
 
 

@@ -230,6 +230,7 @@ def test_the_backward_rebuilds_with_the_backend_of_the_forward_in_any_thread(mon
         setattr(module, op, counted)
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setitem(backends._MODULES, "counted", module.__name__)
+    monkeypatch.setattr(backends, "_loaded", dict(backends._loaded))
     model = flowkern.Glow(3, 8, levels=2, steps=2, hidden_channels=8, memory_saving=True)
     x = torch.rand(2, 3, 8, 8) - 0.5
     model(x)
