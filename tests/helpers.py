@@ -38,3 +38,20 @@ def bruteforce_logdet(fn, x):
 
 def max_abs(a, b):
     return (flatten_output(a) - flatten_output(b)).abs().max().item()
+
+
+def fake_backend(monkeypatch, name, op_wrapper):
+    """Register backend ``name`` for one test: the reference's ops, each wrapped by ``op_wrapper(op_name, fn)``."""
+    import sys
+    import types
+
+    import flowkern
+    from flowkern import backends
+
+    module = types.ModuleType(f"flowkern_test_{name}")
+    for op in flowkern.reference.OPS:
+        setattr(module, op, op_wrapper(op, getattr(flowkern.reference, op)))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(backends._MODULES, name, module.__name__)
+    monkeypatch.setattr(backends, "_loaded", dict(backends._loaded))  # loaded here, forgotten after the test
+    return module

@@ -1,31 +1,19 @@
 """Backend selection: names, the context-local setting, what "auto" measures, and backends that fail to load."""
-import sys
 import threading
 import time
-import types
 
 import pytest
 import torch
 
 import flowkern
 from flowkern import backends, functional
+from helpers import fake_backend
 
 
 def test_default_and_available():
     assert flowkern.get_backend() == "auto"
     assert {"reference", "auto"} <= set(flowkern.available_backends())
     assert flowkern.available_backends(with_reasons=True)["reference"] is None
-
-
-def _fake_backend(monkeypatch, name, op_wrapper):
-    """Register backend ``name``: the reference's ops, each wrapped by ``op_wrapper(op_name, fn)``."""
-    module = types.ModuleType(f"flowkern_test_{name}")
-    for op in flowkern.reference.OPS:
-        setattr(module, op, op_wrapper(op, getattr(flowkern.reference, op)))
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setitem(backends._MODULES, name, module.__name__)
-    monkeypatch.setattr(backends, "_loaded", dict(backends._loaded))  # loaded here, forgotten after the test
-    return module
 
 
 def _slow(seconds):
@@ -45,8 +33,8 @@ def test_auto_times_each_candidate_once_and_keeps_the_fastest(monkeypatch):
             calls.append(op)
             return fn(*args)
         return op_fn
-    _fake_backend(monkeypatch, "sleepy", _slow(0.01))
-    _fake_backend(monkeypatch, "counted", counted)
+    fake_backend(monkeypatch, "sleepy", _slow(0.01))
+    fake_backend(monkeypatch, "counted", counted)
     monkeypatch.setattr(backends, "AUTO_PREFERENCE", {"cpu": ("sleepy", "counted", "reference")})
     monkeypatch.setattr(backends, "_choices", {})
     x, log_scale, bias = torch.randn(2, 3, 4, 5, requires_grad=True), torch.randn(3), torch.randn(3)
@@ -72,7 +60,7 @@ def test_auto_skips_a_candidate_that_cannot_run_the_inputs(monkeypatch):
         def op_fn(*args):
             raise RuntimeError("no kernel for this shape")
         return op_fn
-    _fake_backend(monkeypatch, "failing", failing)
+    fake_backend(monkeypatch, "failing", failing)
     monkeypatch.setattr(backends, "AUTO_PREFERENCE", {"cpu": ("failing", "reference")})
     monkeypatch.setattr(backends, "_choices", {})
     x, weight = torch.randn(2, 3, 4, 4), torch.randn(5, 3)

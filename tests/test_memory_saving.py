@@ -7,7 +7,7 @@ import flowkern
 from benchmarks.measure import profile_call
 from flowkern.nn import ReconstructionWarning, memory_saving
 from flowkern.nn.memory_saving import rebuild
-from helpers import initialize, randomize_
+from helpers import fake_backend, initialize, randomize_
 from kernels import DEVICE
 
 BACKENDS = [name for name, reason in flowkern.available_backends(with_reasons=True).items()
@@ -215,22 +215,16 @@ def test_a_folding_flow_step_is_rebuilt_as_two_units():
 
 def test_the_backward_rebuilds_with_the_backend_of_the_forward_in_any_thread(monkeypatch):
     """A ``use_backend`` block is local to its thread; autograd may run a backward in another one."""
-    import sys
     import threading
-    import types
-
-    from flowkern import backends
 
     calls = []
-    module = types.ModuleType("flowkern_test_counted")
-    for op in flowkern.reference.OPS:
-        def counted(*args, _fn=getattr(flowkern.reference, op)):
+
+    def counted(op, fn):
+        def op_fn(*args):
             calls.append(threading.current_thread().name)
-            return _fn(*args)
-        setattr(module, op, counted)
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setitem(backends._MODULES, "counted", module.__name__)
-    monkeypatch.setattr(backends, "_loaded", dict(backends._loaded))
+            return fn(*args)
+        return op_fn
+    fake_backend(monkeypatch, "counted", counted)
     model = flowkern.Glow(3, 8, levels=2, steps=2, hidden_channels=8, memory_saving=True)
     x = torch.rand(2, 3, 8, 8) - 0.5
     model(x)

@@ -42,8 +42,7 @@ class ActNorm(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._seen = None
-        self.is_initialized()
+        self.is_initialized()  # read eagerly, for code compiled before the next forward
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
@@ -61,7 +60,6 @@ class ActNorm(nn.Module):
         self.log_scale.copy_(log_scale)
         self.bias.copy_(-mean * torch.exp(log_scale))
         self.initialized.fill_(True)
-        self._seen = None
         self.is_initialized()
 
     def will_initialize(self) -> bool:

@@ -145,6 +145,9 @@ class Config:
     progress: bool = option(True, "show a progress bar")
 
 
+FIELDS = {f.name: f for f in fields(Config)}
+
+
 def _flag(name):
     return "--" + name.replace("_", "-")
 
@@ -152,7 +155,7 @@ def _flag(name):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flowkern.train", description="Train, evaluate and sample a flow.",
                                 argument_default=argparse.SUPPRESS)
-    for f in fields(Config):
+    for f in FIELDS.values():
         kw = dict(f.metadata["argparse"])
         if f.type is bool:
             kw["action"] = argparse.BooleanOptionalAction
@@ -188,9 +191,8 @@ def parse_args(argv=None) -> Command:
     resume, overwrite = args.pop("resume"), args.pop("overwrite")
     if resume and overwrite:
         p.error("--resume continues a run and --overwrite starts it again: pass one")
-    by_name = {f.name: f for f in fields(Config)}
     for name, value in args.items():
-        check = by_name[name].metadata["check"]
+        check = FIELDS[name].metadata["check"]
         expected = check(value) if check is not None and value is not None else None
         if expected is not None:
             shown = " ".join(map(str, value)) if isinstance(value, list) else value
@@ -210,12 +212,11 @@ def parse_args(argv=None) -> Command:
 def resumed_config(stored: dict, given: dict) -> Config:
     """The configuration of a resumed run: the checkpoint's, with the options given that a resumed run may
     change; a change of any other option is refused (ValueError)."""
-    by_name = {f.name: f for f in fields(Config)}
     for name, value in given.items():
-        if not by_name[name].metadata["resumable"] and name in stored and value != stored[name]:
+        if not FIELDS[name].metadata["resumable"] and name in stored and value != stored[name]:
             raise ValueError(f"{_flag(name)} {value}: a resumed run keeps the architecture and data it started "
                              f"with ({_flag(name)} {stored[name]}); start a new run with another --out")
-    known = {k: v for k, v in stored.items() if k in by_name}  # options added since keep their defaults
+    known = {k: v for k, v in stored.items() if k in FIELDS}  # options added since keep their defaults
     cfg = Config(**{**known, **given})
     check_applies(cfg, given)
     return cfg
@@ -224,7 +225,7 @@ def resumed_config(stored: dict, given: dict) -> Config:
 def check_applies(cfg: Config, given) -> None:
     """Refuse (ValueError) each option in ``given`` that does not apply to ``cfg``'s model and data."""
     for name in given:
-        applies = {f.name: f for f in fields(Config)}[name].metadata["applies"]
+        applies = FIELDS[name].metadata["applies"]
         reason = applies(cfg) if applies is not None else None
         if reason is not None:
             raise ValueError(f"{_flag(name)} does not apply to --model {cfg.model} --data {cfg.data}: {reason}")
