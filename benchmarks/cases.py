@@ -243,12 +243,24 @@ def _data(n, c, size, dtype, device):
     return (torch.rand(n, c, size, size, device=device) - 0.5).to(dtype)
 
 
-def _train_step(model, x, loss=None, compile=False, keep_grads=False):
-    """One Adam step on ``x`` minimising ``loss(x)`` (by default the mean bits/dim), compiled if ``compile``.
-    ``keep_grads``: gradients stay allocated between steps, as parameters and the optimiser's moments do,
-    so that a step's peak memory is its activations and temporaries alone."""
+def _under_autocast(fn, device, dtype):
+    """``fn`` run under ``torch.autocast(device.type, dtype)``; ``fn`` itself when ``dtype`` is None."""
+    if dtype is None:
+        return fn
+
+    def run(*args):
+        with torch.autocast(device.type, dtype):
+            return fn(*args)
+    return run
+
+
+def _train_step(model, x, loss=None, compile=False, keep_grads=False, autocast=None):
+    """One Adam step on ``x`` minimising ``loss(x)`` (by default the mean bits/dim), compiled if ``compile``,
+    under ``torch.autocast`` in the dtype ``autocast`` if given. ``keep_grads``: gradients stay allocated
+    between steps, as parameters and the optimiser's moments do, so that a step's peak memory is its
+    activations and temporaries alone."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    loss_fn = loss or (lambda v: model.bits_per_dim(v).mean())
+    loss_fn = _under_autocast(loss or (lambda v: model.bits_per_dim(v).mean()), x.device, autocast)
     if compile:
         loss_fn = _compiled(loss_fn)
 
@@ -291,10 +303,15 @@ def _normflows_glow(c, size, levels, steps, hidden):
     return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
 
 
-def glow_cases(n, c, size, levels, steps, hidden, dtype, device):
+def glow_cases(n, c, size, levels, steps, hidden, dtype, device, autocast=None):
     """What users run: a Glow training step (bits/dim, backward, Adam) and sampling at T = 0.7, by every
-    provider of :data:`MODEL_PROVIDERS`, against the same Glow in plain PyTorch."""
+    provider of :data:`MODEL_PROVIDERS`, against the same Glow in plain PyTorch. With ``autocast`` (a
+    dtype), both run under ``torch.autocast`` in it, by the plain and flowkern providers, eager and compiled."""
     params = _params(n, c, size, dtype, K=steps, L=levels, hidden=hidden)
+    case_providers = MODEL_PROVIDERS
+    if autocast is not None:
+        params["autocast"] = str(autocast).replace("torch.", "")
+        case_providers = (*PLAIN_BASELINES, "flowkern", "flowkern compile")
     x = _data(n, c, size, dtype, device)
 
     def glow(provider, train):
@@ -313,17 +330,17 @@ def glow_cases(n, c, size, levels, steps, hidden, dtype, device):
     def train(provider):
         model = glow(provider, train=True)
         loss = model.forward_kld if provider == "normflows" else None
-        return _train_step(model, x, loss, compile=provider.endswith("compile"))
+        return _train_step(model, x, loss, compile=provider.endswith("compile"), autocast=autocast)
 
     def sample(provider):
         if provider == "flowkern by inversion":
             return None  # sampling runs no backward: the same as "flowkern"
         model = glow(provider, train=False)
-        run = lambda: model.sample(n, temperature=0.7)  # noqa: E731
+        run = _under_autocast(lambda: model.sample(n, temperature=0.7), device, autocast)
         return _compiled(run) if provider.endswith("compile") else run
 
-    return [Case("glow_train_step", params, train, providers=MODEL_PROVIDERS, versus=PLAIN_BASELINES),
-            Case("glow_sample", {**params, "T": 0.7}, sample, providers=MODEL_PROVIDERS, versus=PLAIN_BASELINES)]
+    return [Case("glow_train_step", params, train, providers=case_providers, versus=PLAIN_BASELINES),
+            Case("glow_sample", {**params, "T": 0.7}, sample, providers=case_providers, versus=PLAIN_BASELINES)]
 
 
 INVERSION_CASE = "glow_train_by_inversion"
@@ -360,6 +377,8 @@ def all_cases(device, full=False):
         op_shapes = [(64, 12, 32), (16, 48, 8)]
         step_shape, glow_shape, realnvp_shape = (16, 12, 16, 64), (16, 3, 32, 3, 8, 256), (16, 3, 16, 2, 8)
     cases = glow_cases(*glow_shape, torch.float32, device)
+    # the conditioners in bfloat16 (on a CPU without bfloat16 instructions, slower than float32: as measured)
+    cases += glow_cases(*glow_shape, torch.float32, device, autocast=torch.bfloat16)
     cases += call_overhead_cases(device)
     for dtype in dtypes:
         for n, c, size in op_shapes:

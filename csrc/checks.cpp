@@ -67,7 +67,13 @@ CouplingOptions coupling_options(const at::Tensor& x, const at::Tensor& h, c10::
                                  c10::string_view scale, double bound, const char* op) {
   check_image(x, "input", op);
   check_image(h, "h", op);
-  check_same_device_and_dtype(h, x, "h", op);
+  TORCH_CHECK(h.device() == x.device(), op, ": expected h on ", x.device(), ", got ", h.device());
+  const at::ScalarType xt = x.scalar_type(), ht = h.scalar_type();
+  const bool lower = (xt == at::kFloat && (ht == at::kHalf || ht == at::kBFloat16)) ||
+                     (xt == at::kDouble && (ht == at::kFloat || ht == at::kHalf || ht == at::kBFloat16));
+  TORCH_CHECK(ht == xt || lower, op, ": expected h of dtype ", xt,
+              xt == at::kFloat ? ", Half or BFloat16" : xt == at::kDouble ? ", Float, Half or BFloat16" : "",
+              " for an input of dtype ", xt, ", got ", ht);
   TORCH_CHECK(mask == "channel" || mask == "checkerboard", op, ": mask must be 'channel' or 'checkerboard', got '",
               std::string(mask), "'");
   TORCH_CHECK(parity == 0 || parity == 1, op, ": parity must be 0 or 1, got ", parity);

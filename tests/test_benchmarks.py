@@ -82,6 +82,15 @@ def test_whole_model_cases_run_for_every_provider_and_compare_with_plain_pytorch
         assert "| vs plain eager | vs plain compile |" in table
 
 
+def test_whole_model_cases_under_autocast_run_for_the_plain_and_flowkern_providers():
+    device = torch.device("cpu")
+    for case in suite.glow_cases(2, 3, 8, 2, 1, 4, torch.float32, device, autocast=torch.bfloat16):
+        assert case.params["autocast"] == "bfloat16" and "autocast=bfloat16" in case.label
+        providers = [p for p in case.providers if not p.endswith("compile")]
+        rows = run.measure_case(case, providers, device, bandwidth=10.0, min_time=0.0)
+        assert [row["provider"] for row in rows if "error" not in row] == ["plain eager", "flowkern"]
+
+
 def test_the_conditioner_case_times_both_forms():
     device = torch.device("cpu")
     (case,) = suite.conditioner_cases(2, 3, 5, 8, torch.float32, device)

@@ -1,6 +1,7 @@
 """`python -m flowkern.train` as a hostile user meets it: every option checked, resume that takes the
 changes it may and refuses the rest, a log that survives kill -9, Ctrl-C, bad data, and loading a run back."""
 import dataclasses
+import math
 import os
 import pickle
 import random
@@ -145,11 +146,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, monkey
             os.kill(os.getpid(), signal.SIGINT)
         return loss_of(objective, x, step)
     monkeypatch.setattr(train.loop, "batch_loss", interrupted)
+    handler = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN in a background job
     assert run(tmp_path / "parts", "--steps", "10", "--no-sample") == 130
     assert "stopped after step 5 and saved" in capsys.readouterr().err
     assert torch.load(tmp_path / "parts" / train.CHECKPOINT, weights_only=True)["step"] == 5
     monkeypatch.undo()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert signal.getsignal(signal.SIGINT) is handler  # the handler is put back
     assert run(tmp_path / "parts", "--resume", "--no-sample") == 0
     assert read_log(tmp_path / "parts") == read_log(tmp_path / "whole")
 
@@ -260,5 +262,38 @@ def test_bfloat16_training_converges_like_float32(tmp_path, capsys):
         assert results[precision]["precision"] == precision
     assert abs(results["bf16"]["test_bits_per_dim"] - results["fp32"]["test_bits_per_dim"]) < 0.05
     assert results["fp32"]["test_bits_per_dim"] < results["fp32"]["uniform_bits_per_dim"] - 0.5  # it learned
-    if not torch.cuda.is_available():
-        assert "--precision fp16 needs CUDA" in refused(capsys, tmp_path / "fp16", "--precision", "fp16")
+
+
+def overflow_at(monkeypatch, bad_steps):
+    """Losses of ``bad_steps`` finite but so large that, scaled by the gradient scaler, they overflow."""
+    loss_of = train.loop.batch_loss
+
+    def huge(objective, x, step):
+        loss = loss_of(objective, x, step)
+        return loss * 1e36 if step in bad_steps else loss
+    monkeypatch.setattr(train.loop, "batch_loss", huge)
+
+
+def test_float16_training_skips_overflowing_steps_and_resumes_with_its_scaler(tmp_path, monkeypatch, capsys):
+    """fp16 runs on the CPU too, with a gradient scaler: a step whose scaled gradients overflow is skipped
+    (logged, parameters untouched, the scale halved), the scaler's state is checkpointed and resumed, and
+    MAX_SKIPPED + 1 skips in a row stop the run."""
+    overflow_at(monkeypatch, {3, 4})
+    assert run(tmp_path / "whole", "--steps", "8", "--precision", "fp16", "--no-sample") == 0
+    log = read_log(tmp_path / "whole")
+    assert [line["step"] for line in log if line.get("skipped")] == [3, 4]
+    assert all(math.isfinite(line["grad_norm"]) for line in log if not line.get("skipped"))
+    assert read_metrics(tmp_path / "whole")["precision"] == "fp16"
+    state = torch.load(tmp_path / "whole" / train.CHECKPOINT, weights_only=True)
+    assert state["scaler"]["scale"] == 2.0 ** 16 / 4  # the initial scale, halved at each skip
+
+    assert run(tmp_path / "parts", "--steps", "4", "--precision", "fp16", "--no-sample") == 0
+    assert torch.load(tmp_path / "parts" / train.CHECKPOINT, weights_only=True)["scaler"]["scale"] == 2.0 ** 15
+    assert run(tmp_path / "parts", "--resume", "--steps", "8", "--no-sample") == 0
+    assert read_log(tmp_path / "parts") == log
+
+    monkeypatch.undo()
+    overflow_at(monkeypatch, set(range(2, 100)))
+    assert run(tmp_path / "stops", "--steps", "40", "--precision", "fp16", "--no-sample") == 1
+    assert "the gradient norm is" in capsys.readouterr().err
+    assert sum(1 for line in read_log(tmp_path / "stops") if line.get("skipped")) == train.loop.MAX_SKIPPED

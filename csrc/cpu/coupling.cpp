@@ -31,9 +31,9 @@ inline acc_t transform_element(acc_t v, acc_t raw, acc_t shift, acc_t bound, acc
   }
 }
 
-// One transformed plane of the channel mask; returns its Σ log s.
-template <Scale S, bool Inverse, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-acc_t transform_plane(const scalar_t* x, const scalar_t* raw, const scalar_t* shift, scalar_t* out, int64_t len,
+// One transformed plane of the channel mask; returns its Σ log s. h (raw, shift) may be of lower precision.
+template <Scale S, bool Inverse, typename scalar_t, typename h_t, typename acc_t = at::opmath_type<scalar_t>>
+acc_t transform_plane(const scalar_t* x, const h_t* raw, const h_t* shift, scalar_t* out, int64_t len,
                       acc_t bound) {
   int64_t i = 0;
   acc_t total = 0;
@@ -41,12 +41,12 @@ acc_t transform_plane(const scalar_t* x, const scalar_t* raw, const scalar_t* sh
     using Vec = Vectorized<acc_t>;
     Vec sum(acc_t(0));
     for (; i + Vec::size() <= len; i += Vec::size()) {
-      const Vec v = Vec::loadu(x + i), sh = Vec::loadu(shift + i);
+      const Vec v = Vec::loadu(x + i), sh = load_as<acc_t>(shift + i);
       if constexpr (S == Scale::Additive) {
         (Inverse ? v - sh : v + sh).store(out + i);
       } else {
         Vec s, logs;
-        scale_and_log<S, VecMath>(Vec::loadu(raw + i), Vec(bound), s, logs);
+        scale_and_log<S, VecMath>(load_as<acc_t>(raw + i), Vec(bound), s, logs);
         couple<Inverse>(v, s, sh).store(out + i);
         sum = sum + logs;
       }
@@ -58,8 +58,8 @@ acc_t transform_plane(const scalar_t* x, const scalar_t* raw, const scalar_t* sh
 }
 
 // One plane of the checkerboard: only pixels with (i + j + parity) odd are transformed.
-template <Scale S, bool Inverse, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-acc_t transform_checkerboard_plane(const scalar_t* x, const scalar_t* raw, const scalar_t* shift, scalar_t* out,
+template <Scale S, bool Inverse, typename scalar_t, typename h_t, typename acc_t = at::opmath_type<scalar_t>>
+acc_t transform_checkerboard_plane(const scalar_t* x, const h_t* raw, const h_t* shift, scalar_t* out,
                                    int64_t height, int64_t width, int64_t parity, acc_t bound) {
   acc_t total = 0;
   for (int64_t i = 0; i < height; ++i) {
@@ -90,48 +90,51 @@ std::tuple<at::Tensor, at::Tensor> coupling_cpu(const at::Tensor& x_in, const at
   at::Tensor logdet = at::empty({n}, x.options().dtype(acc_dtype));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* hp = h.const_data_ptr<scalar_t>();
-    scalar_t* op_out = out.mutable_data_ptr<scalar_t>();
-    acc_t* part = partial.mutable_data_ptr<acc_t>();
-    const int64_t xsn = x.stride(0), xsc = x.stride(1), hsn = h.stride(0), hsc = h.stride(1);
-    dispatch_scale(o.scale, [&](auto scale_constant) {
-      constexpr Scale S = decltype(scale_constant)::value;
-      at::parallel_for(0, n * c, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t s = row / c, k_all = row % c;
-          const scalar_t* x_row = xp + s * xsn + k_all * xsc;
-          scalar_t* out_row = op_out + row * hw;
-          const int64_t k = k_all - ch.t_start;
-          if (k < 0 || k >= ch.n_t) {  // pass-through channel
-            std::copy(x_row, x_row + hw, out_row);
-            continue;
+    dispatch_h_type<scalar_t>(h.scalar_type(), [&](auto h_value) {
+      using h_t = decltype(h_value);
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const h_t* hp = h.const_data_ptr<h_t>();
+      scalar_t* op_out = out.mutable_data_ptr<scalar_t>();
+      acc_t* part = partial.mutable_data_ptr<acc_t>();
+      const int64_t xsn = x.stride(0), xsc = x.stride(1), hsn = h.stride(0), hsc = h.stride(1);
+      dispatch_scale(o.scale, [&](auto scale_constant) {
+        constexpr Scale S = decltype(scale_constant)::value;
+        at::parallel_for(0, n * c, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t row = begin; row < end; ++row) {
+            const int64_t s = row / c, k_all = row % c;
+            const scalar_t* x_row = xp + s * xsn + k_all * xsc;
+            scalar_t* out_row = op_out + row * hw;
+            const int64_t k = k_all - ch.t_start;
+            if (k < 0 || k >= ch.n_t) {  // pass-through channel
+              std::copy(x_row, x_row + hw, out_row);
+              continue;
+            }
+            const h_t* raw = hp + s * hsn + k * hsc;
+            const h_t* shift = S == Scale::Additive ? raw : hp + s * hsn + (ch.n_t + k) * hsc;
+            part[s * ch.n_t + k] =
+                o.checkerboard
+                    ? transform_checkerboard_plane<S, Inverse>(x_row, raw, shift, out_row, height, width, parity,
+                                                               acc_t(bound))
+                    : transform_plane<S, Inverse>(x_row, raw, shift, out_row, hw, acc_t(bound));
           }
-          const scalar_t* raw = hp + s * hsn + k * hsc;
-          const scalar_t* shift = S == Scale::Additive ? raw : hp + s * hsn + (ch.n_t + k) * hsc;
-          part[s * ch.n_t + k] =
-              o.checkerboard
-                  ? transform_checkerboard_plane<S, Inverse>(x_row, raw, shift, out_row, height, width, parity,
-                                                             acc_t(bound))
-                  : transform_plane<S, Inverse>(x_row, raw, shift, out_row, hw, acc_t(bound));
-        }
+        });
       });
+      acc_t* ld = logdet.mutable_data_ptr<acc_t>();
+      for (int64_t s = 0; s < n; ++s) {
+        acc_t total = 0;
+        for (int64_t k = 0; k < ch.n_t; ++k) total += part[s * ch.n_t + k];
+        ld[s] = total;
+      }
     });
-    acc_t* ld = logdet.mutable_data_ptr<acc_t>();
-    for (int64_t s = 0; s < n; ++s) {
-      acc_t total = 0;
-      for (int64_t k = 0; k < ch.n_t; ++k) total += part[s * ch.n_t + k];
-      ld[s] = total;
-    }
   });
   return {out, logdet};
 }
 
 // Gradients of one transformed plane; for the checkerboard, pass-through pixels get ∂in = g, ∂h = 0.
-template <Scale S, bool Inverse, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-void backward_plane(const scalar_t* g, acc_t gld, const scalar_t* v, const scalar_t* raw, const scalar_t* shift,
-                    scalar_t* grad_in, scalar_t* grad_raw, scalar_t* grad_shift, int64_t height, int64_t width,
+template <Scale S, bool Inverse, typename scalar_t, typename h_t, typename acc_t = at::opmath_type<scalar_t>>
+void backward_plane(const scalar_t* g, acc_t gld, const scalar_t* v, const h_t* raw, const h_t* shift,
+                    scalar_t* grad_in, h_t* grad_raw, h_t* grad_shift, int64_t height, int64_t width,
                     bool checkerboard, int64_t parity, acc_t bound) {
   const int64_t len = height * width;
   int64_t p = 0;
@@ -140,30 +143,30 @@ void backward_plane(const scalar_t* g, acc_t gld, const scalar_t* v, const scala
       using Vec = Vectorized<acc_t>;
       for (; p + Vec::size() <= len; p += Vec::size()) {
         Vec gin, graw, gshift;
-        const Vec r = S == Scale::Additive ? Vec(acc_t(0)) : Vec::loadu(raw + p);
-        const Vec sh = S == Scale::Additive ? Vec(acc_t(0)) : Vec::loadu(shift + p);
+        const Vec r = S == Scale::Additive ? Vec(acc_t(0)) : load_as<acc_t>(raw + p);
+        const Vec sh = S == Scale::Additive ? Vec(acc_t(0)) : load_as<acc_t>(shift + p);
         couple_backward<S, Inverse, VecMath>(Vec::loadu(g + p), Vec(gld), Vec::loadu(v + p), r, sh, Vec(bound), gin,
                                              graw, gshift);
         gin.store(grad_in + p);
-        gshift.store(grad_shift + p);
-        if constexpr (S != Scale::Additive) graw.store(grad_raw + p);
+        store_as(gshift, grad_shift + p);
+        if constexpr (S != Scale::Additive) store_as(graw, grad_raw + p);
       }
     }
   }
   for (; p < len; ++p) {
     if (checkerboard && !checkerboard_active(p / width, p % width, parity)) {
       grad_in[p] = g[p];
-      grad_shift[p] = scalar_t(0);
-      if constexpr (S != Scale::Additive) grad_raw[p] = scalar_t(0);
+      grad_shift[p] = h_t(0);
+      if constexpr (S != Scale::Additive) grad_raw[p] = h_t(0);
       continue;
     }
     acc_t gin, graw, gshift;
     const acc_t r = S == Scale::Additive ? acc_t(0) : acc_t(raw[p]);
     const acc_t sh = S == Scale::Additive ? acc_t(0) : acc_t(shift[p]);
     couple_backward<S, Inverse, ScalarMath>(acc_t(g[p]), gld, acc_t(v[p]), r, sh, bound, gin, graw, gshift);
-    grad_in[p] = gin;
-    grad_shift[p] = gshift;
-    if constexpr (S != Scale::Additive) grad_raw[p] = graw;
+    grad_in[p] = static_cast<scalar_t>(gin);
+    grad_shift[p] = static_cast<h_t>(gshift);
+    if constexpr (S != Scale::Additive) grad_raw[p] = static_cast<h_t>(graw);
   }
 }
 
@@ -185,29 +188,33 @@ std::tuple<at::Tensor, at::Tensor> coupling_backward_cpu(const at::Tensor& grad_
   const int64_t h_channels = h.size(1);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "coupling_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor gld = grad_logdet.to(at::toOpMathType(v.scalar_type())).contiguous();
-    const acc_t* gldp = gld.const_data_ptr<acc_t>();
-    const scalar_t *gp = g.const_data_ptr<scalar_t>(), *vp = v.const_data_ptr<scalar_t>();
-    const scalar_t* hp = h.const_data_ptr<scalar_t>();
-    scalar_t *gin = grad_in.mutable_data_ptr<scalar_t>(), *gh = grad_h.mutable_data_ptr<scalar_t>();
-    dispatch_scale(o.scale, [&](auto scale_constant) {
-      constexpr Scale S = decltype(scale_constant)::value;
-      dispatch_bool(inverse, [&](auto inverse_constant) {
-        constexpr bool Inverse = decltype(inverse_constant)::value;
-        at::parallel_for(0, n * c, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t row = begin; row < end; ++row) {
-            const int64_t s = row / c, k = row % c - ch.t_start;
-            if (k < 0 || k >= ch.n_t) {
-              std::copy(gp + row * hw, gp + (row + 1) * hw, gin + row * hw);
-              continue;
+    dispatch_h_type<scalar_t>(h.scalar_type(), [&](auto h_value) {
+      using h_t = decltype(h_value);
+      using acc_t = at::opmath_type<scalar_t>;
+      const at::Tensor gld = grad_logdet.to(at::toOpMathType(v.scalar_type())).contiguous();
+      const acc_t* gldp = gld.const_data_ptr<acc_t>();
+      const scalar_t *gp = g.const_data_ptr<scalar_t>(), *vp = v.const_data_ptr<scalar_t>();
+      const h_t* hp = h.const_data_ptr<h_t>();
+      scalar_t* gin = grad_in.mutable_data_ptr<scalar_t>();
+      h_t* gh = grad_h.mutable_data_ptr<h_t>();
+      dispatch_scale(o.scale, [&](auto scale_constant) {
+        constexpr Scale S = decltype(scale_constant)::value;
+        dispatch_bool(inverse, [&](auto inverse_constant) {
+          constexpr bool Inverse = decltype(inverse_constant)::value;
+          at::parallel_for(0, n * c, 1, [&](int64_t begin, int64_t end) {
+            for (int64_t row = begin; row < end; ++row) {
+              const int64_t s = row / c, k = row % c - ch.t_start;
+              if (k < 0 || k >= ch.n_t) {
+                std::copy(gp + row * hw, gp + (row + 1) * hw, gin + row * hw);
+                continue;
+              }
+              const int64_t raw_row = (s * h_channels + k) * hw;
+              const int64_t shift_row = S == Scale::Additive ? raw_row : (s * h_channels + ch.n_t + k) * hw;
+              backward_plane<S, Inverse>(gp + row * hw, gldp[s], vp + row * hw, hp + raw_row, hp + shift_row,
+                                         gin + row * hw, gh + raw_row, gh + shift_row, height, width, o.checkerboard,
+                                         parity, acc_t(bound));
             }
-            const int64_t raw_row = (s * h_channels + k) * hw;
-            const int64_t shift_row = S == Scale::Additive ? raw_row : (s * h_channels + ch.n_t + k) * hw;
-            backward_plane<S, Inverse>(gp + row * hw, gldp[s], vp + row * hw, hp + raw_row, hp + shift_row,
-                                       gin + row * hw, gh + raw_row, gh + shift_row, height, width, o.checkerboard,
-                                       parity, acc_t(bound));
-          }
+          });
         });
       });
     });

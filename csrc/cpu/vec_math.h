@@ -3,6 +3,8 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <type_traits>
+
 namespace flowkern {
 
 // log1p and tanh without Sleef's general log1p and tanh, which cost here several times an exp.
@@ -41,6 +43,33 @@ struct VecMath {
     return V::blendv(if_negative, if_nonnegative, z >= V(0));
   }
 };
+
+// A vector of T from Vectorized<T>::size() elements of type S: a plain load when S is T; otherwise each
+// element converted (a lower-precision h read into the kernels' arithmetic type).
+template <typename T, typename S>
+at::vec::Vectorized<T> load_as(const S* p) {
+  using Vec = at::vec::Vectorized<T>;
+  if constexpr (std::is_same_v<T, S>) {
+    return Vec::loadu(p);
+  } else {
+    T lanes[Vec::size()];
+    for (int64_t i = 0; i < Vec::size(); ++i) lanes[i] = static_cast<T>(p[i]);
+    return Vec::loadu(lanes);
+  }
+}
+
+// v stored as Vectorized<T>::size() elements of type S, each rounded to S when S is not T.
+template <typename S, typename T>
+void store_as(const at::vec::Vectorized<T>& v, S* p) {
+  using Vec = at::vec::Vectorized<T>;
+  if constexpr (std::is_same_v<T, S>) {
+    v.store(p);
+  } else {
+    T lanes[Vec::size()];
+    v.store(lanes);
+    for (int64_t i = 0; i < Vec::size(); ++i) p[i] = static_cast<S>(lanes[i]);
+  }
+}
 
 // The lanes of v summed in lane order: the same order on every run.
 template <typename T>

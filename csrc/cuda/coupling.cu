@@ -1,5 +1,6 @@
 // Coupling on CUDA: one thread per pixel walks the channels, copying the pass-through ones and transforming
-// the others; each block reduces its Σ log s (a deterministic block sum) into one partial per sample.
+// the others; each block reduces its Σ log s (a deterministic block sum) into one partial per sample. An h
+// of lower precision than x is read as it is and upcast in registers.
 #include <torch/library.h>
 
 #include "../flowkern/checks.h"
@@ -9,8 +10,8 @@ namespace flowkern {
 namespace cuda {
 namespace {
 
-template <Scale S, bool Inverse, typename scalar_t, typename acc_t>
-__global__ void coupling_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ h,
+template <Scale S, bool Inverse, typename scalar_t, typename h_t, typename acc_t>
+__global__ void coupling_kernel(const scalar_t* __restrict__ x, const h_t* __restrict__ h,
                                 scalar_t* __restrict__ out, acc_t* __restrict__ partial, int64_t channels, int64_t hw,
                                 int64_t width, int64_t xsn, int64_t xsc, int64_t hsn, int64_t hsc,
                                 CouplingChannels ch, bool checkerboard, int64_t parity, acc_t bound) {
@@ -19,7 +20,7 @@ __global__ void coupling_kernel(const scalar_t* __restrict__ x, const scalar_t* 
   if (p < hw) {
     const bool active = !checkerboard || checkerboard_active(p / width, p % width, parity);
     const scalar_t* x_pix = x + n * xsn + p;
-    const scalar_t* h_pix = h + n * hsn + p;
+    const h_t* h_pix = h + n * hsn + p;
     scalar_t* out_pix = out + n * channels * hw + p;
     for (int64_t k = 0; k < ch.n_pass; ++k) {
       const int64_t c = ch.pass_start + k;
@@ -48,10 +49,10 @@ __global__ void coupling_kernel(const scalar_t* __restrict__ x, const scalar_t* 
   if (threadIdx.x == 0) partial[n * gridDim.x + blockIdx.x] = total;
 }
 
-template <Scale S, bool Inverse, typename scalar_t, typename acc_t>
+template <Scale S, bool Inverse, typename scalar_t, typename h_t, typename acc_t>
 __global__ void coupling_backward_kernel(const scalar_t* __restrict__ g, const acc_t* __restrict__ gld,
-                                         const scalar_t* __restrict__ v, const scalar_t* __restrict__ h,
-                                         scalar_t* __restrict__ grad_in, scalar_t* __restrict__ grad_h,
+                                         const scalar_t* __restrict__ v, const h_t* __restrict__ h,
+                                         scalar_t* __restrict__ grad_in, h_t* __restrict__ grad_h,
                                          int64_t channels, int64_t h_channels, int64_t hw, int64_t width,
                                          CouplingChannels ch, bool checkerboard, int64_t parity, acc_t bound) {
   const int64_t n = blockIdx.y, p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -69,8 +70,8 @@ __global__ void coupling_backward_kernel(const scalar_t* __restrict__ g, const a
     const int64_t shift_i = S == Scale::Additive ? raw_i : h_base + (ch.n_t + k) * hw;
     if (!active) {
       grad_in[i] = g[i];
-      grad_h[shift_i] = scalar_t(0);
-      if constexpr (S != Scale::Additive) grad_h[raw_i] = scalar_t(0);
+      grad_h[shift_i] = h_t(0);
+      if constexpr (S != Scale::Additive) grad_h[raw_i] = h_t(0);
       continue;
     }
     acc_t gin, graw, gshift;
@@ -79,8 +80,8 @@ __global__ void coupling_backward_kernel(const scalar_t* __restrict__ g, const a
     couple_backward<S, Inverse, ScalarMath>(static_cast<acc_t>(g[i]), gl, static_cast<acc_t>(v[i]), raw, shift,
                                             bound, gin, graw, gshift);
     grad_in[i] = static_cast<scalar_t>(gin);
-    grad_h[shift_i] = static_cast<scalar_t>(gshift);
-    if constexpr (S != Scale::Additive) grad_h[raw_i] = static_cast<scalar_t>(graw);
+    grad_h[shift_i] = static_cast<h_t>(gshift);
+    if constexpr (S != Scale::Additive) grad_h[raw_i] = static_cast<h_t>(graw);
   }
 }
 
@@ -99,14 +100,17 @@ std::tuple<at::Tensor, at::Tensor> coupling_cuda(const at::Tensor& x_in, const a
   at::Tensor partial = at::empty({n, static_cast<int64_t>(grid.x)}, x.options().dtype(at::toOpMathType(x.scalar_type())));
   if (n == 0 || hw == 0) return {out, partial.sum(1)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    dispatch_scale(o.scale, [&](auto scale_constant) {
-      constexpr Scale S = decltype(scale_constant)::value;
-      coupling_kernel<S, Inverse, scalar_t, acc_t><<<grid, kThreads, 0, stream()>>>(
-          x.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-          partial.mutable_data_ptr<acc_t>(), c, hw, width, x.stride(0), x.stride(1), h.stride(0), h.stride(1),
-          o.channels, o.checkerboard, parity, static_cast<acc_t>(bound));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_h_type<scalar_t>(h.scalar_type(), [&](auto h_value) {
+      using h_t = decltype(h_value);
+      using acc_t = at::opmath_type<scalar_t>;
+      dispatch_scale(o.scale, [&](auto scale_constant) {
+        constexpr Scale S = decltype(scale_constant)::value;
+        coupling_kernel<S, Inverse, scalar_t, h_t, acc_t><<<grid, kThreads, 0, stream()>>>(
+            x.const_data_ptr<scalar_t>(), h.const_data_ptr<h_t>(), out.mutable_data_ptr<scalar_t>(),
+            partial.mutable_data_ptr<acc_t>(), c, hw, width, x.stride(0), x.stride(1), h.stride(0), h.stride(1),
+            o.channels, o.checkerboard, parity, static_cast<acc_t>(bound));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return {out, partial.sum(1)};
@@ -129,16 +133,19 @@ std::tuple<at::Tensor, at::Tensor> coupling_backward_cuda(const at::Tensor& grad
   const at::Tensor gld = grad_logdet.to(at::toOpMathType(v.scalar_type())).contiguous();
   const dim3 grid(blocks_for(hw), static_cast<unsigned>(n));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "coupling_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    dispatch_scale(o.scale, [&](auto scale_constant) {
-      constexpr Scale S = decltype(scale_constant)::value;
-      dispatch_bool(inverse, [&](auto inverse_constant) {
-        constexpr bool Inverse = decltype(inverse_constant)::value;
-        coupling_backward_kernel<S, Inverse, scalar_t, acc_t><<<grid, kThreads, 0, stream()>>>(
-            g.const_data_ptr<scalar_t>(), gld.const_data_ptr<acc_t>(), v.const_data_ptr<scalar_t>(),
-            h.const_data_ptr<scalar_t>(), grad_in.mutable_data_ptr<scalar_t>(), grad_h.mutable_data_ptr<scalar_t>(),
-            c, h.size(1), hw, width, o.channels, o.checkerboard, parity, static_cast<acc_t>(bound));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_h_type<scalar_t>(h.scalar_type(), [&](auto h_value) {
+      using h_t = decltype(h_value);
+      using acc_t = at::opmath_type<scalar_t>;
+      dispatch_scale(o.scale, [&](auto scale_constant) {
+        constexpr Scale S = decltype(scale_constant)::value;
+        dispatch_bool(inverse, [&](auto inverse_constant) {
+          constexpr bool Inverse = decltype(inverse_constant)::value;
+          coupling_backward_kernel<S, Inverse, scalar_t, h_t, acc_t><<<grid, kThreads, 0, stream()>>>(
+              g.const_data_ptr<scalar_t>(), gld.const_data_ptr<acc_t>(), v.const_data_ptr<scalar_t>(),
+              h.const_data_ptr<h_t>(), grad_in.mutable_data_ptr<scalar_t>(), grad_h.mutable_data_ptr<h_t>(), c,
+              h.size(1), hw, width, o.channels, o.checkerboard, parity, static_cast<acc_t>(bound));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       });
     });
   });

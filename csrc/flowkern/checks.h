@@ -18,7 +18,8 @@ struct CouplingOptions {
   CouplingChannels channels;
 };
 
-// Validates mask/parity/scale and the shapes of x (N, C, H, W) and h; op names the caller in messages.
+// Validates mask/parity/scale and the shapes of x (N, C, H, W) and h; op names the caller in messages. h has
+// x's dtype or a lower precision (a conditioner run under autocast): see dispatch_h_type.
 CouplingOptions coupling_options(const at::Tensor& x, const at::Tensor& h, c10::string_view mask, int64_t parity,
                                  c10::string_view scale, double bound, const char* op);
 
@@ -46,6 +47,23 @@ void dispatch_scale(Scale scale, F&& f) {
     case Scale::Exp: return f(std::integral_constant<Scale, Scale::Exp>{});
     case Scale::Additive: return f(std::integral_constant<Scale, Scale::Additive>{});
   }
+}
+
+// Calls f with a value of h's element type, for the h dtypes a coupling over x of type scalar_t takes: its own,
+// or a lower precision (float32 x: float16, bfloat16; float64 x: float32, float16, bfloat16). The kernels
+// read such an h directly and do their arithmetic in x's math type; ∂h is written in h's dtype.
+template <typename scalar_t, typename F>
+void dispatch_h_type(at::ScalarType h_type, F&& f) {
+  if (h_type == c10::CppTypeToScalarType<scalar_t>::value) return f(scalar_t{});
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    if (h_type == at::kHalf) return f(c10::Half{});
+    if (h_type == at::kBFloat16) return f(c10::BFloat16{});
+  }
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    if (h_type == at::kFloat) return f(float{});
+  }
+  TORCH_CHECK(false, "flowkern: unchecked h dtype ", h_type, " for x of dtype ",
+              c10::CppTypeToScalarType<scalar_t>::value);
 }
 
 template <typename F>

@@ -77,8 +77,6 @@ class Run:
             self.objective = nn.parallel.DistributedDataParallel(self.objective)
         self.optimizer = adam(self.model.parameters(), cfg.lr)
         self.autocast_dtype = PRECISIONS[cfg.precision]
-        if cfg.precision == "fp16" and self.device.type != "cuda":
-            raise ValueError(f"--precision fp16 needs CUDA (autocast on {self.device.type} runs bfloat16): use bf16")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.skipped = 0  # consecutive steps the gradient scaler skipped
         self.step, self.resumed, self.stopping = 0, state is not None, False

@@ -113,8 +113,8 @@ class Config:
     backend: str = option("auto", "the fused ops' implementation", choices=(*_MODULES, AUTO))
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)", check=_device)
     memory_saving: bool = option(False, "train by inversion: activation memory flat in depth")
-    precision: str = option("fp32", "the conditioners' dtype under torch.autocast (bf16; fp16 on CUDA, with a "
-                            "gradient scaler); the flow's state and log-dets stay float32", choices=PRECISIONS)
+    precision: str = option("fp32", "the conditioners' dtype under torch.autocast (bf16, or fp16 with a gradient "
+                            "scaler); the flow's state and log-dets stay float32", choices=PRECISIONS)
     check_reconstruction: float | None = option(
         None, "warn when an input rebuilt by inversion is off by more than this relative error",
         check=_positive, applies=_memory_saving, metavar="TOL")

@@ -17,14 +17,14 @@ ops = FusedOps(PREFIX).register_fakes_and_autograd()
 
 
 def coupling_forward(x, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
-    """(x (N, C, H, W), h) → (y (N, C, H, W) contiguous, logdet (N,)). An ``h`` of lower precision than ``x``
-    is cast to ``x``'s dtype first (a pass the Triton kernels do not need)."""
-    return ops.coupling_forward(x, h.to(x.dtype), mask, parity, scale, bound)
+    """(x (N, C, H, W), h) → (y (N, C, H, W) contiguous, logdet (N,)). ``h`` may be of lower precision than
+    ``x`` (a conditioner under autocast): the kernels read it as it is; its gradient comes in its dtype."""
+    return ops.coupling_forward(x, h, mask, parity, scale, bound)
 
 
 def coupling_inverse(y, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
     """(y (N, C, H, W), h) → (x (N, C, H, W) contiguous, logdet (N,) of the forward map); ``h`` as above."""
-    return ops.coupling_inverse(y, h.to(y.dtype), mask, parity, scale, bound)
+    return ops.coupling_inverse(y, h, mask, parity, scale, bound)
 
 
 def actnorm_forward(x, log_scale, bias):
