@@ -89,3 +89,45 @@ def check_coupling(x, h, mask, parity, scale, x_name="x"):
             f"h must have shape {(n, expected, height, width)} for a {mask}-mask {scale} coupling of "
             f"{x_name} with shape {tuple(x.shape)}, got {tuple(h.shape)}"
         )
+
+
+def check_actnorm(x, log_scale, bias, x_name="x"):
+    """ActNorm's inputs: ``x`` (N, C, H, W), ``log_scale`` and ``bias`` (C,) on its device."""
+    check_image(x, x_name)
+    for name, p in (("log_scale", log_scale), ("bias", bias)):
+        check_tensor(p, name, ndim=1)
+        if p.shape[0] != x.shape[1]:
+            raise ValueError(f"{name} must have shape ({x.shape[1]},) for {x_name} of shape {tuple(x.shape)}")
+        if p.device != x.device:
+            raise ValueError(f"expected {name} on the device of {x_name} ({x.device}), got {p.device}")
+
+
+def check_weight(x, weight, x_name="x"):
+    """A 1×1 conv's ``weight`` (C_out, C_in) for ``x`` (N, C_in, H, W)."""
+    check_tensor(weight, "weight", ndim=2)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must have shape (C_out, {x.shape[1]}) for {x_name} of shape {tuple(x.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"expected weight on the device of {x_name} ({x.device}), got {weight.device}")
+
+
+def check_conv1x1(x, weight, bias, x_name="x"):
+    """A 1×1 conv's inputs: ``x`` (N, C_in, H, W), ``weight`` (C_out, C_in), ``bias`` (C_out,) or None."""
+    check_image(x, x_name)
+    check_weight(x, weight, x_name)
+    if bias is not None:
+        check_tensor(bias, "bias", ndim=1)
+        if bias.shape[0] != weight.shape[0] or bias.device != x.device:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},) on {x.device}, "
+                             f"got {tuple(bias.shape)} on {bias.device}")
+
+
+def check_grad_out(grad_out, inp, what="the output", name="grad_out"):
+    """A backward op's incoming gradient: a floating tensor of ``what``'s shape on ``inp``'s device."""
+    check_tensor(grad_out, name)
+    if grad_out.device != inp.device:
+        raise ValueError(f"expected {name} on the device of the input ({inp.device}), got {grad_out.device}")
+    shape = tuple(inp.shape) if what == "the output" else what
+    if tuple(grad_out.shape) != shape:
+        raise ValueError(f"expected {name} of shape {shape}, got {tuple(grad_out.shape)}")

@@ -8,7 +8,7 @@ assembly, squeeze, Gaussian standardisation) is not dispatched, and layers take 
 import torch
 
 from . import backends
-from ._validation import check_coupling, check_image, check_tensor
+from ._validation import check_actnorm, check_conv1x1, check_coupling, check_weight
 from .reference._dtypes import full_precision
 
 
@@ -26,49 +26,24 @@ def coupling_inverse(y, h, mask="channel", parity=0, scale="sigmoid", bound=2.0)
     return backends.dispatch("coupling_inverse", y, h, mask, parity, scale, float(bound))
 
 
-def _check_actnorm(x, log_scale, bias, x_name):
-    check_image(x, x_name)
-    for name, p in (("log_scale", log_scale), ("bias", bias)):
-        check_tensor(p, name, ndim=1)
-        if p.shape[0] != x.shape[1]:
-            raise ValueError(f"{name} must have shape ({x.shape[1]},) for {x_name} of shape {tuple(x.shape)}")
-        if p.device != x.device:
-            raise ValueError(f"expected {name} on the device of {x_name} ({x.device}), got {p.device}")
-
-
 @full_precision
 def actnorm_forward(x, log_scale, bias):
     """``y = x · exp(log_scale) + bias`` per channel of ``x`` (N, C, H, W) → ``(y, logdet (N,))``."""
-    _check_actnorm(x, log_scale, bias, "x")
+    check_actnorm(x, log_scale, bias, "x")
     return backends.dispatch("actnorm_forward", x, log_scale, bias)
 
 
 @full_precision
 def actnorm_inverse(y, log_scale, bias):
     """``x = (y − bias) · exp(−log_scale)`` → ``(x, logdet (N,) of the forward map)``."""
-    _check_actnorm(y, log_scale, bias, "y")
+    check_actnorm(y, log_scale, bias, "y")
     return backends.dispatch("actnorm_inverse", y, log_scale, bias)
-
-
-def _check_weight(x, weight, x_name):
-    check_tensor(weight, "weight", ndim=2)
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"weight must have shape (C_out, {x.shape[1]}) for {x_name} of shape {tuple(x.shape)}, "
-                         f"got {tuple(weight.shape)}")
-    if weight.device != x.device:
-        raise ValueError(f"expected weight on the device of {x_name} ({x.device}), got {weight.device}")
 
 
 @full_precision
 def conv1x1(x, weight, bias=None):
     """Per-pixel channel mixing of ``x`` (N, C_in, H, W) by ``weight`` (C_out, C_in) → (N, C_out, H, W)."""
-    check_image(x, "x")
-    _check_weight(x, weight, "x")
-    if bias is not None:
-        check_tensor(bias, "bias", ndim=1)
-        if bias.shape[0] != weight.shape[0] or bias.device != x.device:
-            raise ValueError(f"bias must have shape ({weight.shape[0]},) on {x.device}, "
-                             f"got {tuple(bias.shape)} on {bias.device}")
+    check_conv1x1(x, weight, bias, "x")
     return backends.dispatch("conv1x1", x, weight, bias)
 
 
@@ -79,8 +54,8 @@ def actnorm_conv1x1(x, log_scale, bias, weight):
     x (N, C, H, W), log_scale and bias (C,), weight (C_out, C) → y (N, C_out, H, W). Log-dets are not
     included: they are ``actnorm_logdet`` plus the convolution's.
     """
-    _check_actnorm(x, log_scale, bias, "x")
-    _check_weight(x, weight, "x")
+    check_actnorm(x, log_scale, bias, "x")
+    check_weight(x, weight, "x")
     scale = torch.exp(log_scale).to(weight.dtype)  # the folded weight and bias are right by construction
     return backends.dispatch("conv1x1", x, weight * scale, weight @ bias.to(weight.dtype))
 
@@ -88,7 +63,7 @@ def actnorm_conv1x1(x, log_scale, bias, weight):
 @full_precision
 def actnorm_conv1x1_inverse(y, log_scale, bias, inverse_weight):
     """Inverse of :func:`actnorm_conv1x1` given ``W⁻¹`` (C, C): ``x = diag(e^−log_scale)·W⁻¹·y − bias·e^−log_scale``."""
-    _check_actnorm(y, log_scale, bias, "y")
-    _check_weight(y, inverse_weight, "y")
+    check_actnorm(y, log_scale, bias, "y")
+    check_weight(y, inverse_weight, "y")
     inv_scale = torch.exp(-log_scale).to(inverse_weight.dtype)
     return backends.dispatch("conv1x1", y, inv_scale[:, None] * inverse_weight, -bias.to(inv_scale.dtype) * inv_scale)

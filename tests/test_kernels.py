@@ -119,11 +119,18 @@ def test_actnorm_and_conv1x1_gradcheck(fused):
     assert torch.autograd.gradcheck(fused.conv1x1, (x, weight, bias4), fast_mode=True)
 
 
-def test_float64_stays_float64(fused):
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+def test_float64_stays_float64(fused, direction):
+    """Outputs, log-dets and gradients in float64, the bound too: 0.3 is not a float32 number."""
+    op = f"coupling_{direction}"
     x, h = coupling_inputs("checkerboard", 1, "exp", torch.float64, "channel-slice")
-    got = fused.coupling_inverse(x, h, "checkerboard", 1, "exp", 2.0)
-    assert got[0].dtype == got[1].dtype == torch.float64
-    assert_close(got, reference.coupling_inverse(x, h, "checkerboard", 1, "exp", 2.0), torch.float64, "inverse")
+    upstream = [torch.randn_like(x), torch.randn(x.shape[0], dtype=torch.float64)]
+
+    def run(module):
+        return value_and_grads(lambda a, b: getattr(module, op)(a, b, "checkerboard", 1, "exp", 0.3), [x, h], upstream)
+    got, expected = run(fused), run(reference)
+    assert all(t.dtype == torch.float64 for t in (*got[0], *got[1]))
+    assert_close([*got[0], *got[1]], [*expected[0], *expected[1]], torch.float64, op)
 
 
 def test_log_det_and_outputs_are_bitwise_deterministic(fused):
@@ -188,3 +195,35 @@ def test_bfloat16_on_gpu(fused, mask, parity, scale):
         expected = getattr(reference, op)(*args)
         got, expected = (got, expected) if isinstance(got, tuple) else ((got,), (expected,))
         assert_close(got, expected, dtype, op)
+
+
+TRITON_BAD_INPUT = [
+    (lambda ops: ops.actnorm(make((2, 4, 3, 3)), torch.zeros(3), torch.zeros(4), False),
+     ValueError, r"log_scale must have shape \(4,\) for input of shape \(2, 4, 3, 3\)"),
+    (lambda ops: ops.actnorm_backward(make((2, 4, 3, 3)), make((2, 4, 3, 3)), torch.zeros(4), torch.zeros(5), True),
+     ValueError, r"bias must have shape \(4,\)"),
+    (lambda ops: ops.actnorm_backward(make((2, 4, 3, 2)), make((2, 4, 3, 3)), torch.zeros(4), torch.zeros(4), True),
+     ValueError, r"expected grad_out of shape \(2, 4, 3, 3\), got \(2, 4, 3, 2\)"),
+    (lambda ops: ops.coupling_forward(make((2, 4, 3, 3)), make((2, 4, 3, 3)), "stripes", 0, "sigmoid", 2.0),
+     ValueError, r"mask must be one of 'channel', 'checkerboard', got 'stripes'"),
+    (lambda ops: ops.coupling_backward(make((2, 4, 3, 3)), torch.zeros(3), make((2, 4, 3, 3)), make((2, 4, 3, 3)),
+                                       "channel", 0, "sigmoid", 2.0, False),
+     ValueError, r"expected grad_logdet of shape \(2,\), got \(3,\)"),
+    (lambda ops: ops.conv1x1(make((2, 4, 3, 3)), torch.randn(4, 5), None),
+     ValueError, r"weight must have shape \(C_out, 4\) for input of shape \(2, 4, 3, 3\), got \(4, 5\)"),
+    (lambda ops: ops.conv1x1(make((2, 4, 3, 3)), torch.randn(6, 4), torch.zeros(4)),
+     ValueError, r"bias must have shape \(6,\)"),
+    (lambda ops: ops.conv1x1_weight_grad(make((2, 6, 3, 2)), make((2, 4, 3, 3))),
+     ValueError, r"expected grad_out of shape \(2, 6, 3, 3\), got \(2, 6, 3, 2\)"),
+    (lambda ops: ops.conv1x1(torch.randn(2, 4, 3), torch.randn(4, 4), None),
+     ValueError, r"input must have shape \(N, C, H, W\)"),
+]
+
+
+@pytest.mark.parametrize("call,error,message", TRITON_BAD_INPUT)
+def test_triton_ops_refuse_bad_input_before_launching(call, error, message, monkeypatch):
+    """Called directly, as torch.ops, the Triton ops check their arguments as the compiled ones do: a
+    short parameter would be read out of bounds, an unknown option would fail deep in the launcher."""
+    backend = load_backend("triton", monkeypatch)
+    with pytest.raises(error, match=message):
+        call(backend.ops)

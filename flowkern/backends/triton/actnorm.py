@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from ...reference._dtypes import compute_dtype
+from ..._validation import check_actnorm, check_grad_out
 from ._common import accumulator, check_launchable, empty, inner_dense, pixel_block
 
 
@@ -70,6 +71,7 @@ def _launch_shape(x):
 
 def actnorm(x, log_scale, bias, inverse):
     """ActNorm or its inverse of x (N, C, H, W) → (N, C, H, W) contiguous."""
+    check_actnorm(x, log_scale, bias, "input")
     check_launchable(x, "actnorm")
     x, log_scale, bias = inner_dense(x), log_scale.contiguous(), bias.contiguous()
     grid, hw, block = _launch_shape(x)
@@ -82,6 +84,8 @@ def actnorm(x, log_scale, bias, inverse):
 
 
 def actnorm_backward(grad_out, inp, log_scale, bias, inverse):
+    check_actnorm(inp, log_scale, bias, "input")
+    check_grad_out(grad_out, inp)
     check_launchable(inp, "actnorm backward")
     grad_out, inp = inner_dense(grad_out), inner_dense(inp)
     log_scale, bias = log_scale.contiguous(), bias.contiguous()

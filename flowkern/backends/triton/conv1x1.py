@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ...reference._dtypes import compute_dtype
+from ..._validation import check_conv1x1, check_grad_out, check_image
 from ._common import accumulator, check_launchable, empty, inner_dense
 
 _K_BLOCK = 16  # input channels per step of the matrix product (tl.dot needs at least 16)
@@ -86,6 +87,7 @@ def _programs_per_device(device):
 
 def conv1x1(x, weight, bias):
     """x (N, C_in, H, W), weight (C_out, C_in), bias (C_out,) or None → (N, C_out, H, W)."""
+    check_conv1x1(x, weight, bias, "input")
     check_launchable(x, "conv1x1")
     x = inner_dense(x)
     n, ci, height, width = x.shape
@@ -103,6 +105,9 @@ def conv1x1(x, weight, bias):
 
 def conv1x1_weight_grad(grad_out, x):
     """(Σ_pixels ∂y·xᵀ (C_out, C_in), Σ_pixels ∂y (C_out,)), both in float32 (float64 for float64)."""
+    check_image(x, "input")
+    check_image(grad_out, "grad_out")
+    check_grad_out(grad_out, x, what=(x.shape[0], grad_out.shape[1], *x.shape[2:]))
     check_launchable(x, "conv1x1 backward")
     grad_out, x = inner_dense(grad_out), inner_dense(x)
     n, ci, height, width = x.shape

@@ -7,7 +7,7 @@ log-det is deterministic. The checkerboard mask is computed from pixel indices, 
 import triton
 import triton.language as tl
 
-from ..._validation import check_coupling
+from ..._validation import check_coupling, check_grad_out
 from ...reference import channel_layout
 from ...reference._dtypes import compute_dtype
 from ._common import accumulator, check_launchable, empty, inner_dense, pixel_block
@@ -181,9 +181,9 @@ def _coupling_backward_kernel(
 
 def _run(x, h, mask, parity, scale, bound, inverse):
     """Coupling or inverse coupling of x (N, C, H, W) → (out (N, C, H, W) contiguous, logdet (N,))."""
+    check_coupling(x, h, mask, parity, scale, "input")
     check_launchable(x, "coupling")
     check_launchable(h, "coupling")
-    check_coupling(x, h, mask, parity, scale)
     x, h = inner_dense(x), inner_dense(h)
     n, c, height, width = x.shape
     hw = height * width
@@ -200,9 +200,11 @@ def _run(x, h, mask, parity, scale, bound, inverse):
 
 
 def coupling_backward(grad_out, grad_logdet, inp, h, mask, parity, scale, bound, inverse):
+    check_coupling(inp, h, mask, parity, scale, "input")
+    check_grad_out(grad_out, inp)
+    check_grad_out(grad_logdet, inp, what=(inp.shape[0],), name="grad_logdet")
     check_launchable(inp, "coupling backward")
     check_launchable(h, "coupling backward")
-    check_coupling(inp, h, mask, parity, scale, "input")
     grad_out, inp, h = inner_dense(grad_out), inner_dense(inp), inner_dense(h)
     n, c, height, width = inp.shape
     hw = height * width
