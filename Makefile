@@ -17,7 +17,7 @@ CSRC := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 # the fused backends that must load, so that none of their tests is skipped
 REQUIRE_BACKENDS ?= triton,native
 
-.PHONY: setup test test-gpu ctest bench clean
+.PHONY: setup test test-gpu ctest gpu-check bench clean
 
 setup: $(STAMP)
 
@@ -32,8 +32,13 @@ $(STAMP): $(DEPS_STAMP) setup.py tools/cuda_toolkit.py $(CSRC)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
-test: setup ctest
+test: setup ctest gpu-check
 	FLOWKERN_REQUIRE_BACKENDS=$(REQUIRE_BACKENDS) $(PY) -m pytest tests
+
+# every Triton kernel compiled for the H100 (sm_90) without a GPU, and the CUDA kernels' resources; fails on a
+# compile error, a spill at a Glow shape or too much shared memory; tables in benchmarks/results/sm90-static/
+gpu-check: setup
+	env -u TRITON_INTERPRET $(PY) -m benchmarks.gpu_check
 
 # only the tests that need a CUDA device (bfloat16 kernels, ...); `make test` on a GPU machine runs them too
 test-gpu: setup

@@ -97,3 +97,13 @@ def test_the_conditioner_case_times_both_forms():
     rows = run.measure_case(case, list(case.providers), device, bandwidth=10.0, min_time=0.0)
     assert [row["provider"] for row in rows] == list(suite.CONDITIONER_PROVIDERS)
     assert all("median_ms" in row and row["conv_share"] > 0 for row in rows)
+
+
+def test_occupancy_follows_the_h100_limits():
+    from benchmarks.gpu_check import blocks_per_sm
+
+    assert blocks_per_sm(32, 128, 0) == 16  # 4 warps of 32 registers: the 64-warp limit
+    assert blocks_per_sm(128, 128, 0) == 4  # 128 × 128 = 16K registers a block, 64K an SM
+    assert blocks_per_sm(255, 128, 0) == 2  # 255 rounds up to 256 a thread (in 256-register warp units)
+    assert blocks_per_sm(40, 256, 48 * 1024) == 4  # (48 + 1) KB a block of the 228 KB
+    assert blocks_per_sm(40, 128, 228 * 1024) == 0  # beyond the 227 KB a block may have: cannot launch

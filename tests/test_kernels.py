@@ -84,6 +84,17 @@ def test_conv1x1_matches_reference(fused, c_in, c_out, with_bias, dtype, layout)
     assert_close(got_grads, expected_grads, tolerance_dtype, "conv1x1 gradients (x, weight, bias)")
 
 
+def test_conv1x1_of_a_float16_x_keeps_a_float32_weight_exact(fused):
+    """A float32 weight with a float16 x (a float32 LU weight in a float16 model): the output is the exact
+    product rounded once to float16, as if the weight had not been rounded to 16 bits."""
+    x, weight = make((2, 48, 8, 8), torch.float16), torch.randn(48, 48) / 48 ** 0.5
+    exact = torch.einsum("oc,nchw->nohw", weight.double(), x.double())
+    scale = torch.einsum("oc,nchw->nohw", weight.double().abs(), x.double().abs())
+    eps = torch.finfo(torch.float16).eps
+    error = (fused.conv1x1(x, weight).double() - exact).abs()
+    assert (error <= 0.5 * eps * exact.abs() + 0.01 * eps * scale).all(), (error / (eps * scale)).max()
+
+
 def test_conv1x1_transposed_weight_view(fused):
     x, weight = make((2, 6, 3, 5)), torch.randn(6, 6)
     assert_close([fused.conv1x1(x, weight.t())], [reference.conv1x1(x, weight.t())], torch.float32, "W.t()")

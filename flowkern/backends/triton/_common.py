@@ -50,3 +50,9 @@ def accumulator(dtype: torch.dtype):
 
 def pixel_block(pixels: int, largest: int = 1024) -> int:
     return max(16, min(largest, triton.next_power_of_2(pixels)))
+
+
+def warps_for(block: int) -> int:
+    """Warps for a program of ``block`` pixels: at most 4 pixels a thread, so that the per-pixel math of the
+    couplings fits in registers without spilling (sm_90 static compile, ``python -m benchmarks.gpu_check``)."""
+    return max(1, min(8, block // 128))

@@ -17,14 +17,19 @@ from ..._validation import check_conv1x1, check_grad_out, check_image
 from ._common import accumulator, check_launchable, empty, inner_dense
 
 _K_BLOCK = 16  # input channels per step of the matrix product (tl.dot needs at least 16)
+_STAGES = 3  # software-pipeline depth of the weight gradient's loop (Triton's default on sm_90)
+_SHARED_BUDGET = 192 * 1024  # bytes of its operand tiles, below the 227 KB a block may have on an H100
 
 
 @triton.jit
 def _conv1x1_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, CI, CO, HW, x_sn, x_sc, w_so, w_si,
-    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, CO_PAD: tl.constexpr, K_BLOCK: tl.constexpr,
-    BLOCK: tl.constexpr,
+    x_ptr, w_ptr, w_lo_ptr, b_ptr, out_ptr, CI, CO, HW, x_sn, x_sc, w_so, w_si,
+    HAS_BIAS: tl.constexpr, SPLIT_W: tl.constexpr, ACC: tl.constexpr, CO_PAD: tl.constexpr,
+    K_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """16-bit x and W go to the tensor cores as they are (their products are exact in the float32
+    accumulator); a float32 W with a 16-bit x comes as two 16-bit parts, W = W_hi + W_lo (SPLIT_W), which
+    keep 16 bits of its mantissa for bfloat16 and 22 for float16. float32 and float64 run exact FMAs."""
     n = tl.program_id(0).to(tl.int64)  # sample offsets pass 2³¹ elements in large batches
     pix = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = pix < HW
@@ -33,10 +38,16 @@ def _conv1x1_kernel(
     for k0 in range(0, CI, K_BLOCK):
         ci = k0 + tl.arange(0, K_BLOCK)
         x = tl.load(x_ptr + n * x_sn + ci[:, None] * x_sc + pix[None, :],
-                    mask=(ci < CI)[:, None] & inside[None, :], other=0.0).to(ACC)
-        w = tl.load(w_ptr + co[:, None] * w_so + ci[None, :] * w_si,
-                    mask=(co < CO)[:, None] & (ci < CI)[None, :], other=0.0).to(ACC)
-        acc += tl.dot(w, x, input_precision="ieee")
+                    mask=(ci < CI)[:, None] & inside[None, :], other=0.0)
+        w_at = co[:, None] * w_so + ci[None, :] * w_si
+        w_mask = (co < CO)[:, None] & (ci < CI)[None, :]
+        w = tl.load(w_ptr + w_at, mask=w_mask, other=0.0)
+        if x.dtype.primitive_bitwidth == 16:
+            acc += tl.dot(w, x)
+            if SPLIT_W:
+                acc += tl.dot(tl.load(w_lo_ptr + w_at, mask=w_mask, other=0.0), x)
+        else:
+            acc += tl.dot(w.to(ACC), x.to(ACC), input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=co < CO, other=0.0).to(ACC)[:, None]
     tl.store(out_ptr + n * CO * HW + co[:, None] * HW + pix[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -58,24 +69,36 @@ def _conv1x1_weight_grad_kernel(
         pix = (blk % blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
         inside = pix < HW
         g = tl.load(g_ptr + n * g_sn + co[:, None] * g_sc + pix[None, :],
-                    mask=(co < CO)[:, None] & inside[None, :], other=0.0).to(ACC)
+                    mask=(co < CO)[:, None] & inside[None, :], other=0.0)
         x = tl.load(x_ptr + n * x_sn + ci[:, None] * x_sc + pix[None, :],
-                    mask=(ci < CI)[:, None] & inside[None, :], other=0.0).to(ACC)
-        acc += tl.dot(g, tl.trans(x), input_precision="ieee")
-        acc_b += tl.sum(g, axis=1)
+                    mask=(ci < CI)[:, None] & inside[None, :], other=0.0)
+        if x.dtype.primitive_bitwidth == 16:  # tensor cores: 16-bit products are exact in float32
+            acc += tl.dot(g, tl.trans(x))
+        else:
+            acc += tl.dot(g.to(ACC), tl.trans(x.to(ACC)), input_precision="ieee")
+        acc_b += tl.sum(g.to(ACC), axis=1)
     part = tl.program_id(1)
     tl.store(gw_ptr + part * CO * CI + co[:, None] * CI + ci[None, :], acc,
              mask=(co < CO)[:, None] & (ci < CI)[None, :])
     tl.store(gb_ptr + part * CO + co, acc_b, mask=co < CO)
 
 
+def _operands(weight, dtype):
+    """The weight as the kernel takes it for an x of ``dtype``: itself, or for a 16-bit x its two parts
+    (W_hi, W_lo) in that dtype (W_lo None when W already has it)."""
+    if torch.finfo(dtype).bits != 16 or weight.dtype == dtype:
+        return weight, None
+    high = weight.to(dtype)
+    return high, (weight - high.to(weight.dtype)).to(dtype)
+
+
 def _pad(channels):
     return max(16, triton.next_power_of_2(channels))
 
 
-def _pixel_block(hw, channels):
-    # keep the (channels × pixels) accumulator near 8K values per program
-    return max(16, min(triton.next_power_of_2(hw), 8192 // _pad(channels), 256))
+def _pixel_block(hw, channels, dtype):
+    # keep the (channels × pixels) accumulator near 32 KB per program (8K float32 values): in registers
+    return max(16, min(triton.next_power_of_2(hw), 32768 // (_pad(channels) * compute_dtype(dtype).itemsize), 256))
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,12 +116,14 @@ def conv1x1(x, weight, bias):
     n, ci, height, width = x.shape
     co = weight.shape[0]
     hw = height * width
-    block = _pixel_block(hw, max(ci, co))
+    block = _pixel_block(hw, max(ci, co), x.dtype)
+    weight, weight_lo = _operands(weight, x.dtype)
     out = empty((n, co, height, width), dtype=x.dtype, device=x.device)
     _conv1x1_kernel[(n, triton.cdiv(hw, block))](
-        x, weight, weight if bias is None else bias, out, ci, co, hw, x.stride(0), x.stride(1),
-        weight.stride(0), weight.stride(1),
-        HAS_BIAS=bias is not None, ACC=accumulator(x.dtype), CO_PAD=_pad(co), K_BLOCK=_K_BLOCK, BLOCK=block,
+        x, weight, weight if weight_lo is None else weight_lo, weight if bias is None else bias, out, ci, co, hw,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        HAS_BIAS=bias is not None, SPLIT_W=weight_lo is not None, ACC=accumulator(x.dtype), CO_PAD=_pad(co),
+        K_BLOCK=_K_BLOCK, BLOCK=block,
     )
     return out
 
@@ -114,7 +139,9 @@ def conv1x1_weight_grad(grad_out, x):
     co = grad_out.shape[1]
     hw = height * width
     co_block = min(_pad(co), 32)
-    block = max(16, min(triton.next_power_of_2(hw), 64))
+    # the (CO_BLOCK + CI_PAD) × BLOCK operand tiles, in every pipeline stage, must fit in shared memory
+    tile_budget = _SHARED_BUDGET // (_STAGES * (co_block + _pad(ci)) * x.element_size())
+    block = max(16, min(triton.next_power_of_2(hw), 64, triton.next_power_of_2(tile_budget + 1) // 2))
     blocks_per_sample = triton.cdiv(hw, block)
     blocks = n * blocks_per_sample
     co_blocks = triton.cdiv(co, co_block)
@@ -126,5 +153,6 @@ def conv1x1_weight_grad(grad_out, x):
         grad_out, x, grad_w, grad_b, ci, co, hw, grad_out.stride(0), grad_out.stride(1),
         x.stride(0), x.stride(1), blocks_per_sample, blocks,
         ACC=accumulator(x.dtype), CO_BLOCK=co_block, CI_PAD=_pad(ci), BLOCK=block,
+        num_stages=_STAGES if _STAGES * (co_block + _pad(ci)) * block * x.element_size() <= _SHARED_BUDGET else 1,
     )
     return grad_w.sum(dim=0), grad_b.sum(dim=0)

@@ -10,7 +10,7 @@ import triton.language as tl
 from ..._validation import check_coupling, check_grad_out
 from ...reference import channel_layout
 from ...reference._dtypes import compute_dtype
-from ._common import accumulator, check_launchable, empty, inner_dense, pixel_block
+from ._common import accumulator, check_launchable, empty, inner_dense, pixel_block, warps_for
 
 _MASK = {"channel": 0, "checkerboard": 1}
 _SCALE = {"sigmoid": 0, "exp": 1, "additive": 2}
@@ -195,6 +195,7 @@ def _run(x, h, mask, parity, scale, bound, inverse):
         x, h, out, partial, c, hw, width, x.stride(0), x.stride(1), h.stride(0), h.stride(1),
         *channel_layout(c, mask, parity), parity, bound,
         MASK=_MASK[mask], SCALE=_SCALE[scale], INVERSE=inverse, ACC=accumulator(x.dtype), BLOCK=block,
+        num_warps=warps_for(block),
     )
     return out, partial.sum(dim=1)
 
@@ -216,6 +217,7 @@ def coupling_backward(grad_out, grad_logdet, inp, h, mask, parity, scale, bound,
         c, hw, width, grad_out.stride(0), grad_out.stride(1), inp.stride(0), inp.stride(1),
         h.stride(0), h.stride(1), grad_h.stride(0), *channel_layout(c, mask, parity), parity, bound,
         MASK=_MASK[mask], SCALE=_SCALE[scale], INVERSE=inverse, ACC=accumulator(inp.dtype), BLOCK=block,
+        num_warps=warps_for(block),
     )
     return grad_in, grad_h
 

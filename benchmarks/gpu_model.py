@@ -1,0 +1,174 @@
+"""A static performance model of the Triton ops on an H100 (sm_90), from their sm_90 compilation alone.
+
+    python -m benchmarks.gpu_model [--batch 64] [--out DIR]
+
+Each op is called at Glow's level shapes with the launches compiled, not run (:mod:`benchmarks.gpu_check`),
+so the model sees each kernel's real grid, block size, registers and shared memory. It prints, per op and
+shape, the bytes the op must move, its programs against the SMs, the occupancy those resources allow, the
+bytes it has in flight, and an estimated fraction of copy bandwidth. These are estimates, not measurements.
+
+The model, and what it leaves out:
+
+1. **Floor.** ``bytes / B``: each input read once, each output written once, at the copy bandwidth ``B``
+   (:data:`COPY_BANDWIDTH`, what a device-to-device copy reaches on an H100 SXM).
+2. **Latency (Little's law).** Streaming at ``B`` needs ``B · L`` bytes requested and not yet returned
+   (:data:`LATENCY` = DRAM latency under load). A program requests one iteration of its main loop before it
+   must wait for the data; loops over a ``tl.dot`` are software-pipelined by Triton, with ``num_stages − 1``
+   iterations ahead. Bytes in flight = resident programs × bytes per iteration × iterations ahead; the
+   fraction of ``B`` is at most ``in flight / (B · L)``.
+3. **Occupancy and waves.** Resident programs per SM follow from registers, warps and shared memory
+   (:func:`benchmarks.gpu_check.blocks_per_sm`); a grid smaller than one wave leaves SMs idle, and a
+   partial last wave runs with fewer programs in flight.
+4. **Launches.** Each launch adds :data:`LAUNCH_COST` (launch, ramp-up, drain), including the small PyTorch
+   kernels an op runs beside its Triton kernel (partial sums, casts).
+
+Left out: instruction throughput (these kernels do a few flops per byte), L2 hits (inputs several times
+larger than L2 in the benchmarks), DRAM page and bank effects, coalescing (the kernels read rows of pixels:
+coalesced by construction), and the exact SASS latency chains (an iteration's loads are taken as issued
+together). A kernel the model puts near 100% can still be limited by what it leaves out; one it puts far
+below is limited by its design: too few programs, too little in flight, or too many launches.
+"""
+import argparse
+import functools
+import json
+import os
+import sys
+
+import torch
+
+from . import gpu_check as check
+
+COPY_BANDWIDTH = 3.0e12  # bytes/s: a device-to-device copy on an H100 SXM (HBM3, 3.35 TB/s peak)
+LATENCY = 800e-9  # s: DRAM latency under load
+LAUNCH_COST = 3e-6  # s per kernel launch: launch, ramp-up and drain
+SHAPES = [(12, 64), (48, 32)]  # (C, H = W): a Glow's first level on 128² images and a deep level
+DTYPES = (torch.float32, torch.bfloat16)
+# PyTorch kernels each op launches beside its Triton kernels (partial sums, casts)
+EXTRA_LAUNCHES = {"coupling_forward": 1, "coupling_inverse": 1, "coupling_backward": 0, "actnorm": 0,
+                  "actnorm_backward": 4, "conv1x1": 0, "conv1x1_weight_grad": 2}
+
+
+def bytes_per_iteration(name, constexprs, dtypes):
+    """Bytes one program of kernel ``name`` requests per iteration of its main loop. ``dtypes``: element
+    sizes of x, h and the weight."""
+    block = constexprs.get("BLOCK", 0)
+    e_x, e_h, e_w = dtypes
+    if name == "_coupling_kernel":  # x, raw, shift of one channel (additive: x, shift)
+        return block * (e_x + (e_h if constexprs["SCALE"] == 2 else 2 * e_h))
+    if name == "_coupling_backward_kernel":  # ∂y, x, raw, shift
+        return block * (2 * e_x + (e_h if constexprs["SCALE"] == 2 else 2 * e_h))
+    if name == "_actnorm_kernel":
+        return block * e_x
+    if name == "_actnorm_backward_kernel":  # ∂y and x
+        return 2 * block * e_x
+    if name == "_conv1x1_kernel":  # a (K_BLOCK × BLOCK) tile of x and a (CO_PAD × K_BLOCK) tile of W
+        return constexprs["K_BLOCK"] * (block * e_x + constexprs["CO_PAD"] * e_w)
+    if name == "_conv1x1_weight_grad_kernel":  # (CO_BLOCK + CI_PAD) × BLOCK of ∂y and x
+        return (constexprs["CO_BLOCK"] + constexprs["CI_PAD"]) * block * e_x
+    raise KeyError(f"no model of the loop of {name}")
+
+
+def _nbytes(values):
+    if isinstance(values, torch.Tensor):
+        return values.numel() * values.element_size()
+    if isinstance(values, (tuple, list)):
+        return sum(_nbytes(v) for v in values)
+    return 0
+
+
+def op_calls(modules, batch, c, size, dtype):
+    """``(op, inputs, call)`` for each op at one shape and dtype, as the layers call them."""
+    coupling, actnorm, conv = modules["coupling"], modules["actnorm"], modules["conv1x1"]
+    x = torch.randn(batch, c, size, size).to(dtype)
+    h = torch.randn(batch, c - c // 2, size, size).repeat(1, 2, 1, 1).to(dtype)  # channel mask, parity 0
+    vector, weight = torch.randn(c).to(dtype), torch.randn(c, c).to(dtype)
+    g, g_logdet = torch.randn_like(x), torch.randn(batch).to(dtype)
+    return [
+        ("coupling_forward", (x, h), functools.partial(coupling.coupling_forward, x, h, "channel", 0, "sigmoid", 2.0)),
+        ("coupling_backward", (g, g_logdet, x, h), functools.partial(
+            coupling.coupling_backward, g, g_logdet, x, h, "channel", 0, "sigmoid", 2.0, False)),
+        ("actnorm", (x, vector, vector), functools.partial(actnorm.actnorm, x, vector, vector, False)),
+        ("actnorm_backward", (g, x, vector, vector), functools.partial(
+            actnorm.actnorm_backward, g, x, vector, vector, False)),
+        ("conv1x1", (x, weight, vector), functools.partial(conv.conv1x1, x, weight, vector)),
+        ("conv1x1_weight_grad", (g, x), functools.partial(conv.conv1x1_weight_grad, g, x)),
+    ]
+
+
+def estimate(op, moved, launch, resources):
+    """The model for one op, whose Triton kernel makes ``launch`` = (kernel name, constexprs, grid, element
+    sizes, CompiledKernel); ``resources`` maps a kernel's hash to (registers, spills, shared bytes, warps,
+    stages). Returns (estimated fraction of copy bandwidth, the kernel's figures)."""
+    name, constexprs, grid, sizes, kernel = launch
+    registers, spills, shared, warps, stages = resources[kernel.hash]
+    programs = grid[0] * (grid[1] if len(grid) > 1 else 1) * (grid[2] if len(grid) > 2 else 1)
+    per_sm = check.blocks_per_sm(registers, warps * 32, shared)
+    wave = check.SMS * per_sm
+    ahead = stages - 1 if "conv1x1" in name else 1  # only the tl.dot loops are pipelined
+    in_flight = min(programs, wave) * bytes_per_iteration(name, constexprs, sizes) * ahead
+    latency_bound = min(1.0, in_flight / (COPY_BANDWIDTH * LATENCY))
+    wave_efficiency = programs / (-(-programs // wave) * wave) if programs >= wave else 1.0
+    floor = moved / COPY_BANDWIDTH
+    time = floor / (latency_bound * wave_efficiency) + (1 + EXTRA_LAUNCHES[op]) * LAUNCH_COST
+    return floor / time, dict(kernel=name, programs=programs, per_sm=per_sm, registers=registers, spills=spills,
+                              shared=shared, in_flight=in_flight, latency_bound=latency_bound,
+                              wave_efficiency=wave_efficiency)
+
+
+def run_model(batch):
+    modules = check._triton_modules()
+    results, resources = [], {}
+    for dtype in DTYPES:
+        for c, size in SHAPES:
+            compiled = []
+            with check.compiling_for_sm90(modules, compiled):
+                for op, inputs, call in op_calls(modules, batch, c, size, dtype):
+                    start = len(compiled)
+                    outputs = call()
+                    moved = _nbytes(inputs) + _nbytes(outputs)
+                    (name, constexprs, grid, kernel), = compiled[start:]  # one Triton kernel per op
+                    if kernel.hash not in resources:
+                        registers, spills = check.ptxas_resources(kernel.asm["ptx"])
+                        resources[kernel.hash] = (registers, spills, kernel.metadata.shared,
+                                                  kernel.metadata.num_warps, kernel.metadata.num_stages)
+                    sizes = (torch.empty(0, dtype=dtype).element_size(),) * 3
+                    fraction, figures = estimate(op, moved, (name, constexprs, grid, sizes, kernel), resources)
+                    results.append(dict(op=op, C=c, HW=f"{size}x{size}", N=batch, dtype=check._name(dtype),
+                                        bytes=moved, fraction=fraction, **figures))
+    return results
+
+
+def table(results):
+    lines = ["| op | dtype | C | HW | MB moved | kernel | programs | per SM | regs | spill B | smem KB | "
+             "KB in flight | latency bound | waves | est. of copy |",
+             "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['op']} | {r['dtype']} | {r['C']} | {r['HW']} | {r['bytes'] / 1e6:.1f} | {r['kernel']} | "
+                     f"{r['programs']} | {r['per_sm']} | {r['registers']} | {r['spills']} | "
+                     f"{r['shared'] / 1024:.1f} | {r['in_flight'] / 1024:.0f} | {r['latency_bound']:.0%} | "
+                     f"{r['wave_efficiency']:.0%} | {r['fraction']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--out", default=check.RESULTS, help="folder for model.json and model.md")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    results = run_model(args.batch)
+    text = (f"# Static model of the Triton ops on an H100 (estimates, not measurements)\n\n"
+            f"Batch {args.batch}; copy bandwidth {COPY_BANDWIDTH / 1e12:.1f} TB/s, DRAM latency "
+            f"{LATENCY * 1e9:.0f} ns, {LAUNCH_COST * 1e6:.0f} µs per launch; assumptions in "
+            f"`benchmarks/gpu_model.py`.\n\n" + table(results))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "model.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(args.out, "model.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
