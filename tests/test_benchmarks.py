@@ -1,5 +1,8 @@
 """The benchmark runner measures, reports and renders (timings themselves are the suite's business)."""
 import json
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -107,3 +110,28 @@ def test_occupancy_follows_the_h100_limits():
     assert blocks_per_sm(255, 128, 0) == 2  # 255 rounds up to 256 a thread (in 256-register warp units)
     assert blocks_per_sm(40, 256, 48 * 1024) == 4  # (48 + 1) KB a block of the 228 KB
     assert blocks_per_sm(40, 128, 228 * 1024) == 0  # beyond the 227 KB a block may have: cannot launch
+
+
+SM90_COUPLING = """
+import torch
+from benchmarks import gpu_check
+modules, compiled = gpu_check._triton_modules(), []
+with gpu_check.compiling_for_sm90(modules, compiled):
+    for dtype in (torch.float64, torch.float32):
+        x, h = torch.randn(2, 4, 8, 8, dtype=dtype), torch.randn(2, 8, 8, 8, dtype=dtype)
+        modules["coupling"].coupling_forward(x, h, "checkerboard", 0, "exp", 0.3)
+for name, constexprs, grid, kernel in compiled:
+    ptx = kernel.asm["ptx"]
+    print(constexprs["ACC"], ".param .f64" in ptx, "cvt.rn.f32.f64" in ptx, gpu_check.ptxas_resources(ptx)[1])
+"""
+
+
+def test_the_couplings_compile_for_sm90_with_a_float64_bound():
+    """Compiled for an H100 without one (the machinery of ``make gpu-check``): the bound reaches the kernel
+    as a float64 (a Python float argument would pass as float32, which the interpreter does not show), is
+    rounded only in float32 kernels, and nothing spills."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", SM90_COUPLING], capture_output=True, text=True, env=env,
+                         cwd=root, check=True).stdout.split("\n")
+    assert out[:2] == ["fp64 True False 0", "fp32 True True 0"], out

@@ -86,9 +86,11 @@ def _scale_and_slope(raw, bound, SCALE: tl.constexpr):
 def _coupling_kernel(
     x_ptr, h_ptr, out_ptr, partial_ptr,
     C, HW, W, x_sn, x_sc, h_sn, h_sc,
-    pass_start, n_pass, t_start, n_t, parity, bound,
+    pass_start, n_pass, t_start, n_t, parity, bound: tl.float64,  # a Python float would pass as float32
     MASK: tl.constexpr, SCALE: tl.constexpr, INVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    if ACC == tl.float32:  # float64 kernels keep the bound as given
+        bound = tl.cast(bound, ACC)
     n = tl.program_id(0).to(tl.int64)  # sample offsets pass 2³¹ elements in large batches
     block = tl.program_id(1)
     pix = block * BLOCK + tl.arange(0, BLOCK)
@@ -127,7 +129,7 @@ def _coupling_kernel(
 def _coupling_backward_kernel(
     g_ptr, gld_ptr, in_ptr, h_ptr, gin_ptr, gh_ptr,
     C, HW, W, g_sn, g_sc, in_sn, in_sc, h_sn, h_sc, gh_sn,
-    pass_start, n_pass, t_start, n_t, parity, bound,
+    pass_start, n_pass, t_start, n_t, parity, bound: tl.float64,  # a Python float would pass as float32
     MASK: tl.constexpr, SCALE: tl.constexpr, INVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Gradients of the op's input and of ``h`` from the gradients of its output and log-det.
@@ -136,6 +138,8 @@ def _coupling_backward_kernel(
     Inverse ``x = (y − shift)/s``:  ∂y = g/s,  ∂shift = −g/s,  ∂log s = ∂logdet − g·x
     (``couple_backward`` in math.h).
     """
+    if ACC == tl.float32:  # float64 kernels keep the bound as given
+        bound = tl.cast(bound, ACC)
     n = tl.program_id(0).to(tl.int64)  # sample offsets pass 2³¹ elements in large batches
     pix = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = pix < HW
