@@ -12,10 +12,10 @@ The model, and what it leaves out:
 1. **Floor.** ``bytes / B``: each input read once, each output written once, at the copy bandwidth ``B``
    (:data:`COPY_BANDWIDTH`, what a device-to-device copy reaches on an H100 SXM).
 2. **Latency (Little's law).** Streaming at ``B`` needs ``B · L`` bytes requested and not yet returned
-   (:data:`LATENCY` = DRAM latency under load). A program requests one iteration of its main loop before it
-   must wait for the data; loops over a ``tl.dot`` are software-pipelined by Triton, with ``num_stages − 1``
-   iterations ahead. Bytes in flight = resident programs × bytes per iteration × iterations ahead; the
-   fraction of ``B`` is at most ``in flight / (B · L)``.
+   (:data:`LATENCY` = DRAM latency under load). A coupling or ActNorm program requests all its data at once;
+   a 1×1 conv program one iteration of its loop over a ``tl.dot``, which Triton software-pipelines with
+   ``num_stages − 1`` iterations ahead. Bytes in flight = resident programs × those bytes (× iterations
+   ahead); the fraction of ``B`` is at most ``in flight / (B · L)``.
 3. **Occupancy and waves.** Resident programs per SM follow from registers, warps and shared memory
    (:func:`benchmarks.gpu_check.blocks_per_sm`); a grid smaller than one wave leaves SMs idle, and a
    partial last wave runs with fewer programs in flight.
@@ -49,11 +49,12 @@ EXTRA_LAUNCHES = {"coupling_forward": 1, "coupling_inverse": 1, "coupling_backwa
 
 
 def bytes_per_iteration(name, constexprs, dtypes):
-    """Bytes one program of kernel ``name`` requests per iteration of its main loop. ``dtypes``: element
+    """Bytes one program of kernel ``name`` requests before it must wait: all of them for the couplings and
+    ActNorm (one channel, no loop), one iteration of the loop for the 1×1 conv kernels. ``dtypes``: element
     sizes of x, h and the weight."""
     block = constexprs.get("BLOCK", 0)
     e_x, e_h, e_w = dtypes
-    if name == "_coupling_kernel":  # x, raw, shift of one channel (additive: x, shift)
+    if name == "_coupling_kernel":  # x, raw, shift of its channel (additive: x, shift)
         return block * (e_x + (e_h if constexprs["SCALE"] == 2 else 2 * e_h))
     if name == "_coupling_backward_kernel":  # ∂y, x, raw, shift
         return block * (2 * e_x + (e_h if constexprs["SCALE"] == 2 else 2 * e_h))

@@ -1,7 +1,7 @@
 """ActNorm ``y = x·exp(log_scale) + bias`` in one pass; its backward in one pass with the per-channel sums.
 
-Grid: (sample, block of pixels), each program walking the channels with their scale and bias as two
-scalars, like the coupling kernels. The backward writes each program's partial sums of ``∂log_scale``
+Grid: (sample, channel, block of pixels), each program with its channel's scale and bias as two scalars,
+like the coupling kernels. The backward writes each program's partial sums of ``∂log_scale``
 and ``∂bias`` and sums them in a fixed order: deterministic, no atomics. The log-det ``H·W·Σ log_scale``
 touches no activation and stays in PyTorch.
 """
@@ -10,63 +10,62 @@ import triton.language as tl
 
 from ...reference._dtypes import compute_dtype
 from ..._validation import check_actnorm, check_grad_out
-from ._common import accumulator, check_launchable, empty, inner_dense, pixel_block
+from ._common import accumulator, check_launchable, empty, inner_dense, pixel_block, warps_for
 
 
 @triton.jit
 def _actnorm_kernel(
-    x_ptr, log_scale_ptr, bias_ptr, out_ptr, C, HW, x_sn, x_sc,
+    x_ptr, log_scale_ptr, bias_ptr, out_ptr, HW, x_sn, x_sc,
     INVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # sample offsets pass 2³¹ elements in large batches
-    pix = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    c = tl.program_id(1)
+    pix = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
     inside = pix < HW
-    for c in range(C):
-        log_s = tl.load(log_scale_ptr + c).to(ACC)
-        b = tl.load(bias_ptr + c).to(ACC)
-        v = tl.load(x_ptr + n * x_sn + c * x_sc + pix, mask=inside).to(ACC)
-        out = (v - b) * tl.exp(-log_s) if INVERSE else v * tl.exp(log_s) + b
-        tl.store(out_ptr + (n * C + c) * HW + pix, out.to(out_ptr.dtype.element_ty), mask=inside)
+    log_s = tl.load(log_scale_ptr + c).to(ACC)
+    b = tl.load(bias_ptr + c).to(ACC)
+    v = tl.load(x_ptr + n * x_sn + c * x_sc + pix, mask=inside).to(ACC)
+    out = (v - b) * tl.exp(-log_s) if INVERSE else v * tl.exp(log_s) + b
+    tl.store(out_ptr + (n * tl.num_programs(1) + c) * HW + pix, out.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
 def _actnorm_backward_kernel(
     g_ptr, in_ptr, log_scale_ptr, bias_ptr, gin_ptr, glog_ptr, gbias_ptr,
-    C, HW, g_sn, g_sc, in_sn, in_sc,
+    HW, g_sn, g_sc, in_sn, in_sc,
     INVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Forward: ∂x = g·s, ∂log_scale = Σ g·(y − b), ∂bias = Σ g.
     Inverse: ∂y = g·s⁻¹, ∂log_scale = −Σ g·x, ∂bias = −Σ g·s⁻¹."""
     n = tl.program_id(0).to(tl.int64)  # sample offsets pass 2³¹ elements in large batches
-    block = tl.program_id(1)
+    c = tl.program_id(1)
+    block = tl.program_id(2)
     pix = block * BLOCK + tl.arange(0, BLOCK)
     inside = pix < HW
+    log_s = tl.load(log_scale_ptr + c).to(ACC)
+    b = tl.load(bias_ptr + c).to(ACC)
+    g = tl.load(g_ptr + n * g_sn + c * g_sc + pix, mask=inside, other=0.0).to(ACC)
+    v = tl.load(in_ptr + n * in_sn + c * in_sc + pix, mask=inside, other=0.0).to(ACC)
+    if INVERSE:
+        gin = g * tl.exp(-log_s)
+        glog = -gin * (v - b)
+        gbias = -gin
+    else:
+        gin = g * tl.exp(log_s)
+        glog = gin * v
+        gbias = g
+    tl.store(gin_ptr + (n * tl.num_programs(1) + c) * HW + pix, gin.to(gin_ptr.dtype.element_ty), mask=inside)
     # partials laid out (C, N · blocks): each channel's partials are one contiguous row
-    slot = n * tl.num_programs(1) + block
-    parts = tl.num_programs(0) * tl.num_programs(1)
-    for c in range(C):
-        log_s = tl.load(log_scale_ptr + c).to(ACC)
-        b = tl.load(bias_ptr + c).to(ACC)
-        g = tl.load(g_ptr + n * g_sn + c * g_sc + pix, mask=inside, other=0.0).to(ACC)
-        v = tl.load(in_ptr + n * in_sn + c * in_sc + pix, mask=inside, other=0.0).to(ACC)
-        if INVERSE:
-            gin = g * tl.exp(-log_s)
-            glog = -gin * (v - b)
-            gbias = -gin
-        else:
-            gin = g * tl.exp(log_s)
-            glog = gin * v
-            gbias = g
-        tl.store(gin_ptr + (n * C + c) * HW + pix, gin.to(gin_ptr.dtype.element_ty), mask=inside)
-        tl.store(glog_ptr + c * parts + slot, tl.sum(glog, axis=0))
-        tl.store(gbias_ptr + c * parts + slot, tl.sum(gbias, axis=0))
+    slot = c * tl.num_programs(0) * tl.num_programs(2) + n * tl.num_programs(2) + block
+    tl.store(glog_ptr + slot, tl.sum(glog, axis=0))
+    tl.store(gbias_ptr + slot, tl.sum(gbias, axis=0))
 
 
 def _launch_shape(x):
     n, c, height, width = x.shape
     hw = height * width
     block = pixel_block(hw)
-    return (n, triton.cdiv(hw, block)), hw, block
+    return (n, c, triton.cdiv(hw, block)), hw, block
 
 
 def actnorm(x, log_scale, bias, inverse):
@@ -77,8 +76,8 @@ def actnorm(x, log_scale, bias, inverse):
     grid, hw, block = _launch_shape(x)
     out = empty(x.shape, dtype=x.dtype, device=x.device)
     _actnorm_kernel[grid](
-        x, log_scale, bias, out, x.shape[1], hw, x.stride(0), x.stride(1),
-        INVERSE=inverse, ACC=accumulator(x.dtype), BLOCK=block,
+        x, log_scale, bias, out, hw, x.stride(0), x.stride(1),
+        INVERSE=inverse, ACC=accumulator(x.dtype), BLOCK=block, num_warps=warps_for(block),
     )
     return out
 
@@ -92,10 +91,10 @@ def actnorm_backward(grad_out, inp, log_scale, bias, inverse):
     grid, hw, block = _launch_shape(inp)
     n, c = inp.shape[:2]
     grad_in = empty(inp.shape, dtype=inp.dtype, device=inp.device)
-    partial = empty((2, c, grid[0] * grid[1]), dtype=compute_dtype(inp.dtype), device=inp.device)
+    partial = empty((2, c, n * grid[2]), dtype=compute_dtype(inp.dtype), device=inp.device)
     _actnorm_backward_kernel[grid](
         grad_out, inp, log_scale, bias, grad_in, partial[0], partial[1],
-        c, hw, grad_out.stride(0), grad_out.stride(1), inp.stride(0), inp.stride(1),
-        INVERSE=inverse, ACC=accumulator(inp.dtype), BLOCK=block,
+        hw, grad_out.stride(0), grad_out.stride(1), inp.stride(0), inp.stride(1),
+        INVERSE=inverse, ACC=accumulator(inp.dtype), BLOCK=block, num_warps=warps_for(block),
     )
     return grad_in, partial[0].sum(dim=1).to(log_scale.dtype), partial[1].sum(dim=1).to(bias.dtype)

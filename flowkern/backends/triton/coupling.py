@@ -1,8 +1,9 @@
 """Affine and additive coupling in one pass over memory, the per-sample log-det reduced in the same pass.
 
-Grid: (sample, block of pixels). A program copies the pass-through channels of its pixels, transforms
-the others and writes one partial log-det; the partials of a sample are summed in a fixed order, so the
-log-det is deterministic. The checkerboard mask is computed from pixel indices, never read.
+Grid: (sample, channel, block of pixels), so that even a deep level with few pixels has several programs per
+SM, each with its loads in flight. A program copies a pass-through channel or transforms one and writes one
+partial log-det; the partials of a sample are summed in a fixed order, so the log-det is deterministic. The
+checkerboard mask is computed from pixel indices, never read.
 """
 import triton
 import triton.language as tl
@@ -85,54 +86,49 @@ def _scale_and_slope(raw, bound, SCALE: tl.constexpr):
 @triton.jit
 def _coupling_kernel(
     x_ptr, h_ptr, out_ptr, partial_ptr,
-    C, HW, W, x_sn, x_sc, h_sn, h_sc,
-    pass_start, n_pass, t_start, n_t, parity, bound: tl.float64,  # a Python float would pass as float32
+    HW, W, x_sn, x_sc, h_sn, h_sc,
+    t_start, n_t, parity, bound: tl.float64,  # a Python float would pass as float32
     MASK: tl.constexpr, SCALE: tl.constexpr, INVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """Program (n, c, j): channel c of sample n on pixel block j, transformed if it is one of the n_t from
+    t_start and copied otherwise; its Σ log s goes to partial[n, c, j]."""
     if ACC == tl.float32:  # float64 kernels keep the bound as given
         bound = tl.cast(bound, ACC)
     n = tl.program_id(0).to(tl.int64)  # sample offsets pass 2³¹ elements in large batches
-    block = tl.program_id(1)
+    c = tl.program_id(1)
+    block = tl.program_id(2)
+    k = c - t_start
     pix = block * BLOCK + tl.arange(0, BLOCK)
     inside = pix < HW
-    active = _transformed(pix, inside, W, parity, MASK)
-    x_row = x_ptr + n * x_sn + pix
+    active = _transformed(pix, inside, W, parity, MASK) & (k >= 0) & (k < n_t)
     h_row = h_ptr + n * h_sn + pix
-    out_row = out_ptr + n * C * HW + pix
-
-    for k in range(n_pass):
-        c = pass_start + k
-        tl.store(out_row + c * HW, tl.load(x_row + c * x_sc, mask=inside), mask=inside)
-
-    acc = tl.zeros([BLOCK], dtype=ACC)
-    for k in range(n_t):
-        c = t_start + k
-        v = tl.load(x_row + c * x_sc, mask=inside).to(ACC)
-        if SCALE == 2:
-            shift = tl.load(h_row + k * h_sc, mask=active, other=0.0).to(ACC)
-            out = v - shift if INVERSE else v + shift
-        else:
-            raw = tl.load(h_row + k * h_sc, mask=active, other=0.0).to(ACC)
-            shift = tl.load(h_row + (n_t + k) * h_sc, mask=active, other=0.0).to(ACC)
-            s, logs = _scale_and_log(raw, bound, SCALE)
-            s = tl.where(active, s, 1.0)
-            if INVERSE:
-                out = (v - shift) / s
-            else:
-                out = v * s + shift
-            acc += tl.where(active, logs, 0.0)
-        tl.store(out_row + c * HW, out.to(out_ptr.dtype.element_ty), mask=inside)
-    tl.store(partial_ptr + n * tl.num_programs(1) + block, tl.sum(acc, axis=0))
+    v = tl.load(x_ptr + n * x_sn + c * x_sc + pix, mask=inside)
+    out = v.to(ACC)
+    logs_sum = 0.0
+    if SCALE == 2:
+        shift = tl.load(h_row + k * h_sc, mask=active, other=0.0).to(ACC)
+        out = out - shift if INVERSE else out + shift
+    else:
+        raw = tl.load(h_row + k * h_sc, mask=active, other=0.0).to(ACC)
+        shift = tl.load(h_row + (n_t + k) * h_sc, mask=active, other=0.0).to(ACC)
+        s, logs = _scale_and_log(raw, bound, SCALE)
+        s = tl.where(active, s, 1.0)
+        out = (out - shift) / s if INVERSE else out * s + shift
+        logs_sum = tl.sum(tl.where(active, logs, 0.0), axis=0)
+    out = tl.where(active, out.to(out_ptr.dtype.element_ty), v)  # passed elements are copied bit for bit
+    tl.store(out_ptr + (n * tl.num_programs(1) + c) * HW + pix, out, mask=inside)
+    tl.store(partial_ptr + (n * tl.num_programs(1) + c) * tl.num_programs(2) + block, logs_sum)
 
 
 @triton.jit
 def _coupling_backward_kernel(
     g_ptr, gld_ptr, in_ptr, h_ptr, gin_ptr, gh_ptr,
-    C, HW, W, g_sn, g_sc, in_sn, in_sc, h_sn, h_sc, gh_sn,
-    pass_start, n_pass, t_start, n_t, parity, bound: tl.float64,  # a Python float would pass as float32
+    HW, W, g_sn, g_sc, in_sn, in_sc, h_sn, h_sc, gh_sn,
+    t_start, n_t, parity, bound: tl.float64,  # a Python float would pass as float32
     MASK: tl.constexpr, SCALE: tl.constexpr, INVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Gradients of the op's input and of ``h`` from the gradients of its output and log-det.
+    """Gradients of the op's input and of ``h`` from the gradients of its output and log-det; program
+    (n, c, j) as in the forward kernel.
 
     Forward ``y = x·s + shift``:  ∂x = g·s,  ∂shift = g,  ∂log s = g·x·s + ∂logdet.
     Inverse ``x = (y − shift)/s``:  ∂y = g/s,  ∂shift = −g/s,  ∂log s = ∂logdet − g·x
@@ -141,46 +137,41 @@ def _coupling_backward_kernel(
     if ACC == tl.float32:  # float64 kernels keep the bound as given
         bound = tl.cast(bound, ACC)
     n = tl.program_id(0).to(tl.int64)  # sample offsets pass 2³¹ elements in large batches
-    pix = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    c = tl.program_id(1)
+    k = c - t_start
+    transformed = (k >= 0) & (k < n_t)
+    pix = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
     inside = pix < HW
-    active = _transformed(pix, inside, W, parity, MASK)
-    g_row = g_ptr + n * g_sn + pix
-    in_row = in_ptr + n * in_sn + pix
+    active = _transformed(pix, inside, W, parity, MASK) & transformed
     h_row = h_ptr + n * h_sn + pix
-    gin_row = gin_ptr + n * C * HW + pix
     gh_row = gh_ptr + n * gh_sn + pix
-    gld = tl.load(gld_ptr + n).to(ACC)
-
-    for k in range(n_pass):
-        c = pass_start + k
-        tl.store(gin_row + c * HW, tl.load(g_row + c * g_sc, mask=inside), mask=inside)
-
-    for k in range(n_t):
-        c = t_start + k
-        g = tl.load(g_row + c * g_sc, mask=inside).to(ACC)
-        if SCALE == 2:
-            tl.store(gin_row + c * HW, g.to(gin_ptr.dtype.element_ty), mask=inside)
-            gshift = tl.where(active, -g if INVERSE else g, 0.0)
-            tl.store(gh_row + k * HW, gshift.to(gh_ptr.dtype.element_ty), mask=inside)
+    g_in = tl.load(g_ptr + n * g_sn + c * g_sc + pix, mask=inside)
+    g = g_in.to(ACC)
+    if SCALE == 2:
+        gin = g
+        gshift = tl.where(active, -g if INVERSE else g, 0.0)
+    else:
+        gld = tl.load(gld_ptr + n).to(ACC)
+        v = tl.load(in_ptr + n * in_sn + c * in_sc + pix, mask=active, other=0.0).to(ACC)
+        raw = tl.load(h_row + k * h_sc, mask=active, other=0.0).to(ACC)
+        s, dlogs = _scale_and_slope(raw, bound, SCALE)
+        s = tl.where(active, s, 1.0)
+        if INVERSE:
+            shift = tl.load(h_row + (n_t + k) * h_sc, mask=active, other=0.0).to(ACC)
+            gin = g / s
+            gshift = -gin
+            glogs = gld - gin * (v - shift)
         else:
-            v = tl.load(in_row + c * in_sc, mask=inside).to(ACC)
-            raw = tl.load(h_row + k * h_sc, mask=active, other=0.0).to(ACC)
-            s, dlogs = _scale_and_slope(raw, bound, SCALE)
-            s = tl.where(active, s, 1.0)
-            if INVERSE:
-                shift = tl.load(h_row + (n_t + k) * h_sc, mask=active, other=0.0).to(ACC)
-                gin = g / s
-                gshift = -gin
-                glogs = gld - gin * (v - shift)
-            else:
-                gin = g * s
-                gshift = g
-                glogs = gin * v + gld
-            gshift = tl.where(active, gshift, 0.0)
-            graw = tl.where(active, glogs * dlogs, 0.0)
-            tl.store(gin_row + c * HW, gin.to(gin_ptr.dtype.element_ty), mask=inside)
-            tl.store(gh_row + k * HW, graw.to(gh_ptr.dtype.element_ty), mask=inside)
-            tl.store(gh_row + (n_t + k) * HW, gshift.to(gh_ptr.dtype.element_ty), mask=inside)
+            gin = g * s
+            gshift = g
+            glogs = gin * v + gld
+        gshift = tl.where(active, gshift, 0.0)
+        graw = tl.where(active, glogs * dlogs, 0.0)
+        tl.store(gh_row + k * HW, graw.to(gh_ptr.dtype.element_ty), mask=inside & transformed)
+    shift_row = k if SCALE == 2 else n_t + k
+    tl.store(gh_row + shift_row * HW, gshift.to(gh_ptr.dtype.element_ty), mask=inside & transformed)
+    gin = tl.where(active, gin.to(gin_ptr.dtype.element_ty), g_in)  # passed elements: ∂in = ∂out
+    tl.store(gin_ptr + (n * tl.num_programs(1) + c) * HW + pix, gin, mask=inside)
 
 
 def _run(x, h, mask, parity, scale, bound, inverse):
@@ -192,16 +183,16 @@ def _run(x, h, mask, parity, scale, bound, inverse):
     n, c, height, width = x.shape
     hw = height * width
     block = pixel_block(hw)
-    grid = (n, triton.cdiv(hw, block))
+    grid = (n, c, triton.cdiv(hw, block))  # one program per sample, channel and block of pixels
     out = empty((n, c, height, width), dtype=x.dtype, device=x.device)
     partial = empty(grid, dtype=compute_dtype(x.dtype), device=x.device)
     _coupling_kernel[grid](
-        x, h, out, partial, c, hw, width, x.stride(0), x.stride(1), h.stride(0), h.stride(1),
-        *channel_layout(c, mask, parity), parity, bound,
+        x, h, out, partial, hw, width, x.stride(0), x.stride(1), h.stride(0), h.stride(1),
+        *channel_layout(c, mask, parity)[2:], parity, bound,
         MASK=_MASK[mask], SCALE=_SCALE[scale], INVERSE=inverse, ACC=accumulator(x.dtype), BLOCK=block,
         num_warps=warps_for(block),
     )
-    return out, partial.sum(dim=1)
+    return out, partial.view(n, -1).sum(dim=1)  # in a fixed order: deterministic
 
 
 def coupling_backward(grad_out, grad_logdet, inp, h, mask, parity, scale, bound, inverse):
@@ -216,10 +207,10 @@ def coupling_backward(grad_out, grad_logdet, inp, h, mask, parity, scale, bound,
     block = pixel_block(hw)
     grad_in = empty((n, c, height, width), dtype=inp.dtype, device=inp.device)
     grad_h = empty(h.shape, dtype=h.dtype, device=h.device)
-    _coupling_backward_kernel[(n, triton.cdiv(hw, block))](
+    _coupling_backward_kernel[(n, c, triton.cdiv(hw, block))](
         grad_out, grad_logdet.contiguous(), inp, h, grad_in, grad_h,
-        c, hw, width, grad_out.stride(0), grad_out.stride(1), inp.stride(0), inp.stride(1),
-        h.stride(0), h.stride(1), grad_h.stride(0), *channel_layout(c, mask, parity), parity, bound,
+        hw, width, grad_out.stride(0), grad_out.stride(1), inp.stride(0), inp.stride(1),
+        h.stride(0), h.stride(1), grad_h.stride(0), *channel_layout(c, mask, parity)[2:], parity, bound,
         MASK=_MASK[mask], SCALE=_SCALE[scale], INVERSE=inverse, ACC=accumulator(inp.dtype), BLOCK=block,
         num_warps=warps_for(block),
     )
