@@ -1,5 +1,6 @@
 """Timing, peak memory, op/kernel counts and the copy-bandwidth ceiling, on CPU or CUDA."""
 import contextlib
+import functools
 import os
 import statistics
 import time
@@ -13,9 +14,19 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+@functools.lru_cache(maxsize=None)
+def _l2_flusher(device):
+    """A buffer twice the size of ``device``'s L2 cache: writing it evicts whatever a previous call left."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 * 2 ** 20
+    return torch.empty(2 * l2, dtype=torch.uint8, device=device)
+
+
 def _seconds(fn, device):
-    """One call's time: CUDA events on a GPU, a monotonic clock on the CPU."""
+    """One call's time: CUDA events on a GPU, with the L2 cache flushed before the call (outside the timed
+    span: on a 50 MB L2 a repeated call would otherwise read its inputs from cache), a monotonic clock on
+    the CPU."""
     if device.type == "cuda":
+        _l2_flusher(device).zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()

@@ -173,6 +173,8 @@ def _opcheck_samples(ops):
     grad_y, grad_logdet = torch.randn(2, 5, 3, 5), torch.randn(2)
     return [
         (ops.coupling_forward, (x, h, "channel", 0, "sigmoid", 2.0)),
+        (ops.coupling_forward, (x, h.detach().half().requires_grad_(), "channel", 0, "sigmoid", 2.0)),
+        (ops.coupling_forward, (x, h[:, :2], "channel", 0, "additive", 2.0)),
         (ops.coupling_inverse, (x, h_board, "checkerboard", 1, "exp", 1.5)),
         (ops.coupling_backward, (grad_y, grad_logdet, x.detach(), h_odd.detach(), "channel", 1, "sigmoid", 2.0, True)),
         (ops.actnorm, (x, log_scale, bias, False)),
@@ -184,10 +186,13 @@ def _opcheck_samples(ops):
 
 
 def test_opcheck(fused):
+    """Every op, several samples each (a float16 h with a float32 x among them), with inputs that require
+    gradients and without."""
     samples = _opcheck_samples(fused.ops)
     assert {op for op, _ in samples} == {getattr(fused.ops, name) for name in SCHEMAS}, "every op is checked"
     for op, args in samples:
         torch.library.opcheck(op, args)
+        torch.library.opcheck(op, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
 
 
 @pytest.mark.gpu
