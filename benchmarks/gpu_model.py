@@ -43,9 +43,14 @@ LATENCY = 800e-9  # s: DRAM latency under load
 LAUNCH_COST = 3e-6  # s per kernel launch: launch, ramp-up and drain
 SHAPES = [(12, 64), (48, 32)]  # (C, H = W): a Glow's first level on 128² images and a deep level
 DTYPES = (torch.float32, torch.bfloat16)
-# PyTorch kernels each op launches beside its Triton kernels (partial sums, casts)
+# PyTorch kernels each op launches beside its Triton kernel: partial sums, and for 16-bit parameters
+# ActNorm's casts of its two float32 gradients
 EXTRA_LAUNCHES = {"coupling_forward": 1, "coupling_inverse": 1, "coupling_backward": 0, "actnorm": 0,
-                  "actnorm_backward": 4, "conv1x1": 0, "conv1x1_weight_grad": 2}
+                  "actnorm_backward": 2, "conv1x1": 0, "conv1x1_weight_grad": 2}
+
+
+def extra_launches(op, dtype):
+    return EXTRA_LAUNCHES[op] + (2 if op == "actnorm_backward" and dtype.itemsize == 2 else 0)
 
 
 def bytes_per_iteration(name, constexprs, dtypes):
@@ -96,7 +101,7 @@ def op_calls(modules, batch, c, size, dtype):
     ]
 
 
-def estimate(op, moved, launch, resources):
+def estimate(op, dtype, moved, launch, resources):
     """The model for one op, whose Triton kernel makes ``launch`` = (kernel name, constexprs, grid, element
     sizes, CompiledKernel); ``resources`` maps a kernel's hash to (registers, spills, shared bytes, warps,
     stages). Returns (estimated fraction of copy bandwidth, the kernel's figures)."""
@@ -110,7 +115,7 @@ def estimate(op, moved, launch, resources):
     latency_bound = min(1.0, in_flight / (COPY_BANDWIDTH * LATENCY))
     wave_efficiency = programs / (-(-programs // wave) * wave) if programs >= wave else 1.0
     floor = moved / COPY_BANDWIDTH
-    time = floor / (latency_bound * wave_efficiency) + (1 + EXTRA_LAUNCHES[op]) * LAUNCH_COST
+    time = floor / (latency_bound * wave_efficiency) + (1 + extra_launches(op, dtype)) * LAUNCH_COST
     return floor / time, dict(kernel=name, programs=programs, per_sm=per_sm, registers=registers, spills=spills,
                               shared=shared, in_flight=in_flight, latency_bound=latency_bound,
                               wave_efficiency=wave_efficiency)
@@ -133,7 +138,7 @@ def run_model(batch):
                         resources[kernel.hash] = (registers, spills, kernel.metadata.shared,
                                                   kernel.metadata.num_warps, kernel.metadata.num_stages)
                     sizes = (torch.empty(0, dtype=dtype).element_size(),) * 3
-                    fraction, figures = estimate(op, moved, (name, constexprs, grid, sizes, kernel), resources)
+                    fraction, figures = estimate(op, dtype, moved, (name, constexprs, grid, sizes, kernel), resources)
                     results.append(dict(op=op, C=c, HW=f"{size}x{size}", N=batch, dtype=check._name(dtype),
                                         bytes=moved, fraction=fraction, **figures))
     return results
