@@ -1,4 +1,4 @@
-"""A static performance model of the Triton ops on an H100 (sm_90), from their sm_90 compilation alone.
+"""A static performance model of the Triton and CUDA ops on an H100 (sm_90), from their sm_90 compilation alone.
 
     python -m benchmarks.gpu_model [--batch 64] [--out DIR]
 
@@ -7,26 +7,34 @@ so the model sees each kernel's real grid, block size, registers and shared memo
 shape, the bytes the op must move, its programs against the SMs, the occupancy those resources allow, the
 bytes it has in flight, and an estimated fraction of copy bandwidth. These are estimates, not measurements.
 
+The CUDA kernels are read from the built extension (``cuobjdump``, :func:`benchmarks.gpu_check.check_cuda`);
+their grids and the bytes a block requests at once follow the launch code in ``csrc/cuda/`` and are written
+out here (:func:`cuda_launch`): keep the two in step. Without an extension built for sm_90 the CUDA rows are
+left out, and said so.
+
 The model, and what it leaves out:
 
 1. **Floor.** ``bytes / B``: each input read once, each output written once, at the copy bandwidth ``B``
    (:data:`COPY_BANDWIDTH`, what a device-to-device copy reaches on an H100 SXM).
 2. **Latency (Little's law).** Streaming at ``B`` needs ``B · L`` bytes requested and not yet returned
    (:data:`LATENCY` = DRAM latency under load). A coupling or ActNorm program requests all its data at once;
-   a 1×1 conv program one iteration of its loop over a ``tl.dot``, which Triton software-pipelines with
-   ``num_stages − 1`` iterations ahead. Bytes in flight = resident programs × those bytes (× iterations
+   a Triton 1×1 conv program one iteration of its loop over a ``tl.dot``, which Triton software-pipelines
+   with ``num_stages − 1`` iterations ahead; a CUDA 1×1 conv thread one chunk of a pixel's inputs, and a CUDA
+   weight-gradient block one staged tile. Bytes in flight = resident programs × those bytes (× iterations
    ahead); the fraction of ``B`` is at most ``in flight / (B · L)``.
 3. **Occupancy and waves.** Resident programs per SM follow from registers, warps and shared memory
    (:func:`benchmarks.gpu_check.blocks_per_sm`); a grid smaller than one wave leaves SMs idle, and a
    partial last wave runs with fewer programs in flight.
 4. **Launches.** Each launch adds :data:`LAUNCH_COST` (launch, ramp-up, drain), including the small PyTorch
-   kernels an op runs beside its Triton kernel (partial sums, casts).
+   kernels an op runs beside its main kernel (partial sums, casts).
 
 Left out: instruction throughput (these kernels do a few flops per byte), L2 hits (inputs several times
 larger than L2 in the benchmarks), DRAM page and bank effects, coalescing (the kernels read rows of pixels:
-coalesced by construction), and the exact SASS latency chains (an iteration's loads are taken as issued
-together). A kernel the model puts near 100% can still be limited by what it leaves out; one it puts far
-below is limited by its design: too few programs, too little in flight, or too many launches.
+coalesced by construction), the exact SASS latency chains (an iteration's loads are taken as issued
+together), and shared-memory bandwidth (the CUDA 1×1 conv kernels read their operands from shared memory
+at about one wavefront per multiply-add per warp; at small C that port, not DRAM, can bound them). A kernel
+the model puts near 100% can still be limited by what it leaves out; one it puts far below is limited by its
+design: too few programs, too little in flight, or too many launches.
 """
 import argparse
 import functools
@@ -43,14 +51,9 @@ LATENCY = 800e-9  # s: DRAM latency under load
 LAUNCH_COST = 3e-6  # s per kernel launch: launch, ramp-up and drain
 SHAPES = [(12, 64), (48, 32)]  # (C, H = W): a Glow's first level on 128² images and a deep level
 DTYPES = (torch.float32, torch.bfloat16)
-# PyTorch kernels each op launches beside its Triton kernel: partial sums, and for 16-bit parameters
-# ActNorm's casts of its two float32 gradients
-EXTRA_LAUNCHES = {"coupling_forward": 1, "coupling_inverse": 1, "coupling_backward": 0, "actnorm": 0,
-                  "actnorm_backward": 2, "conv1x1": 0, "conv1x1_weight_grad": 2}
-
-
-def extra_launches(op, dtype):
-    return EXTRA_LAUNCHES[op] + (2 if op == "actnorm_backward" and dtype.itemsize == 2 else 0)
+# PyTorch kernels a Triton op launches beside its Triton kernels (which the model sees compiled): the
+# couplings' sum of their partial log-dets
+TORCH_LAUNCHES = {"coupling_forward": 1, "coupling_inverse": 1}
 
 
 def bytes_per_iteration(name, constexprs, dtypes):
@@ -101,28 +104,106 @@ def op_calls(modules, batch, c, size, dtype):
     ]
 
 
-def estimate(op, dtype, moved, launch, resources):
-    """The model for one op, whose Triton kernel makes ``launch`` = (kernel name, constexprs, grid, element
-    sizes, CompiledKernel); ``resources`` maps a kernel's hash to (registers, spills, shared bytes, warps,
-    stages). Returns (estimated fraction of copy bandwidth, the kernel's figures)."""
-    name, constexprs, grid, sizes, kernel = launch
-    registers, spills, shared, warps, stages = resources[kernel.hash]
-    programs = grid[0] * (grid[1] if len(grid) > 1 else 1) * (grid[2] if len(grid) > 2 else 1)
-    per_sm = check.blocks_per_sm(registers, warps * 32, shared)
+def estimate(op, dtype, moved, launch):
+    """The model for one op whose main kernel makes ``launch``: a dict with its ``kernel`` name, ``programs``
+    (blocks), ``threads`` per program, ``registers``, ``spills``, ``shared`` bytes, the ``bytes`` a program
+    requests before it must wait, ``ahead`` (such requests in flight at once) and the ``extra`` launches beside
+    it. Returns (estimated fraction of copy bandwidth, the kernel's figures)."""
+    programs = launch["programs"]
+    per_sm = check.blocks_per_sm(launch["registers"], launch["threads"], launch["shared"])
     wave = check.SMS * per_sm
-    ahead = stages - 1 if "conv1x1" in name else 1  # only the tl.dot loops are pipelined
-    in_flight = min(programs, wave) * bytes_per_iteration(name, constexprs, sizes) * ahead
+    in_flight = min(programs, wave) * launch["bytes"] * launch["ahead"]
     latency_bound = min(1.0, in_flight / (COPY_BANDWIDTH * LATENCY))
     wave_efficiency = programs / (-(-programs // wave) * wave) if programs >= wave else 1.0
     floor = moved / COPY_BANDWIDTH
-    time = floor / (latency_bound * wave_efficiency) + (1 + extra_launches(op, dtype)) * LAUNCH_COST
-    return floor / time, dict(kernel=name, programs=programs, per_sm=per_sm, registers=registers, spills=spills,
-                              shared=shared, in_flight=in_flight, latency_bound=latency_bound,
-                              wave_efficiency=wave_efficiency)
+    time = floor / (latency_bound * wave_efficiency) + (1 + launch["extra"]) * LAUNCH_COST
+    return floor / time, dict(kernel=launch["kernel"], programs=programs, per_sm=per_sm,
+                              registers=launch["registers"], spills=launch["spills"], shared=launch["shared"],
+                              in_flight=in_flight, latency_bound=latency_bound, wave_efficiency=wave_efficiency,
+                              launches=1 + launch["extra"])
+
+
+def triton_launch(op, dtype, compiled, resources):
+    """The model's view of an op's Triton kernels: ``compiled``, a list of (name, constexprs, grid, kernel), the
+    main kernel first and any second pass after it."""
+    name, constexprs, grid, kernel = compiled[0]
+    if kernel.hash not in resources:
+        registers, spills = check.ptxas_resources(kernel.asm["ptx"])
+        resources[kernel.hash] = (registers, spills, kernel.metadata.shared, kernel.metadata.num_warps,
+                                  kernel.metadata.num_stages)
+    registers, spills, shared, warps, stages = resources[kernel.hash]
+    size = torch.empty(0, dtype=dtype).element_size()
+    return dict(kernel=name, programs=grid[0] * (grid[1] if len(grid) > 1 else 1) * (grid[2] if len(grid) > 2 else 1),
+                threads=warps * 32, registers=registers, spills=spills, shared=shared,
+                bytes=bytes_per_iteration(name, constexprs, (size,) * 3),
+                ahead=stages - 1 if "conv1x1" in name else 1,  # only the tl.dot loops are pipelined
+                extra=len(compiled) - 1 + TORCH_LAUNCHES.get(op, 0))
+
+
+# the launch constants of csrc/cuda/: kThreads and the couplings' kTile (common.cuh), kOutChunk, kSharedWeight
+# and kEntryTile (conv1x1.cu)
+CUDA_THREADS, CUDA_TILE = 256, 1024
+CONV_OUT_CHUNK, CONV_SHARED_WEIGHT = 16, 48 * 1024
+ENTRY_TILE = 32
+_CUDA_TYPES = {torch.float32: "float", torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16",
+               torch.float64: "double"}
+
+
+def _kernel_row(name, kernels):
+    rows = [k for k in kernels if f"::{name}(" in k["kernel"]]
+    if len(rows) != 1:
+        raise LookupError(f"expected one CUDA kernel {name} in the extension, found {len(rows)}")
+    return rows[0]
+
+
+def cuda_launch(op, dtype, batch, c, hw, kernels):
+    """The model's view of the CUDA kernel behind ``op`` at (batch, c, H·W), as ``csrc/cuda/`` launches it with
+    the parameters of :func:`op_calls` (a half-channel coupling, parity 0); ``kernels``:
+    the rows of :func:`benchmarks.gpu_check.check_cuda`."""
+    t, acc = _CUDA_TYPES[dtype], "double" if dtype == torch.float64 else "float"
+    e = torch.empty(0, dtype=dtype).element_size()
+    if op in ("coupling_forward", "coupling_backward"):
+        backward = op == "coupling_backward"
+        name = f"coupling_{'backward_' if backward else ''}kernel<(flowkern::Scale)0, false, {t}, {t}, {acc}>"
+        # half the blocks copy a pass-through plane, half transform one (x, raw, shift; backward also ∂y)
+        transformed = (2 * e if backward else e) + 2 * e
+        per_block = CUDA_TILE * (transformed + e) / 2
+        launch = dict(programs=batch * c * -(-hw // CUDA_TILE), shared=0, bytes=per_block, ahead=1,
+                      extra=0 if backward else 1)
+    elif op in ("actnorm", "actnorm_backward"):
+        backward = op == "actnorm_backward"
+        name = f"actnorm_{'backward_' if backward else ''}kernel<false, true, {t}, {t}, {acc}>"
+        tile = CUDA_THREADS * max(4, 16 // e)  # kActnormTile: 16 bytes a thread, at least 4 elements
+        launch = dict(programs=batch * c * -(-hw // tile), shared=0, bytes=(2 if backward else 1) * tile * e, ahead=1,
+                      extra=1 if backward else 0)
+    elif op == "conv1x1":
+        co_pad = -(-c // CONV_OUT_CHUNK) * CONV_OUT_CHUNK
+        weight_bytes = c * co_pad * (8 if acc == "double" else 4)
+        shared = weight_bytes <= CONV_SHARED_WEIGHT
+        name = f"conv1x1_kernel<{t}, {t}, {acc}, {'true' if shared else 'false'}>"
+        launch = dict(programs=batch * -(-hw // CUDA_THREADS), shared=weight_bytes if shared else 0,
+                      bytes=CUDA_THREADS * (8 if e >= 4 else 32 // e) * e, ahead=1, extra=0)  # kInChunk
+    elif op == "conv1x1_weight_grad":
+        name = f"conv1x1_weight_grad_kernel<{t}, {acc}>"
+        entry_tiles = (-(-c // ENTRY_TILE)) ** 2
+        pixel_tile = 64 if e == 2 else 32  # kPixelTile
+        pixel_tiles = batch * -(-hw // pixel_tile)
+        row = _kernel_row(name, kernels)  # one full wave of blocks, as cudaOccupancyMaxActiveBlocksPerMultiprocessor
+        wave = max(1, check.blocks_per_sm(row["registers"], CUDA_THREADS, row["shared_bytes"])) * check.SMS
+        parts = max(1, min(-(-wave // entry_tiles), pixel_tiles, 65535))
+        launch = dict(programs=entry_tiles * parts, shared=0, bytes=2 * ENTRY_TILE * pixel_tile * e, ahead=1, extra=1)
+    else:
+        raise KeyError(f"no CUDA model of {op}")
+    row = _kernel_row(name, kernels)
+    # dynamic shared memory comes on top of the static shared memory cuobjdump reports
+    launch.update(kernel=name.split("<")[0], threads=CUDA_THREADS, registers=row["registers"],
+                  spills=row["local_bytes"], shared=launch["shared"] + row["shared_bytes"])
+    return launch
 
 
 def run_model(batch):
     modules = check._triton_modules()
+    kernels, _, cuda_skipped = check.check_cuda()
     results, resources = [], {}
     for dtype in DTYPES:
         for c, size in SHAPES:
@@ -132,24 +213,23 @@ def run_model(batch):
                     start = len(compiled)
                     outputs = call()
                     moved = _nbytes(inputs) + _nbytes(outputs)
-                    (name, constexprs, grid, kernel), = compiled[start:]  # one Triton kernel per op
-                    if kernel.hash not in resources:
-                        registers, spills = check.ptxas_resources(kernel.asm["ptx"])
-                        resources[kernel.hash] = (registers, spills, kernel.metadata.shared,
-                                                  kernel.metadata.num_warps, kernel.metadata.num_stages)
-                    sizes = (torch.empty(0, dtype=dtype).element_size(),) * 3
-                    fraction, figures = estimate(op, dtype, moved, (name, constexprs, grid, sizes, kernel), resources)
-                    results.append(dict(op=op, C=c, HW=f"{size}x{size}", N=batch, dtype=check._name(dtype),
-                                        bytes=moved, fraction=fraction, **figures))
-    return results
+                    launches = [("triton", triton_launch(op, dtype, compiled[start:], resources))]
+                    if not cuda_skipped:
+                        launches.append(("cuda", cuda_launch(op, dtype, batch, c, size * size, kernels)))
+                    for backend, launch in launches:
+                        fraction, figures = estimate(op, dtype, moved, launch)
+                        results.append(dict(backend=backend, op=op, C=c, HW=f"{size}x{size}", N=batch,
+                                            dtype=check._name(dtype), bytes=moved, fraction=fraction, **figures))
+    return results, cuda_skipped
 
 
 def table(results):
-    lines = ["| op | dtype | C | HW | MB moved | kernel | programs | per SM | regs | spill B | smem KB | "
-             "KB in flight | latency bound | waves | est. of copy |",
-             "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| backend | op | dtype | C | HW | MB moved | kernel | launches | programs | per SM | regs | spill B | "
+             "smem KB | KB in flight | latency bound | waves | est. of copy |",
+             "|---|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['op']} | {r['dtype']} | {r['C']} | {r['HW']} | {r['bytes'] / 1e6:.1f} | {r['kernel']} | "
+        lines.append(f"| {r['backend']} | {r['op']} | {r['dtype']} | {r['C']} | {r['HW']} | {r['bytes'] / 1e6:.1f} | "
+                     f"{r['kernel']} | {r['launches']} | "
                      f"{r['programs']} | {r['per_sm']} | {r['registers']} | {r['spills']} | "
                      f"{r['shared'] / 1024:.1f} | {r['in_flight'] / 1024:.0f} | {r['latency_bound']:.0%} | "
                      f"{r['wave_efficiency']:.0%} | {r['fraction']:.0%} |")
@@ -162,11 +242,12 @@ def main(argv=None):
     parser.add_argument("--out", default=check.RESULTS, help="folder for model.json and model.md")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    results = run_model(args.batch)
-    text = (f"# Static model of the Triton ops on an H100 (estimates, not measurements)\n\n"
+    results, cuda_skipped = run_model(args.batch)
+    text = (f"# Static model of the Triton and CUDA ops on an H100 (estimates, not measurements)\n\n"
             f"Batch {args.batch}; copy bandwidth {COPY_BANDWIDTH / 1e12:.1f} TB/s, DRAM latency "
             f"{LATENCY * 1e9:.0f} ns, {LAUNCH_COST * 1e6:.0f} µs per launch; assumptions in "
-            f"`benchmarks/gpu_model.py`.\n\n" + table(results))
+            f"`benchmarks/gpu_model.py`.\n\n" + (f"CUDA not modelled: {cuda_skipped}.\n\n" if cuda_skipped else "")
+            + table(results))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "model.json"), "w") as f:
         json.dump(results, f, indent=1)

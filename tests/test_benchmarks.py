@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from benchmarks import cases as suite
@@ -135,3 +136,40 @@ def test_the_couplings_compile_for_sm90_with_a_float64_bound():
     out = subprocess.run([sys.executable, "-c", SM90_COUPLING], capture_output=True, text=True, env=env,
                          cwd=root, check=True).stdout.split("\n")
     assert out[:2] == ["fp64 True False 0", "fp32 True True 0"], out
+
+
+def test_the_model_charges_launches_and_too_little_in_flight():
+    from benchmarks import gpu_model
+
+    moved = 30e6
+    floor = moved / gpu_model.COPY_BANDWIDTH
+    enough = dict(kernel="k", programs=132 * 8, threads=256, registers=32, spills=0, shared=0,
+                  bytes=1 << 20, ahead=1, extra=0)
+    fraction, figures = gpu_model.estimate("actnorm", torch.float32, moved, enough)
+    assert figures["per_sm"] == 8 and figures["latency_bound"] == 1.0 and figures["wave_efficiency"] == 1.0
+    assert fraction == pytest.approx(floor / (floor + gpu_model.LAUNCH_COST))
+    # a quarter of the bytes in flight that streaming needs, and one partial sum launched beside the kernel
+    starved = dict(enough, bytes=gpu_model.COPY_BANDWIDTH * gpu_model.LATENCY / (4 * 132 * 8), extra=1)
+    fraction, figures = gpu_model.estimate("actnorm", torch.float32, moved, starved)
+    assert figures["latency_bound"] == pytest.approx(0.25)
+    assert fraction == pytest.approx(floor / (4 * floor + 2 * gpu_model.LAUNCH_COST))
+
+
+def test_the_model_finds_each_cuda_kernel_it_describes_in_the_extension():
+    """The CUDA grids in the model are written out from csrc/cuda/: each must name one kernel of the built
+    extension, so a renamed or re-templated kernel fails here rather than silently leaving the model."""
+    from benchmarks import gpu_check, gpu_model
+
+    kernels, _, skipped = gpu_check.check_cuda()
+    if skipped:
+        pytest.skip(f"CUDA kernels not built: {skipped}")
+    ops = ("coupling_forward", "coupling_backward", "actnorm", "actnorm_backward", "conv1x1", "conv1x1_weight_grad")
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for c, size in gpu_model.SHAPES + [(384, 16)]:
+            for op in ops:
+                launch = gpu_model.cuda_launch(op, dtype, 64, c, size * size, kernels)
+                assert launch["programs"] > 0 and launch["spills"] == 0, (op, dtype, c)
+    coupling = gpu_model.cuda_launch("coupling_forward", torch.float32, 64, 48, 32 * 32, kernels)
+    assert coupling["programs"] == 64 * 48  # one block per sample, channel and 1024 pixels
+    wide = gpu_model.cuda_launch("conv1x1", torch.float32, 64, 384, 16 * 16, kernels)
+    assert wide["kernel"] == "conv1x1_kernel" and wide["shared"] < 48 * 1024  # Wᵀ too large: read from L1/L2

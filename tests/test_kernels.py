@@ -84,6 +84,23 @@ def test_conv1x1_matches_reference(fused, c_in, c_out, with_bias, dtype, layout)
     assert_close(got_grads, expected_grads, tolerance_dtype, "conv1x1 gradients (x, weight, bias)")
 
 
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+def test_actnorm_and_conv1x1_take_parameters_of_x_dtype(fused, direction):
+    """A float16 model (``model.half()``): parameters and weight in float16 too, read as they are; the
+    parameter gradients come back in float16."""
+    x = make((3, 6, 9, 7), torch.float16, "channel-slice")
+    log_scale, bias = (0.5 * torch.randn(6)).half(), torch.randn(6).half()
+    weight, conv_bias = (torch.randn(5, 6) / 6 ** 0.5).half(), torch.randn(5).half()
+    op = f"actnorm_{direction}"
+    for name, args, upstream in [(op, (x, log_scale, bias), (torch.randn(x.shape), torch.randn(3))),
+                                 ("conv1x1", (x, weight, conv_bias), (torch.randn(3, 5, 9, 7),))]:
+        got, got_grads = value_and_grads(getattr(fused, name), args, upstream)
+        expected, expected_grads = value_and_grads(getattr(reference, name), args, upstream)
+        assert [g.dtype for g in got_grads] == [torch.float16] * 3, name
+        assert_close(got, expected, torch.float16, f"{name} outputs")
+        assert_close(got_grads, expected_grads, torch.float16, f"{name} gradients")
+
+
 def test_conv1x1_of_a_float16_x_keeps_a_float32_weight_exact(fused):
     """A float32 weight with a float16 x (a float32 LU weight in a float16 model): the output is the exact
     product rounded once to float16, as if the weight had not been rounded to 16 bits."""

@@ -1,6 +1,9 @@
-// ActNorm on CUDA: the forward is elementwise; the backward gives each block a tile of pixels of one
-// sample, walks the channels, and writes per-channel block sums for ∂log_scale and ∂bias (deterministic
-// block reductions, then a fixed-order sum of the partials).
+// ActNorm on CUDA: one block per (sample, channel, tile of pixels), so the channel's factor e^{±log_scale}
+// and bias are computed once per thread, not looked up per element. Parameters of x's dtype or of its math
+// type are read as they are (no cast launched). Each thread moves 16 bytes of a plane (at least 4 elements):
+// one vector load or store where the planes are aligned, coalesced scalar ones otherwise. The
+// backward writes one partial of ∂log_scale and ∂bias per block (deterministic block sums), and a second
+// pass sums each channel's partials in a fixed order into gradients of the parameters' dtypes.
 #include <torch/library.h>
 
 #include "../flowkern/checks.h"
@@ -10,59 +13,168 @@ namespace flowkern {
 namespace cuda {
 namespace {
 
-template <bool Inverse, typename scalar_t, typename acc_t>
-__global__ void actnorm_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ scale,
-                               const acc_t* __restrict__ bias, scalar_t* __restrict__ out, int64_t channels,
-                               int64_t hw, int64_t xsn, int64_t xsc, int64_t total) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / hw, p = i % hw, c = row % channels;
-    const acc_t v = x[(row / channels) * xsn + c * xsc + p];
-    out[i] = static_cast<scalar_t>(actnorm<Inverse>(v, scale[c], bias[c]));
+// Elements a thread moves per plane: 16 bytes, at least 4 (each thread's loads are issued together).
+template <typename T>
+constexpr int kElements = sizeof(T) >= 4 ? 4 : 16 / sizeof(T);
+
+template <typename T>
+constexpr int64_t kActnormTile = kThreads * kElements<T>;  // elements of one plane per block
+
+template <typename T>
+struct alignas(sizeof(T) * kElements<T>) Pack {
+  T v[kElements<T>];
+};
+
+// Element j of this thread in the tile starting at p0: with Vector, a run of consecutive elements per thread
+// (one vector access); otherwise elements kThreads apart. Either way a warp's accesses are coalesced.
+template <bool Vector, typename T>
+__device__ inline int64_t element(int64_t p0, int j) {
+  return Vector ? p0 + static_cast<int64_t>(threadIdx.x) * kElements<T> + j : tile_pixel(p0, j);
+}
+
+// Loads this thread's elements of a plane (zeros past hw). With Vector, hw is a multiple of kElements, so a
+// pack lies wholly inside or wholly outside the plane.
+template <bool Vector, typename scalar_t, typename acc_t>
+__device__ inline void load(const scalar_t* plane, int64_t p0, int64_t hw, acc_t (&out)[kElements<scalar_t>]) {
+  if constexpr (Vector) {
+    const int64_t p = element<true, scalar_t>(p0, 0);
+    Pack<scalar_t> pack;
+    if (p < hw) pack = *reinterpret_cast<const Pack<scalar_t>*>(plane + p);
+#pragma unroll
+    for (int j = 0; j < kElements<scalar_t>; ++j) out[j] = p < hw ? static_cast<acc_t>(pack.v[j]) : acc_t(0);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kElements<scalar_t>; ++j) {
+      const int64_t p = element<false, scalar_t>(p0, j);
+      out[j] = p < hw ? static_cast<acc_t>(plane[p]) : acc_t(0);
+    }
   }
 }
 
-template <bool Inverse, typename scalar_t, typename acc_t>
-__global__ void actnorm_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ v,
-                                        const acc_t* __restrict__ scale, const acc_t* __restrict__ bias,
-                                        scalar_t* __restrict__ grad_in, acc_t* __restrict__ partial_log,
-                                        acc_t* __restrict__ partial_bias, int64_t channels, int64_t hw) {
-  const int64_t n = blockIdx.y, p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t parts = static_cast<int64_t>(gridDim.x) * gridDim.y, slot = n * gridDim.x + blockIdx.x;
-  for (int64_t c = 0; c < channels; ++c) {
-    acc_t gl = 0, gb = 0;
-    if (p < hw) {
-      const int64_t i = (n * channels + c) * hw + p;
-      acc_t gi;
-      actnorm_backward<Inverse>(static_cast<acc_t>(g[i]), static_cast<acc_t>(v[i]), scale[c], bias[c], gi, gl, gb);
-      grad_in[i] = static_cast<scalar_t>(gi);
-    }
-    const acc_t sum_log = block_sum(gl), sum_bias = block_sum(gb);
-    if (threadIdx.x == 0) {
-      partial_log[c * parts + slot] = sum_log;
-      partial_bias[c * parts + slot] = sum_bias;
+template <bool Vector, typename scalar_t, typename acc_t>
+__device__ inline void store(scalar_t* plane, int64_t p0, int64_t hw, const acc_t (&values)[kElements<scalar_t>]) {
+  if constexpr (Vector) {
+    const int64_t p = element<true, scalar_t>(p0, 0);
+    if (p >= hw) return;
+    Pack<scalar_t> pack;
+#pragma unroll
+    for (int j = 0; j < kElements<scalar_t>; ++j) pack.v[j] = static_cast<scalar_t>(values[j]);
+    *reinterpret_cast<Pack<scalar_t>*>(plane + p) = pack;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kElements<scalar_t>; ++j) {
+      const int64_t p = element<false, scalar_t>(p0, j);
+      if (p < hw) plane[p] = static_cast<scalar_t>(values[j]);
     }
   }
+}
+
+// The channel's factor e^{±log_scale} and bias, in the math type.
+template <bool Inverse, typename param_t, typename acc_t>
+__device__ inline void channel_affine(const param_t* log_scale, const param_t* bias, int64_t c, acc_t& scale,
+                                      acc_t& b) {
+  const acc_t ls = static_cast<acc_t>(log_scale[c]);
+  scale = ::exp(Inverse ? -ls : ls);
+  b = static_cast<acc_t>(bias[c]);
+}
+
+template <bool Inverse, bool Vector, typename scalar_t, typename param_t, typename acc_t>
+__global__ void actnorm_kernel(const scalar_t* __restrict__ x, const param_t* __restrict__ log_scale,
+                               const param_t* __restrict__ bias, scalar_t* __restrict__ out, int64_t channels,
+                               int64_t hw, int64_t tiles, int64_t xsn, int64_t xsc) {
+  const int64_t plane = blockIdx.x / tiles, n = plane / channels, c = plane % channels;
+  const int64_t p0 = (blockIdx.x % tiles) * kActnormTile<scalar_t>;
+  acc_t scale, b;
+  channel_affine<Inverse>(log_scale, bias, c, scale, b);
+  acc_t v[kElements<scalar_t>];
+  load<Vector>(x + n * xsn + c * xsc, p0, hw, v);
+#pragma unroll
+  for (int j = 0; j < kElements<scalar_t>; ++j) v[j] = actnorm<Inverse>(v[j], scale, b);
+  store<Vector>(out + plane * hw, p0, hw, v);
+}
+
+template <bool Inverse, bool Vector, typename scalar_t, typename param_t, typename acc_t>
+__global__ void actnorm_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ v,
+                                        const param_t* __restrict__ log_scale, const param_t* __restrict__ bias,
+                                        scalar_t* __restrict__ grad_in, acc_t* __restrict__ partial_log,
+                                        acc_t* __restrict__ partial_bias, int64_t channels, int64_t hw,
+                                        int64_t tiles) {
+  const int64_t plane = blockIdx.x / tiles, c = plane % channels;
+  const int64_t p0 = (blockIdx.x % tiles) * kActnormTile<scalar_t>;
+  acc_t scale, b;
+  channel_affine<Inverse>(log_scale, bias, c, scale, b);
+  acc_t gv[kElements<scalar_t>], vv[kElements<scalar_t>], gin[kElements<scalar_t>];
+  load<Vector>(g + plane * hw, p0, hw, gv);
+  load<Vector>(v + plane * hw, p0, hw, vv);
+  acc_t sum_log = 0, sum_bias = 0;
+#pragma unroll
+  for (int j = 0; j < kElements<scalar_t>; ++j) {
+    acc_t gl, gb;  // past hw g is zero, and so are both terms
+    actnorm_backward<Inverse>(gv[j], vv[j], scale, b, gin[j], gl, gb);
+    sum_log += gl;
+    sum_bias += gb;
+  }
+  store<Vector>(grad_in + plane * hw, p0, hw, gin);
+  const acc_t total_log = block_sum(sum_log), total_bias = block_sum(sum_bias);
+  if (threadIdx.x == 0) {
+    partial_log[blockIdx.x] = total_log;
+    partial_bias[blockIdx.x] = total_bias;
+  }
+}
+
+// Whether every plane of t (inner-dense) starts on a pack boundary and has a whole number of packs, so that
+// the vector kernels may run.
+bool vector_aligned(const at::Tensor& t, int64_t hw, int64_t elements) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % (t.element_size() * elements) == 0 &&
+         hw % elements == 0 && t.stride(0) % elements == 0 && t.stride(1) % elements == 0;
+}
+
+// The parameters as the kernels read them: as they are when both have x's dtype or its math type, else both
+// cast to the math type.
+// Returns whether they were cast.
+bool kernel_params(const at::Tensor& log_scale, const at::Tensor& bias, const at::Tensor& x, at::Tensor& ls,
+                   at::Tensor& b) {
+  const auto acc_dtype = at::toOpMathType(x.scalar_type());
+  const auto type = log_scale.scalar_type();
+  const bool cast = type != bias.scalar_type() || (type != x.scalar_type() && type != acc_dtype);
+  ls = (cast ? log_scale.to(acc_dtype) : log_scale).contiguous();
+  b = (cast ? bias.to(acc_dtype) : bias).contiguous();
+  return cast;
+}
+
+// Calls f with a value of the parameters' element type: x's own type or its math type.
+template <typename scalar_t, typename F>
+void dispatch_params(const at::Tensor& params, F&& f) {
+  if (params.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value) return f(scalar_t{});
+  return f(at::opmath_type<scalar_t>{});
 }
 
 at::Tensor actnorm_cuda(const at::Tensor& x_in, const at::Tensor& log_scale, const at::Tensor& bias, bool inverse) {
-  check_actnorm(x_in, log_scale, bias, "flowkern::actnorm");
+  const char* op = "flowkern::actnorm";
+  check_actnorm(x_in, log_scale, bias, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = inner_dense(x_in);
   at::Tensor out = at::empty(x.sizes(), x.options());
-  const int64_t total = x.numel(), hw = x.size(2) * x.size(3);
-  if (total == 0) return out;
-  const auto acc_dtype = at::toOpMathType(x.scalar_type());
-  const at::Tensor ls = log_scale.to(acc_dtype);
-  const at::Tensor scale = (inverse ? -ls : ls).exp().contiguous(), b = bias.to(acc_dtype).contiguous();
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(blocks_for(total), 65535));
+  const int64_t c = x.size(1), hw = x.size(2) * x.size(3);
+  if (x.numel() == 0) return out;
+  at::Tensor ls, b;
+  kernel_params(log_scale, bias, x, ls, b);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "actnorm_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dispatch_bool(inverse, [&](auto inverse_constant) {
-      actnorm_kernel<decltype(inverse_constant)::value, scalar_t, acc_t><<<blocks, kThreads, 0, stream()>>>(
-          x.const_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
-          out.mutable_data_ptr<scalar_t>(), x.size(1), hw, x.stride(0), x.stride(1), total);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t tile = kActnormTile<scalar_t>, tiles = tiles_per_plane(hw, tile);
+    const unsigned blocks = plane_tile_blocks(x.size(0) * c, hw, op, tile);
+    const bool vector = vector_aligned(x, hw, kElements<scalar_t>) && vector_aligned(out, hw, kElements<scalar_t>);
+    dispatch_params<scalar_t>(ls, [&](auto param_value) {
+      using param_t = decltype(param_value);
+      dispatch_bool(inverse, [&](auto inverse_constant) {
+        dispatch_bool(vector, [&](auto vector_constant) {
+          actnorm_kernel<decltype(inverse_constant)::value, decltype(vector_constant)::value, scalar_t, param_t, acc_t>
+              <<<blocks, kThreads, 0, stream()>>>(x.const_data_ptr<scalar_t>(), ls.const_data_ptr<param_t>(),
+                                                  b.const_data_ptr<param_t>(), out.mutable_data_ptr<scalar_t>(), c,
+                                                  hw, tiles, x.stride(0), x.stride(1));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
     });
   });
   return out;
@@ -78,27 +190,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> actnorm_backward_cuda(const at::T
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor g = grad_out.contiguous(), v = input.contiguous();
   const int64_t n = v.size(0), c = v.size(1), hw = v.size(2) * v.size(3);
-  TORCH_CHECK(n <= 65535, op, ": at most 65535 samples per call, got ", n);
-  const auto acc_dtype = at::toOpMathType(v.scalar_type());
   at::Tensor grad_in = at::empty_like(v);
-  const dim3 grid(blocks_for(std::max<int64_t>(hw, 1)), static_cast<unsigned>(std::max<int64_t>(n, 1)));
-  at::Tensor partial = at::zeros({2, c, static_cast<int64_t>(grid.x) * grid.y}, v.options().dtype(acc_dtype));
-  if (v.numel() > 0) {
-    const at::Tensor ls = log_scale.to(acc_dtype);
-    const at::Tensor scale = (inverse ? -ls : ls).exp().contiguous(), b = bias.to(acc_dtype).contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "actnorm_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      dispatch_bool(inverse, [&](auto inverse_constant) {
-        actnorm_backward_kernel<decltype(inverse_constant)::value, scalar_t, acc_t><<<grid, kThreads, 0, stream()>>>(
-            g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(),
-            b.const_data_ptr<acc_t>(), grad_in.mutable_data_ptr<scalar_t>(), partial[0].mutable_data_ptr<acc_t>(),
-            partial[1].mutable_data_ptr<acc_t>(), c, hw);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
+  if (v.numel() == 0) {
+    return {grad_in, at::zeros_like(log_scale, at::MemoryFormat::Contiguous),
+            at::zeros_like(bias, at::MemoryFormat::Contiguous)};
   }
-  const at::Tensor sums = partial.sum(2);
-  return {grad_in, sums[0].to(log_scale.scalar_type()).clone(), sums[1].to(bias.scalar_type()).clone()};
+  at::Tensor ls, b;
+  const bool cast_to_math = kernel_params(log_scale, bias, v, ls, b);
+  // the second pass writes the gradients in the type the kernels read the parameters in
+  at::Tensor grad_log = at::empty({c}, ls.options()), grad_bias = at::empty({c}, b.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "actnorm_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t tile = kActnormTile<scalar_t>, tiles = tiles_per_plane(hw, tile);
+    const unsigned blocks = plane_tile_blocks(n * c, hw, op, tile);
+    const bool vector = vector_aligned(g, hw, kElements<scalar_t>) && vector_aligned(v, hw, kElements<scalar_t>) &&
+                        vector_aligned(grad_in, hw, kElements<scalar_t>);
+    const auto acc_dtype = at::toOpMathType(v.scalar_type());
+    at::Tensor partial = at::empty({2, static_cast<int64_t>(blocks)}, v.options().dtype(acc_dtype));
+    dispatch_params<scalar_t>(ls, [&](auto param_value) {
+      using param_t = decltype(param_value);
+      dispatch_bool(inverse, [&](auto inverse_constant) {
+        dispatch_bool(vector, [&](auto vector_constant) {
+          actnorm_backward_kernel<decltype(inverse_constant)::value, decltype(vector_constant)::value, scalar_t,
+                                  param_t, acc_t><<<blocks, kThreads, 0, stream()>>>(
+              g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), ls.const_data_ptr<param_t>(),
+              b.const_data_ptr<param_t>(), grad_in.mutable_data_ptr<scalar_t>(), partial[0].mutable_data_ptr<acc_t>(),
+              partial[1].mutable_data_ptr<acc_t>(), c, hw, tiles);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+      const Partials<acc_t, param_t> bias_sums{partial[1].const_data_ptr<acc_t>(),
+                                               grad_bias.mutable_data_ptr<param_t>(), c, n, tiles};
+      sum_partials(Partials<acc_t, param_t>{partial[0].const_data_ptr<acc_t>(), grad_log.mutable_data_ptr<param_t>(),
+                                            c, n, tiles},
+                   &bias_sums);
+    });
+  });
+  if (!cast_to_math) return {grad_in, grad_log, grad_bias};
+  return {grad_in, grad_log.to(log_scale.scalar_type()), grad_bias.to(bias.scalar_type())};
 }
 
 }  // namespace

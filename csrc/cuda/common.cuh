@@ -1,4 +1,4 @@
-// What the CUDA kernels share: launch shape, the current stream, and a deterministic block reduction.
+// What the CUDA kernels share: launch shape, the current stream, tiles of a plane, and deterministic sums.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -7,14 +7,38 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <limits>
+
 namespace flowkern {
 namespace cuda {
 
 constexpr int kThreads = 256;
+// Elements of a plane per thread: each thread issues the loads of all of them before any arithmetic, so a
+// block keeps kThreads·kPerThread loads of each input in flight.
+constexpr int kPerThread = 4;
+constexpr int64_t kTile = kThreads * kPerThread;  // elements of one (H, W) plane per block
 
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 inline unsigned blocks_for(int64_t items) { return static_cast<unsigned>((items + kThreads - 1) / kThreads); }
+
+inline int64_t tiles_per_plane(int64_t hw, int64_t tile = kTile) { return (hw + tile - 1) / tile; }
+
+// A 1-D grid of (plane, tile) blocks: one division per block, not per element, and no 65535 limit on the
+// number of planes (samples × channels).
+inline unsigned plane_tile_blocks(int64_t planes, int64_t hw, const char* op, int64_t tile = kTile) {
+  const int64_t blocks = planes * tiles_per_plane(hw, tile);
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": ", planes, " planes of ", hw,
+              " pixels need more than 2^31 - 1 blocks");
+  TORCH_CHECK(hw <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 pixels per plane, got ", hw);
+  return static_cast<unsigned>(blocks);
+}
+
+// The pixel of element j of this thread in the tile starting at p0: consecutive threads take consecutive
+// pixels (coalesced), and a thread's elements are kThreads apart.
+__device__ inline int64_t tile_pixel(int64_t p0, int j) {
+  return p0 + threadIdx.x + static_cast<int64_t>(j) * kThreads;
+}
 
 // Σ v over the block in a fixed order (shuffles within each warp, then the warps' sums in warp order),
 // so the result is bitwise the same on every run. Valid in thread 0; every thread must call it.
@@ -31,6 +55,39 @@ __device__ T block_sum(T v) {
   }
   __syncthreads();  // warp_sums may be reused by the next call
   return total;
+}
+
+// The second pass of a reduction whose blocks wrote one partial each: for r < rows,
+// out[r] = Σ_{o < outer, i < inner} partial[(o·rows + r)·inner + i], summed in a fixed order by block r and
+// written as out_t.
+template <typename acc_t, typename out_t = acc_t>
+struct Partials {
+  const acc_t* partial;
+  out_t* out;
+  int64_t rows, outer, inner;
+};
+
+template <typename acc_t, typename out_t>
+__global__ void sum_partials_kernel(Partials<acc_t, out_t> first, Partials<acc_t, out_t> second) {
+  const Partials<acc_t, out_t>& s = blockIdx.y == 0 ? first : second;
+  const int64_t r = blockIdx.x;
+  if (r >= s.rows) return;  // the whole block returns
+  acc_t sum = 0;
+  for (int64_t i = threadIdx.x; i < s.outer * s.inner; i += blockDim.x) {
+    sum += s.partial[((i / s.inner) * s.rows + r) * s.inner + i % s.inner];
+  }
+  const acc_t total = block_sum(sum);
+  if (threadIdx.x == 0) s.out[r] = static_cast<out_t>(total);
+}
+
+// Launches sum_partials_kernel over one reduction, or two independent ones in the same launch.
+template <typename acc_t, typename out_t>
+void sum_partials(const Partials<acc_t, out_t>& first, const Partials<acc_t, out_t>* second = nullptr) {
+  const int64_t rows = std::max(first.rows, second ? second->rows : 0);
+  if (rows == 0) return;
+  const dim3 grid(static_cast<unsigned>(rows), second ? 2u : 1u);
+  sum_partials_kernel<acc_t, out_t><<<grid, kThreads, 0, stream()>>>(first, second ? *second : first);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace cuda

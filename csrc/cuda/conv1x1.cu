@@ -1,8 +1,19 @@
-// The 1×1 convolution on CUDA: one thread per pixel, W in shared memory, output channels accumulated
-// 16 at a time in registers. The weight gradient stages tiles of ∂y and x in shared memory; each thread
-// owns one weight entry and sums over a fixed set of pixel tiles, and the partials are added in a fixed
+// The 1×1 convolution on CUDA.
+//
+// Forward: one thread per pixel, Wᵀ in shared memory (a row of it, the weights of one input channel, is
+// read by the whole warp at once: a broadcast), output channels accumulated kOutChunk at a time in
+// registers, and the pixel's inputs loaded a chunk of channels at a time before their multiply-adds. One
+// pixel a thread, not several: a deep Glow level (64 samples of 32² pixels) gives only 256 blocks of 256
+// pixels, about two per SM, and fewer, larger blocks would leave SMs idle.
+//
+// Weight gradient: a block owns a kEntryTile × kEntryTile tile of ∂W and a fixed set of pixel tiles of the
+// batch; each stage stages ∂y and x of 32 pixels (64 when 16-bit) in shared memory, pixel-major and padded
+// (no bank conflicts on writes or reads), and each thread accumulates 2 × 2 entries in registers. Blocks of the first
+// column of tiles also sum ∂y for the bias gradient. A second pass adds the blocks' partials in a fixed
 // order: deterministic.
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "../flowkern/checks.h"
 #include "common.cuh"
@@ -11,34 +22,56 @@ namespace flowkern {
 namespace cuda {
 namespace {
 
-constexpr int kOutChunk = 16;  // output channels accumulated per pass over a pixel's inputs
-constexpr int kTile = 32;      // pixels per shared-memory tile in the weight gradient
+constexpr int kOutChunk = 16;            // output channels accumulated per pass over a pixel's inputs
+// input channels loaded together: 32 bytes of each pixel's inputs in flight per thread, at least 8 channels
+template <typename scalar_t>
+constexpr int kInChunk = sizeof(scalar_t) >= 4 ? 8 : 32 / sizeof(scalar_t);
+constexpr int64_t kSharedWeight = 48 * 1024;  // Wᵀ up to this size lives in shared memory, larger is read from L1/L2
 
-template <typename scalar_t, typename acc_t>
-__global__ void conv1x1_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ weight,
-                               const acc_t* __restrict__ bias, scalar_t* __restrict__ out, int64_t c_in,
-                               int64_t c_out, int64_t hw, int64_t xsn, int64_t xsc, bool weight_in_shared) {
+template <typename scalar_t, typename w_t, typename acc_t, bool WeightShared>
+__global__ void conv1x1_kernel(const scalar_t* __restrict__ x, const w_t* __restrict__ weight,
+                               const w_t* __restrict__ bias, scalar_t* __restrict__ out, int64_t c_in,
+                               int64_t c_out, int64_t hw, int64_t tiles, int64_t xsn, int64_t xsc) {
   extern __shared__ unsigned char shared_bytes[];
-  const acc_t* w = weight;
-  if (weight_in_shared) {
-    acc_t* ws = reinterpret_cast<acc_t*>(shared_bytes);
-    for (int64_t i = threadIdx.x; i < c_in * c_out; i += blockDim.x) ws[i] = weight[i];
+  acc_t* wt = reinterpret_cast<acc_t*>(shared_bytes);  // Wᵀ: (c_in, co_pad), zero past c_out
+  const int64_t co_pad = (c_out + kOutChunk - 1) / kOutChunk * kOutChunk;
+  if constexpr (WeightShared) {
+    for (int64_t i = threadIdx.x; i < c_in * co_pad; i += blockDim.x) {
+      const int64_t k = i / co_pad, o = i % co_pad;
+      wt[i] = o < c_out ? static_cast<acc_t>(weight[o * c_in + k]) : acc_t(0);
+    }
     __syncthreads();
-    w = ws;
   }
-  const int64_t n = blockIdx.y, p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t n = blockIdx.x / tiles, p = (blockIdx.x % tiles) * kThreads + threadIdx.x;
   if (p >= hw) return;
   const scalar_t* x_pix = x + n * xsn + p;
   scalar_t* out_pix = out + n * c_out * hw + p;
   for (int64_t o0 = 0; o0 < c_out; o0 += kOutChunk) {
     acc_t acc[kOutChunk];
 #pragma unroll
-    for (int j = 0; j < kOutChunk; ++j) acc[j] = (o0 + j < c_out && bias != nullptr) ? bias[o0 + j] : acc_t(0);
-    for (int64_t k = 0; k < c_in; ++k) {
-      const acc_t v = x_pix[k * xsc];
+    for (int j = 0; j < kOutChunk; ++j) {
+      acc[j] = (bias != nullptr && o0 + j < c_out) ? static_cast<acc_t>(bias[o0 + j]) : acc_t(0);
+    }
+    for (int64_t k0 = 0; k0 < c_in; k0 += kInChunk<scalar_t>) {
+      acc_t v[kInChunk<scalar_t>];
 #pragma unroll
-      for (int j = 0; j < kOutChunk; ++j) {
-        if (o0 + j < c_out) acc[j] += w[(o0 + j) * c_in + k] * v;
+      for (int u = 0; u < kInChunk<scalar_t>; ++u) {
+        v[u] = k0 + u < c_in ? static_cast<acc_t>(x_pix[(k0 + u) * xsc]) : acc_t(0);
+      }
+#pragma unroll
+      for (int u = 0; u < kInChunk<scalar_t>; ++u) {
+        const int64_t k = k0 + u;
+        if (k >= c_in) break;
+#pragma unroll
+        for (int j = 0; j < kOutChunk; ++j) {
+          acc_t w;
+          if constexpr (WeightShared) {
+            w = wt[k * co_pad + o0 + j];
+          } else {
+            w = o0 + j < c_out ? static_cast<acc_t>(weight[(o0 + j) * c_in + k]) : acc_t(0);
+          }
+          acc[j] += w * v[u];
+        }
       }
     }
 #pragma unroll
@@ -48,36 +81,80 @@ __global__ void conv1x1_kernel(const scalar_t* __restrict__ x, const acc_t* __re
   }
 }
 
-// Block (entry chunk e, part q): entries e·kThreads + threadIdx.x of ∂W, summed over the pixel tiles
-// q, q + Q, q + 2Q, … of the whole batch.
+constexpr int kEntryTile = 32;  // a block's tile of ∂W: kEntryTile output × kEntryTile input channels
+// pixels staged per stage: 32, or 64 for 16-bit inputs, so each thread has 16 bytes of loads in flight
+template <typename scalar_t>
+constexpr int kPixelTile = sizeof(scalar_t) >= 4 ? 32 : 64;
+constexpr int kHalfTile = kEntryTile / 2;  // a thread's entries are kHalfTile apart in each direction
+
+// Block (entry tile e, part q): entries (o0 + ty + a·16, k0 + tx + b·16), a, b ∈ {0, 1}, of ∂W summed over the
+// pixel tiles q, q + Q, q + 2Q, … of the whole batch. partial: (Q, c_out·c_in + c_out), the bias terms last.
 template <typename scalar_t, typename acc_t>
 __global__ void conv1x1_weight_grad_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
                                            acc_t* __restrict__ partial, int64_t c_in, int64_t c_out, int64_t hw,
                                            int64_t tiles_per_sample, int64_t tiles) {
-  extern __shared__ unsigned char shared_bytes[];
-  acc_t* g_tile = reinterpret_cast<acc_t*>(shared_bytes);  // (c_out, kTile)
-  acc_t* x_tile = g_tile + c_out * kTile;                     // (c_in, kTile)
-  const int64_t entry = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const bool owns = entry < c_out * c_in;
-  const int64_t o = owns ? entry / c_in : 0, k = owns ? entry % c_in : 0;
-  acc_t sum = 0;
+  constexpr int kPixels = kPixelTile<scalar_t>;
+  __shared__ acc_t g_tile[kPixels][kEntryTile + 1];  // pixel-major; +1 staggers the banks of a column
+  __shared__ acc_t x_tile[kPixels][kEntryTile + 1];
+  const int64_t in_tiles = (c_in + kEntryTile - 1) / kEntryTile;
+  const int64_t o0 = (blockIdx.x / in_tiles) * kEntryTile, k0 = (blockIdx.x % in_tiles) * kEntryTile;
+  const bool bias_block = blockIdx.x % in_tiles == 0;
+  const int tx = threadIdx.x % kHalfTile, ty = threadIdx.x / kHalfTile;
+  acc_t sum[2][2] = {{0, 0}, {0, 0}}, bias_sum[2] = {0, 0};
   for (int64_t t = blockIdx.y; t < tiles; t += gridDim.y) {
-    const int64_t n = t / tiles_per_sample, p0 = (t % tiles_per_sample) * kTile;
-    __syncthreads();
-    for (int64_t i = threadIdx.x; i < (c_out + c_in) * kTile; i += blockDim.x) {
-      const int64_t row = i / kTile, p = p0 + i % kTile;
-      acc_t value = 0;
-      if (p < hw) value = row < c_out ? static_cast<acc_t>(g[(n * c_out + row) * hw + p])
-                                      : static_cast<acc_t>(x[(n * c_in + row - c_out) * hw + p]);
-      g_tile[i] = value;  // g_tile and x_tile are contiguous: row ≥ c_out lands in x_tile
+    const int64_t n = t / tiles_per_sample, p0 = (t % tiles_per_sample) * kPixels;
+    __syncthreads();  // the previous stage's reads are done
+#pragma unroll
+    for (int r = 0; r < kEntryTile * kPixels / kThreads; ++r) {
+      const int i = threadIdx.x + r * kThreads, row = i / kPixels, col = i % kPixels;
+      const int64_t p = p0 + col, o = o0 + row, k = k0 + row;
+      g_tile[col][row] = (p < hw && o < c_out) ? static_cast<acc_t>(g[(n * c_out + o) * hw + p]) : acc_t(0);
+      x_tile[col][row] = (p < hw && k < c_in) ? static_cast<acc_t>(x[(n * c_in + k) * hw + p]) : acc_t(0);
     }
     __syncthreads();
-    if (owns) {
 #pragma unroll 8
-      for (int j = 0; j < kTile; ++j) sum += g_tile[o * kTile + j] * x_tile[k * kTile + j];
+    for (int j = 0; j < kPixels; ++j) {
+      const acc_t g0 = g_tile[j][ty], g1 = g_tile[j][ty + kHalfTile];
+      const acc_t x0 = x_tile[j][tx], x1 = x_tile[j][tx + kHalfTile];
+      sum[0][0] += g0 * x0;
+      sum[0][1] += g0 * x1;
+      sum[1][0] += g1 * x0;
+      sum[1][1] += g1 * x1;
+      if (bias_block && tx == 0) {
+        bias_sum[0] += g0;
+        bias_sum[1] += g1;
+      }
     }
   }
-  if (owns) partial[blockIdx.y * c_out * c_in + entry] = sum;
+  acc_t* part = partial + blockIdx.y * (c_out * c_in + c_out);
+#pragma unroll
+  for (int a = 0; a < 2; ++a) {
+    const int64_t o = o0 + ty + a * kHalfTile;
+    if (o >= c_out) continue;
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      const int64_t k = k0 + tx + b * kHalfTile;
+      if (k < c_in) part[o * c_in + k] = sum[a][b];
+    }
+    if (bias_block && tx == 0) part[c_out * c_in + o] = bias_sum[a];
+  }
+}
+
+// ∂W[r] = Σ_q partial[q][r] for r < c_out·c_in, ∂b[r'] likewise for the c_out bias terms after them; one thread
+// per entry, adding the parts in order.
+template <typename acc_t>
+__global__ void sum_parts_kernel(const acc_t* __restrict__ partial, acc_t* __restrict__ grad_weight,
+                                 acc_t* __restrict__ grad_bias, int64_t weight_entries, int64_t entries,
+                                 int64_t parts) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= entries) return;
+  acc_t sum = 0;
+  for (int64_t q = 0; q < parts; ++q) sum += partial[q * entries + r];
+  if (r < weight_entries) {
+    grad_weight[r] = sum;
+  } else {
+    grad_bias[r - weight_entries] = sum;
+  }
 }
 
 at::Tensor conv1x1_cuda(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
@@ -87,21 +164,37 @@ at::Tensor conv1x1_cuda(const at::Tensor& x_in, const at::Tensor& weight, const 
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = inner_dense(x_in);
   const int64_t n = x.size(0), c_in = x.size(1), hw = x.size(2) * x.size(3);
-  TORCH_CHECK(n <= 65535, op, ": at most 65535 samples per call, got ", n);
   at::Tensor out = at::empty({n, c_out, x.size(2), x.size(3)}, x.options());
   if (out.numel() == 0) return out;
+  const int64_t tiles = (hw + kThreads - 1) / kThreads;
+  TORCH_CHECK(n * tiles <= std::numeric_limits<int32_t>::max(), op, ": ", n, " samples of ", hw,
+              " pixels need more than 2^31 - 1 blocks");
+  // a weight of x's dtype or of its math type is read as it is; any other is cast to the math type
   const auto acc_dtype = at::toOpMathType(x.scalar_type());
-  const at::Tensor w = weight.to(acc_dtype).contiguous();
-  const std::optional<at::Tensor> b = bias ? std::optional<at::Tensor>(bias->to(acc_dtype).contiguous()) : std::nullopt;
-  const dim3 grid(blocks_for(hw), static_cast<unsigned>(n));
+  const bool native_weight = weight.scalar_type() == x.scalar_type() || weight.scalar_type() == acc_dtype;
+  const at::Tensor w = (native_weight ? weight : weight.to(acc_dtype)).contiguous();
+  const std::optional<at::Tensor> b =
+      bias ? std::optional<at::Tensor>(bias->to(w.scalar_type()).contiguous()) : std::nullopt;
+  const int64_t co_pad = (c_out + kOutChunk - 1) / kOutChunk * kOutChunk;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv1x1_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const size_t weight_bytes = sizeof(acc_t) * c_in * c_out;
-    const bool in_shared = weight_bytes <= 48 * 1024;
-    conv1x1_kernel<scalar_t, acc_t><<<grid, kThreads, in_shared ? weight_bytes : 0, stream()>>>(
-        x.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(), b ? b->const_data_ptr<acc_t>() : nullptr,
-        out.mutable_data_ptr<scalar_t>(), c_in, c_out, hw, x.stride(0), x.stride(1), in_shared);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t weight_bytes = static_cast<int64_t>(sizeof(acc_t)) * c_in * co_pad;
+    const auto launch = [&](auto weight_value, auto shared_constant) {
+      using w_t = decltype(weight_value);
+      constexpr bool WeightShared = decltype(shared_constant)::value;
+      conv1x1_kernel<scalar_t, w_t, acc_t, WeightShared>
+          <<<static_cast<unsigned>(n * tiles), kThreads, WeightShared ? weight_bytes : 0, stream()>>>(
+              x.const_data_ptr<scalar_t>(), w.const_data_ptr<w_t>(), b ? b->const_data_ptr<w_t>() : nullptr,
+              out.mutable_data_ptr<scalar_t>(), c_in, c_out, hw, tiles, x.stride(0), x.stride(1));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    dispatch_bool(weight_bytes <= kSharedWeight, [&](auto shared_constant) {
+      if (w.scalar_type() == x.scalar_type()) {
+        launch(scalar_t{}, shared_constant);
+      } else {
+        launch(acc_t{}, shared_constant);
+      }
+    });
   });
   return out;
 }
@@ -113,26 +206,38 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_weight_grad_cuda(const at::Tensor& gr
   const at::Tensor g = grad_out.contiguous(), x = x_in.contiguous();
   const int64_t n = x.size(0), c_in = x.size(1), c_out = g.size(1), hw = x.size(2) * x.size(3);
   const auto acc_dtype = at::toOpMathType(x.scalar_type());
-  const int64_t tiles_per_sample = (hw + kTile - 1) / kTile, tiles = n * tiles_per_sample;
-  const size_t shared = sizeof(double) * (c_in + c_out) * kTile;
-  TORCH_CHECK(shared <= 48 * 1024, op, ": at most ", 48 * 1024 / (sizeof(double) * kTile),
-              " input plus output channels, got ", c_in + c_out);
-  const unsigned entry_blocks = blocks_for(c_out * c_in);
+  at::Tensor grad_weight = at::empty({c_out, c_in}, x.options().dtype(acc_dtype));
+  at::Tensor grad_bias = at::empty({c_out}, grad_weight.options());
+  if (n * hw == 0 || c_out == 0 || c_in == 0) return {grad_weight.zero_(), grad_bias.zero_()};
+  const int64_t entry_tiles = ((c_out + kEntryTile - 1) / kEntryTile) * ((c_in + kEntryTile - 1) / kEntryTile);
+  TORCH_CHECK(entry_tiles <= std::numeric_limits<int32_t>::max(), op, ": ", c_out, " × ", c_in,
+              " weight entries need more than 2^31 - 1 blocks");
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()));
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(tiles, 2 * sms / std::max<int64_t>(entry_blocks, 1) + 1));
-  at::Tensor partial = at::zeros({parts, c_out, c_in}, x.options().dtype(acc_dtype));
-  if (tiles > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv1x1_weight_grad_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const dim3 grid(entry_blocks, static_cast<unsigned>(parts));
-      conv1x1_weight_grad_kernel<scalar_t, acc_t><<<grid, kThreads, sizeof(acc_t) * (c_in + c_out) * kTile, stream()>>>(
-          g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(), c_in, c_out,
-          hw, tiles_per_sample, tiles);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  return {partial.sum(0), g.to(acc_dtype).sum({0, 2, 3})};
+  const int64_t entries = c_out * c_in + c_out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv1x1_weight_grad_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t tiles_per_sample = (hw + kPixelTile<scalar_t> - 1) / kPixelTile<scalar_t>;
+    const int64_t tiles = n * tiles_per_sample;
+    // one full wave of blocks, each summing whole pixel tiles; the parts are a grid dimension (≤ 65535)
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, conv1x1_weight_grad_kernel<scalar_t, acc_t>, kThreads, 0));
+    const int64_t wave = static_cast<int64_t>(std::max(per_sm, 1)) * sms;
+    const int64_t parts =
+        std::clamp<int64_t>((wave + entry_tiles - 1) / entry_tiles, 1, std::min<int64_t>(tiles, 65535));
+    at::Tensor partial = at::empty({parts, entries}, grad_weight.options());
+    const dim3 grid(static_cast<unsigned>(entry_tiles), static_cast<unsigned>(parts));
+    conv1x1_weight_grad_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream()>>>(
+        g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(), c_in, c_out,
+        hw, tiles_per_sample, tiles);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sum_parts_kernel<acc_t><<<blocks_for(entries), kThreads, 0, stream()>>>(
+        partial.const_data_ptr<acc_t>(), grad_weight.mutable_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<acc_t>(),
+        c_out * c_in, entries, parts);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_weight, grad_bias};
 }
 
 }  // namespace

@@ -1,6 +1,8 @@
-// Coupling on CUDA: one thread per pixel walks the channels, copying the pass-through ones and transforming
-// the others; each block reduces its Σ log s (a deterministic block sum) into one partial per sample. An h
-// of lower precision than x is read as it is and upcast in registers.
+// Coupling on CUDA: one block per (sample, channel, tile of pixels). A pass-through channel is copied; a
+// transformed one loads all its x, raw and shift values before the arithmetic, and inactive pixels of a
+// checkerboard are predicated, not branched around. Each block reduces its Σ log s (a deterministic block
+// sum) into one partial, and a second pass sums each sample's partials in a fixed order. An h of lower
+// precision than x is read as it is and upcast in registers.
 #include <torch/library.h>
 
 #include "../flowkern/checks.h"
@@ -10,78 +12,126 @@ namespace flowkern {
 namespace cuda {
 namespace {
 
+// The block's place: sample n, channel c, the first pixel p0 of its tile, and k = c − t_start (the channel's
+// index in h's raw and shift halves, valid when 0 ≤ k < n_t).
+struct CouplingBlock {
+  int64_t n, c, p0, k;
+  bool transformed;
+};
+
+__device__ inline CouplingBlock coupling_block(int64_t channels, int64_t tiles, const CouplingChannels& ch) {
+  const int64_t plane = blockIdx.x / tiles, n = plane / channels, c = plane % channels;
+  const int64_t k = c - ch.t_start;
+  return {n, c, (blockIdx.x % tiles) * kTile, k, k >= 0 && k < ch.n_t};
+}
+
+__device__ inline bool pixel_active(bool checkerboard, int64_t p, int width, int64_t parity) {
+  const int q = static_cast<int>(p);  // a plane has fewer than 2^31 pixels (checked at launch)
+  return !checkerboard || checkerboard_active(q / width, q % width, parity);
+}
+
 template <Scale S, bool Inverse, typename scalar_t, typename h_t, typename acc_t>
 __global__ void coupling_kernel(const scalar_t* __restrict__ x, const h_t* __restrict__ h,
                                 scalar_t* __restrict__ out, acc_t* __restrict__ partial, int64_t channels, int64_t hw,
-                                int64_t width, int64_t xsn, int64_t xsc, int64_t hsn, int64_t hsc,
+                                int width, int64_t tiles, int64_t xsn, int64_t xsc, int64_t hsn, int64_t hsc,
                                 CouplingChannels ch, bool checkerboard, int64_t parity, acc_t bound) {
-  const int64_t n = blockIdx.y, p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const CouplingBlock b = coupling_block(channels, tiles, ch);
+  const scalar_t* x_plane = x + b.n * xsn + b.c * xsc;
+  scalar_t* out_plane = out + (b.n * channels + b.c) * hw;
+  if (!b.transformed) {
+    scalar_t v[kPerThread];
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int64_t p = tile_pixel(b.p0, j);
+      if (p < hw) v[j] = x_plane[p];
+    }
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int64_t p = tile_pixel(b.p0, j);
+      if (p < hw) out_plane[p] = v[j];
+    }
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc_t(0);
+    return;  // the whole block takes this branch: no block_sum below is left waiting
+  }
+  const h_t* shift_plane = h + b.n * hsn + (S == Scale::Additive ? b.k : ch.n_t + b.k) * hsc;
+  const h_t* raw_plane = h + b.n * hsn + b.k * hsc;
+  acc_t v[kPerThread], raw[kPerThread], shift[kPerThread];
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const int64_t p = tile_pixel(b.p0, j);
+    const bool in = p < hw;
+    v[j] = in ? static_cast<acc_t>(x_plane[p]) : acc_t(0);
+    shift[j] = in ? static_cast<acc_t>(shift_plane[p]) : acc_t(0);
+    raw[j] = (S != Scale::Additive && in) ? static_cast<acc_t>(raw_plane[p]) : acc_t(0);
+  }
   acc_t sum = 0;
-  if (p < hw) {
-    const bool active = !checkerboard || checkerboard_active(p / width, p % width, parity);
-    const scalar_t* x_pix = x + n * xsn + p;
-    const h_t* h_pix = h + n * hsn + p;
-    scalar_t* out_pix = out + n * channels * hw + p;
-    for (int64_t k = 0; k < ch.n_pass; ++k) {
-      const int64_t c = ch.pass_start + k;
-      out_pix[c * hw] = x_pix[c * xsc];
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const int64_t p = tile_pixel(b.p0, j);
+    const bool on = p < hw && pixel_active(checkerboard, p, width, parity);
+    acc_t y;
+    if constexpr (S == Scale::Additive) {
+      y = Inverse ? v[j] - shift[j] : v[j] + shift[j];
+    } else {
+      acc_t s, logs;
+      scale_and_log<S, ScalarMath>(raw[j], bound, s, logs);
+      y = couple<Inverse>(v[j], s, shift[j]);
+      sum += on ? logs : acc_t(0);
     }
-    for (int64_t k = 0; k < ch.n_t; ++k) {
-      const int64_t c = ch.t_start + k;
-      const acc_t v = x_pix[c * xsc];
-      if (!active) {
-        out_pix[c * hw] = x_pix[c * xsc];
-        continue;
-      }
-      if constexpr (S == Scale::Additive) {
-        const acc_t shift = h_pix[k * hsc];
-        out_pix[c * hw] = static_cast<scalar_t>(Inverse ? v - shift : v + shift);
-      } else {
-        acc_t s, logs;
-        scale_and_log<S, ScalarMath>(static_cast<acc_t>(h_pix[k * hsc]), bound, s, logs);
-        const acc_t shift = h_pix[(ch.n_t + k) * hsc];
-        out_pix[c * hw] = static_cast<scalar_t>(couple<Inverse>(v, s, shift));
-        sum += logs;
-      }
-    }
+    if (p < hw) out_plane[p] = static_cast<scalar_t>(on ? y : v[j]);
   }
   const acc_t total = block_sum(sum);
-  if (threadIdx.x == 0) partial[n * gridDim.x + blockIdx.x] = total;
+  if (threadIdx.x == 0) partial[blockIdx.x] = total;
 }
 
 template <Scale S, bool Inverse, typename scalar_t, typename h_t, typename acc_t>
 __global__ void coupling_backward_kernel(const scalar_t* __restrict__ g, const acc_t* __restrict__ gld,
                                          const scalar_t* __restrict__ v, const h_t* __restrict__ h,
                                          scalar_t* __restrict__ grad_in, h_t* __restrict__ grad_h,
-                                         int64_t channels, int64_t h_channels, int64_t hw, int64_t width,
+                                         int64_t channels, int64_t h_channels, int64_t hw, int width, int64_t tiles,
                                          CouplingChannels ch, bool checkerboard, int64_t parity, acc_t bound) {
-  const int64_t n = blockIdx.y, p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (p >= hw) return;
-  const bool active = !checkerboard || checkerboard_active(p / width, p % width, parity);
-  const int64_t in_base = n * channels * hw + p, h_base = n * h_channels * hw + p;
-  for (int64_t k = 0; k < ch.n_pass; ++k) {
-    const int64_t i = in_base + (ch.pass_start + k) * hw;
-    grad_in[i] = g[i];
-  }
-  const acc_t gl = gld[n];
-  for (int64_t k = 0; k < ch.n_t; ++k) {
-    const int64_t i = in_base + (ch.t_start + k) * hw;
-    const int64_t raw_i = h_base + k * hw;
-    const int64_t shift_i = S == Scale::Additive ? raw_i : h_base + (ch.n_t + k) * hw;
-    if (!active) {
-      grad_in[i] = g[i];
-      grad_h[shift_i] = h_t(0);
-      if constexpr (S != Scale::Additive) grad_h[raw_i] = h_t(0);
-      continue;
+  const CouplingBlock b = coupling_block(channels, tiles, ch);
+  const int64_t plane = (b.n * channels + b.c) * hw;
+  const scalar_t* g_plane = g + plane;
+  scalar_t* grad_in_plane = grad_in + plane;
+  if (!b.transformed) {
+    scalar_t gv[kPerThread];
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int64_t p = tile_pixel(b.p0, j);
+      if (p < hw) gv[j] = g_plane[p];
     }
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int64_t p = tile_pixel(b.p0, j);
+      if (p < hw) grad_in_plane[p] = gv[j];
+    }
+    return;
+  }
+  const int64_t raw_plane = (b.n * h_channels + b.k) * hw;
+  const int64_t shift_plane = S == Scale::Additive ? raw_plane : (b.n * h_channels + ch.n_t + b.k) * hw;
+  const scalar_t* v_plane = v + plane;
+  const acc_t gl = gld[b.n];
+  acc_t gv[kPerThread], vv[kPerThread], raw[kPerThread], shift[kPerThread];
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const int64_t p = tile_pixel(b.p0, j);
+    const bool in = p < hw;
+    gv[j] = in ? static_cast<acc_t>(g_plane[p]) : acc_t(0);
+    vv[j] = (S != Scale::Additive && in) ? static_cast<acc_t>(v_plane[p]) : acc_t(0);
+    raw[j] = (S != Scale::Additive && in) ? static_cast<acc_t>(h[raw_plane + p]) : acc_t(0);
+    shift[j] = (S != Scale::Additive && in) ? static_cast<acc_t>(h[shift_plane + p]) : acc_t(0);
+  }
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const int64_t p = tile_pixel(b.p0, j);
+    if (p >= hw) continue;
+    const bool on = pixel_active(checkerboard, p, width, parity);
     acc_t gin, graw, gshift;
-    const acc_t raw = S == Scale::Additive ? acc_t(0) : static_cast<acc_t>(h[raw_i]);
-    const acc_t shift = S == Scale::Additive ? acc_t(0) : static_cast<acc_t>(h[shift_i]);
-    couple_backward<S, Inverse, ScalarMath>(static_cast<acc_t>(g[i]), gl, static_cast<acc_t>(v[i]), raw, shift,
-                                            bound, gin, graw, gshift);
-    grad_in[i] = static_cast<scalar_t>(gin);
-    grad_h[shift_i] = static_cast<h_t>(gshift);
-    if constexpr (S != Scale::Additive) grad_h[raw_i] = static_cast<h_t>(graw);
+    couple_backward<S, Inverse, ScalarMath>(gv[j], gl, vv[j], raw[j], shift[j], bound, gin, graw, gshift);
+    grad_in_plane[p] = static_cast<scalar_t>(on ? gin : gv[j]);
+    grad_h[shift_plane + p] = static_cast<h_t>(on ? gshift : acc_t(0));
+    if constexpr (S != Scale::Additive) grad_h[raw_plane + p] = static_cast<h_t>(on ? graw : acc_t(0));
   }
 }
 
@@ -94,26 +144,30 @@ std::tuple<at::Tensor, at::Tensor> coupling_cuda(const at::Tensor& x_in, const a
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = inner_dense(x_in), h = inner_dense(h_in);
   const int64_t n = x.size(0), c = x.size(1), height = x.size(2), width = x.size(3), hw = height * width;
-  TORCH_CHECK(n <= 65535, op, ": at most 65535 samples per call, got ", n);
+  const auto acc_dtype = at::toOpMathType(x.scalar_type());
   at::Tensor out = at::empty({n, c, height, width}, x.options());
-  const dim3 grid(blocks_for(hw), static_cast<unsigned>(n));
-  at::Tensor partial = at::empty({n, static_cast<int64_t>(grid.x)}, x.options().dtype(at::toOpMathType(x.scalar_type())));
-  if (n == 0 || hw == 0) return {out, partial.sum(1)};
+  at::Tensor logdet = at::empty({n}, x.options().dtype(acc_dtype));
+  if (n == 0) return {out, logdet};
+  if (c == 0 || hw == 0) return {out, logdet.zero_()};
+  const unsigned blocks = plane_tile_blocks(n * c, hw, op);
+  at::Tensor partial = at::empty({static_cast<int64_t>(blocks)}, logdet.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_cuda", [&] {
     dispatch_h_type<scalar_t>(h.scalar_type(), [&](auto h_value) {
       using h_t = decltype(h_value);
       using acc_t = at::opmath_type<scalar_t>;
       dispatch_scale(o.scale, [&](auto scale_constant) {
         constexpr Scale S = decltype(scale_constant)::value;
-        coupling_kernel<S, Inverse, scalar_t, h_t, acc_t><<<grid, kThreads, 0, stream()>>>(
+        coupling_kernel<S, Inverse, scalar_t, h_t, acc_t><<<blocks, kThreads, 0, stream()>>>(
             x.const_data_ptr<scalar_t>(), h.const_data_ptr<h_t>(), out.mutable_data_ptr<scalar_t>(),
-            partial.mutable_data_ptr<acc_t>(), c, hw, width, x.stride(0), x.stride(1), h.stride(0), h.stride(1),
-            o.channels, o.checkerboard, parity, static_cast<acc_t>(bound));
+            partial.mutable_data_ptr<acc_t>(), c, hw, static_cast<int>(width), tiles_per_plane(hw), x.stride(0),
+            x.stride(1), h.stride(0), h.stride(1), o.channels, o.checkerboard, parity, static_cast<acc_t>(bound));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
+      sum_partials(Partials<acc_t>{partial.const_data_ptr<acc_t>(), logdet.mutable_data_ptr<acc_t>(), n, 1,
+                                   c * tiles_per_plane(hw)});
     });
   });
-  return {out, partial.sum(1)};
+  return {out, logdet};
 }
 
 std::tuple<at::Tensor, at::Tensor> coupling_backward_cuda(const at::Tensor& grad_out, const at::Tensor& grad_logdet,
@@ -127,11 +181,10 @@ std::tuple<at::Tensor, at::Tensor> coupling_backward_cuda(const at::Tensor& grad
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor g = grad_out.contiguous(), v = input.contiguous(), h = h_in.contiguous();
   const int64_t n = v.size(0), c = v.size(1), width = v.size(3), hw = v.size(2) * width;
-  TORCH_CHECK(n <= 65535, op, ": at most 65535 samples per call, got ", n);
   at::Tensor grad_in = at::empty_like(v), grad_h = at::empty_like(h);
-  if (n == 0 || hw == 0) return {grad_in, grad_h};
+  if (v.numel() == 0) return {grad_in, grad_h};
+  const unsigned blocks = plane_tile_blocks(n * c, hw, op);
   const at::Tensor gld = grad_logdet.to(at::toOpMathType(v.scalar_type())).contiguous();
-  const dim3 grid(blocks_for(hw), static_cast<unsigned>(n));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "coupling_backward_cuda", [&] {
     dispatch_h_type<scalar_t>(h.scalar_type(), [&](auto h_value) {
       using h_t = decltype(h_value);
@@ -140,10 +193,11 @@ std::tuple<at::Tensor, at::Tensor> coupling_backward_cuda(const at::Tensor& grad
         constexpr Scale S = decltype(scale_constant)::value;
         dispatch_bool(inverse, [&](auto inverse_constant) {
           constexpr bool Inverse = decltype(inverse_constant)::value;
-          coupling_backward_kernel<S, Inverse, scalar_t, h_t, acc_t><<<grid, kThreads, 0, stream()>>>(
+          coupling_backward_kernel<S, Inverse, scalar_t, h_t, acc_t><<<blocks, kThreads, 0, stream()>>>(
               g.const_data_ptr<scalar_t>(), gld.const_data_ptr<acc_t>(), v.const_data_ptr<scalar_t>(),
               h.const_data_ptr<h_t>(), grad_in.mutable_data_ptr<scalar_t>(), grad_h.mutable_data_ptr<h_t>(), c,
-              h.size(1), hw, width, o.channels, o.checkerboard, parity, static_cast<acc_t>(bound));
+              h.size(1), hw, static_cast<int>(width), tiles_per_plane(hw), o.channels, o.checkerboard, parity,
+              static_cast<acc_t>(bound));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });

@@ -52,7 +52,8 @@ def pixel_block(pixels: int, largest: int = 1024) -> int:
     return max(16, min(largest, triton.next_power_of_2(pixels)))
 
 
-def warps_for(block: int) -> int:
-    """Warps for a program of ``block`` pixels: at most 4 pixels a thread, so that the per-pixel math of the
-    couplings fits in registers without spilling (sm_90 static compile, ``python -m benchmarks.gpu_check``)."""
-    return max(1, min(8, block // 128))
+def warps_for(block: int, per_thread: int = 4) -> int:
+    """Warps for a program of ``block`` pixels, ``per_thread`` pixels a thread (up to 8 warps). At most 4 for the
+    couplings, whose per-pixel math then fits in registers without spilling (sm_90 static compile,
+    ``python -m benchmarks.gpu_check``)."""
+    return max(1, min(8, block // (32 * per_thread)))

@@ -3,7 +3,7 @@
 Glow's channel counts are small (12 to 96), so this is memory-bound: a program holds a block of pixels
 of one sample with all of its channels and the whole weight, and reads each input element once. The
 weight gradient ``Σ_pixels ∂y · xᵀ`` is reduced over pixels by a fixed set of programs whose partial
-sums are added in a fixed order: deterministic, no atomics. ``W`` from the LU factors and its gradient
+sums a second kernel adds in a fixed order: deterministic, no atomics. ``W`` from the LU factors and its gradient
 with respect to ``L``, ``U`` and ``log_s`` are (C, C) algebra left to PyTorch.
 """
 import functools
@@ -83,6 +83,21 @@ def _conv1x1_weight_grad_kernel(
     tl.store(gb_ptr + part * CO + co, acc_b, mask=co < CO)
 
 
+@triton.jit
+def _sum_parts_kernel(gw_ptr, gb_ptr, out_w_ptr, out_b_ptr, WEIGHTS, BIASES, PARTS, BLOCK: tl.constexpr):
+    """The second pass of the weight gradient: out[e] = Σ_q part[q, e], the parts added in order, for the
+    (PARTS, WEIGHTS) weight partials and the (PARTS, BIASES) bias partials alike."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_w, in_b = e < WEIGHTS, e < BIASES
+    sum_w = tl.zeros([BLOCK], dtype=gw_ptr.dtype.element_ty)
+    sum_b = tl.zeros([BLOCK], dtype=gb_ptr.dtype.element_ty)
+    for q in range(0, PARTS):
+        sum_w += tl.load(gw_ptr + q * WEIGHTS + e, mask=in_w, other=0.0)
+        sum_b += tl.load(gb_ptr + q * BIASES + e, mask=in_b, other=0.0)
+    tl.store(out_w_ptr + e, sum_w, mask=in_w)
+    tl.store(out_b_ptr + e, sum_b, mask=in_b)
+
+
 def _operands(weight, dtype):
     """The weight as the kernel takes it for an x of ``dtype``: itself, or for a 16-bit x its two parts
     (W_hi, W_lo) in that dtype (W_lo None when W already has it)."""
@@ -141,7 +156,9 @@ def conv1x1_weight_grad(grad_out, x):
     co_block = min(_pad(co), 32)
     # the (CO_BLOCK + CI_PAD) × BLOCK operand tiles, in every pipeline stage, must fit in shared memory
     tile_budget = _SHARED_BUDGET // (_STAGES * (co_block + _pad(ci)) * x.element_size())
-    block = max(16, min(triton.next_power_of_2(hw), 64, triton.next_power_of_2(tile_budget + 1) // 2))
+    # 64 pixels, 128 when 16-bit: the same bytes of each row in flight
+    block = max(16, min(triton.next_power_of_2(hw), 128 if x.element_size() == 2 else 64,
+                        triton.next_power_of_2(tile_budget + 1) // 2))
     blocks_per_sample = triton.cdiv(hw, block)
     blocks = n * blocks_per_sample
     co_blocks = triton.cdiv(co, co_block)
@@ -155,4 +172,8 @@ def conv1x1_weight_grad(grad_out, x):
         ACC=accumulator(x.dtype), CO_BLOCK=co_block, CI_PAD=_pad(ci), BLOCK=block,
         num_stages=_STAGES if _STAGES * (co_block + _pad(ci)) * block * x.element_size() <= _SHARED_BUDGET else 1,
     )
-    return grad_w.sum(dim=0), grad_b.sum(dim=0)
+    weight_grad = empty((co, ci), dtype=ct, device=x.device)
+    bias_grad = empty((co,), dtype=ct, device=x.device)
+    _sum_parts_kernel[(triton.cdiv(max(co * ci, co, 1), 1024),)](
+        grad_w, grad_b, weight_grad, bias_grad, co * ci, co, parts, BLOCK=1024, num_warps=4)
+    return weight_grad, bias_grad
