@@ -9,7 +9,7 @@ CMAKE_BUILD := build/cmake
 
 # torch resolves to the local CUDA build here (it runs on the CPU and lets csrc/*.cu compile);
 # triton ships with it on Linux and is listed for platforms where it does not.
-DEPS := torch numpy triton pybind11 ninja cmake pytest pytest-benchmark scikit-learn tqdm pillow matplotlib
+DEPS := torch numpy triton pybind11 ninja cmake pytest pytest-benchmark scikit-learn tqdm pillow matplotlib torchdiffeq
 # peer flow libraries, measured beside flowkern by the benchmark suite
 PEERS := normflows FrEIA
 CSRC := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)

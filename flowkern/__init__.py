@@ -1,11 +1,11 @@
-"""flowkern: fused kernels and PyTorch layers for normalizing flows (Glow, RealNVP).
+"""flowkern: fused kernels and PyTorch layers for normalizing flows (Glow, RealNVP; FFJORD beside them).
 
 Layers and models call :mod:`flowkern.functional`, which runs each fused op on the active backend:
 ``set_backend(name)``, ``get_backend()``, ``use_backend(name)`` and ``available_backends()``.
 """
 from . import data, functional, nn, reference
 from .backends import BackendUnavailable, available_backends, get_backend, set_backend, use_backend
-from .models import Glow, RealNVP, RealNVP2d
+from .models import FFJORD, Glow, RealNVP, RealNVP2d
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,6 @@ def load_run(path, device="cpu"):
 
 
 __all__ = [
-    "BackendUnavailable", "Glow", "RealNVP", "RealNVP2d", "available_backends", "data", "functional",
+    "BackendUnavailable", "FFJORD", "Glow", "RealNVP", "RealNVP2d", "available_backends", "data", "functional",
     "get_backend", "load_run", "nn", "reference", "set_backend", "use_backend",
 ]
