@@ -47,6 +47,11 @@ def refused(capsys, out, *args):
     (["--check-reconstruction", "1e-3"], "it applies with --memory-saving"),
     (["--data-dir", "/tmp"], "it locates CIFAR-10"),
     (["--resume", "--overwrite"], "pass one"),
+    (["--kinetic", "0.1"], "--kinetic does not apply to --model glow"),
+    (["--model", "ffjord", "--memory-saving"], "--memory-saving does not apply to --model ffjord"),
+    (["--model", "ffjord", "--precision", "bf16"], "--precision does not apply to --model ffjord"),
+    (["--model", "ffjord", "--kinetic", "-1"], "--kinetic -1.0: expected at least 0.0"),
+    (["--model", "ffjord", "--divergence", "trace"], "invalid choice"),
     (["--model", "potato"], "invalid choice"),
 ])
 def test_every_bad_option_is_refused_at_parse_time(tmp_path, capsys, args, expected):
@@ -297,3 +302,27 @@ def test_float16_training_skips_overflowing_steps_and_resumes_with_its_scaler(tm
     assert run(tmp_path / "stops", "--steps", "40", "--precision", "fp16", "--no-sample") == 1
     assert "the gradient norm is" in capsys.readouterr().err
     assert sum(1 for line in read_log(tmp_path / "stops") if line.get("skipped")) == train.loop.MAX_SKIPPED
+
+
+def test_ffjord_trains_on_points_and_logs_its_solves(tmp_path):
+    """The continuous flow through the same command: regulariser and NFE of forward and adjoint backward in
+    the log, the evaluation's trace and NFE in the metrics, a density plot, and the run loads back."""
+    out = tmp_path / "run"
+    assert run(out, "--model", "ffjord", "--data", "moons", "--steps", "4", "--tol", "1e-4") == 0
+    log = read_log(out)
+    assert [r["step"] for r in log] == [0, 1, 2, 3]
+    assert all(r["nfe_forward"] > 0 and r["nfe_backward"] > 0 and r["regularization"] > 0 for r in log)
+    metrics = read_metrics(out)
+    assert metrics["model"] == "ffjord" and metrics["test_divergence"] == "exact" and metrics["test_nfe"] > 0
+    assert math.isfinite(metrics["test_bits_per_dim"]) and metrics["samples"] == ["density.png"]
+    loaded = flowkern.load_run(out)
+    assert isinstance(loaded.model, flowkern.FFJORD) and loaded.config.depth == 2
+
+
+def test_ffjord_models_images_with_the_hutchinson_trace_in_training(tmp_path):
+    out = tmp_path / "run"
+    assert run(out, "--model", "ffjord", "--data", "digits", "--steps", "2", "--hidden", "8", "--depth", "1",
+               "--tol", "1e-3", "--divergence", "hutchinson", "--no-sample") == 0
+    assert read_metrics(out)["test_divergence"] == "exact"  # 64 dimensions: evaluation can afford it
+    loaded = flowkern.load_run(out)
+    assert loaded.model.flow.divergence == "hutchinson" and loaded.model.shape == (1, 8, 8)

@@ -33,6 +33,10 @@ class FlowModel(nn.Module):
             chain.check_reconstruction = check_reconstruction
         return self
 
+    def regularization(self):
+        """A term the training loss adds, from the last training forward (0 for flows without one)."""
+        return 0.0
+
     def _latents(self, zs):
         return list(zs) if self.multi_scale else [zs]
 

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from .. import data as datasets
-from ..models import Glow, RealNVP, RealNVP2d
+from ..models import FFJORD, Glow, RealNVP, RealNVP2d
 from .folder import CHECKPOINT
-from .options import Config, data_kind, default_model, resumed_config
+from .options import DEPTHS, Config, data_kind, default_model, resumed_config
 
 # ----------------------------------------------------------------------------------------------------- data
 
@@ -72,11 +72,13 @@ def load_data(cfg: Config) -> Data:
 def resolve_defaults(cfg: Config, data: Data) -> Config:
     """Fill in the model and its number of levels from the data."""
     cfg.model = cfg.model or default_model(cfg.data)
-    if data.images == (cfg.model == "realnvp2d"):
+    if cfg.model != "ffjord" and data.images == (cfg.model == "realnvp2d"):
         kind = "images" if data.images else "2-D points"
         raise ValueError(f"--model {cfg.model} does not model {kind} ({cfg.data}); use "
-                         f"{'glow or realnvp' if data.images else 'realnvp2d'}")
-    if data.images and cfg.levels is None:
+                         f"{'glow, realnvp or ffjord' if data.images else 'realnvp2d or ffjord'}")
+    if cfg.depth is None and cfg.model in DEPTHS:
+        cfg.depth = DEPTHS[cfg.model]
+    if data.images and cfg.levels is None and cfg.model in ("glow", "realnvp"):
         size = data.train.shape[-1]
         twos = (size & -size).bit_length() - 1  # times the size halves evenly
         cfg.levels = max(1, min(3, twos - 1)) if cfg.model == "glow" else max(1, min(3, twos))
@@ -87,6 +89,10 @@ def build_model(cfg: Config, data_shape) -> nn.Module:
     """The model ``cfg`` describes, for rows of shape ``data_shape`` ((C, H, W) images or (D,) points)."""
     if cfg.model == "realnvp2d":
         model = RealNVP2d(dim=data_shape[0], hidden=cfg.hidden, layers=cfg.depth)
+    elif cfg.model == "ffjord":
+        return FFJORD(tuple(data_shape), hidden=cfg.hidden, depth=cfg.depth, method=cfg.solver, rtol=cfg.tol,
+                      atol=cfg.tol, adjoint=cfg.adjoint, divergence=cfg.divergence, kinetic=cfg.kinetic,
+                      jacobian=cfg.jacobian)
     else:
         channels, height, width = data_shape
         if height != width:

@@ -122,6 +122,8 @@ class Run:
                            train_bits_per_dim=float(np.mean(self.recent)))
         if self.lead:
             metrics["test_bits_per_dim"] = evaluate(self.model, self.data, self.device)
+            if getattr(self.model, "last_divergence", None) is not None:  # a continuous flow's trace and solve
+                metrics.update(test_divergence=self.model.last_divergence, test_nfe=self.model.nfe)
             if self.data.images:
                 metrics["uniform_bits_per_dim"] = math.log2(self.data.n_bins)
             if cfg.sample:
@@ -174,16 +176,25 @@ class Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x = self.data.batch(step, cfg.batch_size, cfg.seed, self.rank, self.world).to(self.device)
+        evaluations = getattr(self.model, "evaluations", None)  # a continuous flow's count of its network's calls
         with torch.autocast(self.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
             loss = batch_loss(self.objective, x, step)
-        mean_loss, finite, self.stopping = self._agree(loss, stop.requested)
+        regularization = self.model.regularization()
+        mean_loss, finite, self.stopping = self._agree(loss, loss + regularization, stop.requested)
         if not finite:
             raise NonFiniteLoss(self._stop_message(step, "loss", mean_loss, last_saved))
+        record = {"step": step, "bits_per_dim": mean_loss, "lr": lr}
+        if torch.is_tensor(regularization):
+            record["regularization"] = regularization.item()
+        if evaluations is not None:
+            record["nfe_forward"] = self.model.evaluations - evaluations
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss + regularization).backward()
+        if evaluations is not None:
+            record["nfe_backward"] = self.model.evaluations - evaluations - record["nfe_forward"]
         self.scaler.unscale_(self.optimizer)
         grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip))
-        record = {"step": step, "bits_per_dim": mean_loss, "lr": lr, "grad_norm": grad_norm}
+        record["grad_norm"] = grad_norm
         if not math.isfinite(grad_norm):
             if not self.scaler.is_enabled() or self.skipped >= MAX_SKIPPED:
                 raise NonFiniteLoss(self._stop_message(step, "gradient norm", grad_norm, last_saved))
@@ -197,16 +208,16 @@ class Run:
         self.recent.append(mean_loss)
         return record
 
-    def _agree(self, loss, stop_requested):
-        """The loss averaged over processes, whether it is finite on all of them, and whether any was asked
-        to stop (so that all stop together)."""
+    def _agree(self, loss, total, stop_requested):
+        """The loss averaged over processes, whether the total loss (regularisers included) is finite on all
+        of them, and whether any was asked to stop (so that all stop together)."""
         value = loss.detach().double().reshape(1)
+        infinite = (~torch.isfinite(total.detach().double().reshape(1))).double()
         if self.world > 1:
-            value = torch.cat([value, (~torch.isfinite(value)).double(), value.new_tensor([float(stop_requested)])])
+            value = torch.cat([value, infinite, value.new_tensor([float(stop_requested)])])
             dist.all_reduce(value)
             return value[0].item() / self.world, value[1].item() == 0, value[2].item() > 0
-        value = value.item()
-        return value, math.isfinite(value), stop_requested
+        return value.item(), infinite.item() == 0, stop_requested
 
     def _stop_message(self, step, what, value, last_saved):
         advice = "Lower --lr, lengthen --warmup or lower --clip"

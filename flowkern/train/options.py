@@ -11,7 +11,8 @@ import torch
 from .. import data as datasets
 from ..backends import _MODULES, AUTO
 
-MODELS = ("glow", "realnvp", "realnvp2d")
+MODELS = ("glow", "realnvp", "realnvp2d", "ffjord")
+DEPTHS = {"glow": 8, "realnvp2d": 8, "ffjord": 3}  # --depth of each model that takes it
 DEVICE_TYPES = ("cpu", "cuda")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype of each
 
@@ -97,8 +98,8 @@ def option(default, help, *, check=None, applies=None, resumable=True, **argpars
 @dataclass
 class Config:
     """Every option of a run: the command line is built from these declarations."""
-    model: str | None = option(None, "glow or realnvp for images, realnvp2d for 2-D points (default: by --data)",
-                               resumable=False, choices=MODELS)
+    model: str | None = option(None, "glow or realnvp for images, realnvp2d for 2-D points, ffjord for either "
+                               "(default: by --data)", resumable=False, choices=MODELS)
     data: str = option("digits", f"digits, {', '.join(datasets.TOY_SETS)}, cifar10, a folder of images (searched "
                        "recursively) or a .npz of integer images", resumable=False)
     data_dir: str | None = option(None, "the folder holding cifar-10-batches-py (or set CIFAR10_DIR)",
@@ -112,21 +113,35 @@ class Config:
                        resumable=False)
     backend: str = option("auto", "the fused ops' implementation", choices=(*_MODULES, AUTO))
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)", check=_device)
-    memory_saving: bool = option(False, "train by inversion: activation memory flat in depth")
+    memory_saving: bool = option(False, "train by inversion: activation memory flat in depth",
+                                 applies=_for("glow", "realnvp", "realnvp2d"))
     precision: str = option("fp32", "the conditioners' dtype under torch.autocast (bf16, or fp16 with a gradient "
-                            "scaler); the flow's state and log-dets stay float32", choices=PRECISIONS)
+                            "scaler); the flow's state and log-dets stay float32", choices=PRECISIONS,
+                            applies=_for("glow", "realnvp", "realnvp2d"))
     check_reconstruction: float | None = option(
         None, "warn when an input rebuilt by inversion is off by more than this relative error",
         check=_positive, applies=_memory_saving, metavar="TOL")
     levels: int | None = option(None, "scales of glow or realnvp (default: by image size, at most 3)",
                                 check=_at_least(1), applies=_for("glow", "realnvp"), resumable=False)
-    depth: int = option(8, "flow steps per level (glow) or couplings (realnvp2d)", check=_at_least(1),
-                        applies=_for("glow", "realnvp2d"), resumable=False)
-    hidden: int = option(64, "conditioner width", check=_at_least(1), resumable=False)
+    depth: int | None = option(None, "flow steps per level (glow: 8), couplings (realnvp2d: 8) or hidden layers "
+                               "of the dynamics (ffjord: 3)", check=_at_least(1),
+                               applies=_for("glow", "realnvp2d", "ffjord"), resumable=False)
+    hidden: int = option(64, "conditioner (ffjord: dynamics) width", check=_at_least(1), resumable=False)
     blocks: int = option(2, "residual blocks per s/t network", check=_at_least(0), applies=_for("realnvp"),
                          resumable=False)
     coupling: str = option("affine", "the coupling's transform", applies=_for("glow"), resumable=False,
                            choices=("affine", "additive"))
+    divergence: str | None = option(None, "ffjord's trace in training: exact, or hutchinson (default: exact up "
+                                    "to 64 dimensions); evaluation takes the exact trace up to 64 dimensions",
+                                    applies=_for("ffjord"), choices=("exact", "hutchinson"))
+    solver: str = option("dopri5", "ffjord's torchdiffeq method", applies=_for("ffjord"))
+    tol: float = option(1e-5, "ffjord's solver tolerance (rtol = atol)", check=_positive, applies=_for("ffjord"))
+    adjoint: bool = option(True, "ffjord: backpropagate by the adjoint ODE (memory constant in the solver's steps)",
+                           applies=_for("ffjord"))
+    kinetic: float = option(0.01, "ffjord: weight of the kinetic-energy regulariser (fewer solver steps)",
+                            check=_at_least(0.0), applies=_for("ffjord"))
+    jacobian: float = option(0.01, "ffjord: weight of the Jacobian Frobenius-norm regulariser",
+                             check=_at_least(0.0), applies=_for("ffjord"))
     n_bits: int = option(8, "quantise 8-bit images to this many bits", check=_bits, applies=_eight_bit,
                          resumable=False)
     image_size: int | None = option(None, "resize a folder's images to this size", check=_at_least(2),
