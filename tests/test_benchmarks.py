@@ -1,5 +1,6 @@
 """The benchmark runner measures, reports and renders (timings themselves are the suite's business)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -173,3 +174,18 @@ def test_the_model_finds_each_cuda_kernel_it_describes_in_the_extension():
     assert coupling["programs"] == 64 * 48  # one block per sample, channel and 1024 pixels
     wide = gpu_model.cuda_launch("conv1x1", torch.float32, 64, 384, 16 * 16, kernels)
     assert wide["kernel"] == "conv1x1_kernel" and wide["shared"] < 48 * 1024  # Wᵀ too large: read from L1/L2
+
+
+def test_the_model_comparison_trains_each_model_by_the_command(tmp_path):
+    from benchmarks import compare_models
+
+    compared = compare_models.compare("moons", 2, 32, str(tmp_path))
+    rows = [row for row, _ in compared]
+    assert [r["model"] for r in rows] == ["realnvp2d", "ffjord"]
+    assert abs(rows[0]["parameters"] - rows[1]["parameters"]) < 0.1 * rows[0]["parameters"]  # similar sizes
+    assert all(math.isfinite(r["test_nll_nats"]) and r["step_ms"] > 0 and r["sample_ms"] > 0 for r in rows)
+    assert rows[0]["nfe_forward"] is None and rows[1]["nfe_forward"] > 0 and rows[1]["sample_nfe"] > 0
+    assert "| moons | ffjord |" in compare_models.table(rows)
+    compare_models.plot_densities("moons", [(r["model"], m) for r, m in compared], torch.randn(100, 2),
+                                  str(tmp_path / "density.png"), grid=8)
+    assert (tmp_path / "density.png").stat().st_size > 0
