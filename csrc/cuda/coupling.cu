@@ -25,6 +25,22 @@ __device__ inline CouplingBlock coupling_block(int64_t channels, int64_t tiles, 
   return {n, c, (blockIdx.x % tiles) * kTile, k, k >= 0 && k < ch.n_t};
 }
 
+// A pass-through channel's tile copied as it is: all loads, then all stores.
+template <typename scalar_t>
+__device__ inline void copy_tile(const scalar_t* src, scalar_t* dst, int64_t p0, int64_t hw) {
+  scalar_t v[kPerThread];
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const int64_t p = tile_pixel(p0, j);
+    if (p < hw) v[j] = src[p];
+  }
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const int64_t p = tile_pixel(p0, j);
+    if (p < hw) dst[p] = v[j];
+  }
+}
+
 __device__ inline bool pixel_active(bool checkerboard, int64_t p, int width, int64_t parity) {
   const int q = static_cast<int>(p);  // a plane has fewer than 2^31 pixels (checked at launch)
   return !checkerboard || checkerboard_active(q / width, q % width, parity);
@@ -39,17 +55,7 @@ __global__ void coupling_kernel(const scalar_t* __restrict__ x, const h_t* __res
   const scalar_t* x_plane = x + b.n * xsn + b.c * xsc;
   scalar_t* out_plane = out + (b.n * channels + b.c) * hw;
   if (!b.transformed) {
-    scalar_t v[kPerThread];
-#pragma unroll
-    for (int j = 0; j < kPerThread; ++j) {
-      const int64_t p = tile_pixel(b.p0, j);
-      if (p < hw) v[j] = x_plane[p];
-    }
-#pragma unroll
-    for (int j = 0; j < kPerThread; ++j) {
-      const int64_t p = tile_pixel(b.p0, j);
-      if (p < hw) out_plane[p] = v[j];
-    }
+    copy_tile(x_plane, out_plane, b.p0, hw);
     if (threadIdx.x == 0) partial[blockIdx.x] = acc_t(0);
     return;  // the whole block takes this branch: no block_sum below is left waiting
   }
@@ -95,17 +101,7 @@ __global__ void coupling_backward_kernel(const scalar_t* __restrict__ g, const a
   const scalar_t* g_plane = g + plane;
   scalar_t* grad_in_plane = grad_in + plane;
   if (!b.transformed) {
-    scalar_t gv[kPerThread];
-#pragma unroll
-    for (int j = 0; j < kPerThread; ++j) {
-      const int64_t p = tile_pixel(b.p0, j);
-      if (p < hw) gv[j] = g_plane[p];
-    }
-#pragma unroll
-    for (int j = 0; j < kPerThread; ++j) {
-      const int64_t p = tile_pixel(b.p0, j);
-      if (p < hw) grad_in_plane[p] = gv[j];
-    }
+    copy_tile(g_plane, grad_in_plane, b.p0, hw);
     return;
   }
   const int64_t raw_plane = (b.n * h_channels + b.k) * hw;

@@ -68,38 +68,36 @@ class ConcatSquashConv2d(nn.Module):
         return self.conv(z) * torch.sigmoid(self.gate(t))[..., None, None] + self.shift(t)[..., None, None]
 
 
-class ConcatSquashMLP(nn.Module):
+class _ConcatSquashStack(nn.Module):
+    """Concat-squash layers of the given widths with ``activation`` between them: t scalar, z → dz/dt."""
+
+    def __init__(self, layer, widths, activation):
+        super().__init__()
+        self.layers = nn.ModuleList(layer(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.activation = activation
+
+    def forward(self, t, z):
+        for i, layer in enumerate(self.layers):
+            z = layer(t, z)
+            if i < len(self.layers) - 1:
+                z = self.activation(z)
+        return z
+
+
+class ConcatSquashMLP(_ConcatSquashStack):
     """Dynamics for vectors: ``depth`` hidden concat-squash layers of width ``hidden`` with tanh between
     (smooth, so the solver's steps stay large). t scalar, z (N, D) → dz/dt (N, D)."""
 
     def __init__(self, dim, hidden=64, depth=3):
-        super().__init__()
-        widths = [dim] + [hidden] * depth + [dim]
-        self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-
-    def forward(self, t, z):
-        for i, layer in enumerate(self.layers):
-            z = layer(t, z)
-            if i < len(self.layers) - 1:
-                z = torch.tanh(z)
-        return z
+        super().__init__(ConcatSquashLinear, [dim] + [hidden] * depth + [dim], torch.tanh)
 
 
-class ConcatSquashConvNet(nn.Module):
+class ConcatSquashConvNet(_ConcatSquashStack):
     """Dynamics for images: ``depth`` hidden concat-squash 3×3 convolutions of ``hidden`` channels with
     softplus between. t scalar, z (N, C, H, W) → dz/dt (N, C, H, W)."""
 
     def __init__(self, channels, hidden=32, depth=3):
-        super().__init__()
-        widths = [channels] + [hidden] * depth + [channels]
-        self.layers = nn.ModuleList(ConcatSquashConv2d(a, b) for a, b in zip(widths[:-1], widths[1:]))
-
-    def forward(self, t, z):
-        for i, layer in enumerate(self.layers):
-            z = layer(t, z)
-            if i < len(self.layers) - 1:
-                z = F.softplus(z)
-        return z
+        super().__init__(ConcatSquashConv2d, [channels] + [hidden] * depth + [channels], F.softplus)
 
 
 class _Dynamics(nn.Module):
