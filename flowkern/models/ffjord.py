@@ -51,8 +51,8 @@ class FFJORD(FlowModel):
         divergence = divergence or ("exact" if self.dims <= EXACT_LIMIT else "hutchinson")
         if divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-        net = ConcatSquashMLP(shape[0], hidden, depth) if len(shape) == 1 else ConcatSquashConvNet(shape[0], hidden,
-                                                                                                 depth)
+        dynamics = ConcatSquashMLP if len(shape) == 1 else ConcatSquashConvNet
+        net = dynamics(shape[0], hidden, depth)
         self.kinetic_weight, self.jacobian_weight = kinetic, jacobian
         self.flow = ContinuousFlow(net, time=time, method=method, rtol=rtol, atol=atol, adjoint=adjoint,
                                    divergence=divergence, noise=noise, regularize=kinetic > 0 or jacobian > 0)
