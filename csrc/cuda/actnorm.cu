@@ -136,17 +136,10 @@ bool kernel_params(const at::Tensor& log_scale, const at::Tensor& bias, const at
                    at::Tensor& b) {
   const auto acc_dtype = at::toOpMathType(x.scalar_type());
   const auto type = log_scale.scalar_type();
-  const bool cast = type != bias.scalar_type() || (type != x.scalar_type() && type != acc_dtype);
+  const bool cast = type != bias.scalar_type() || !param_read_as_is(type, x.scalar_type());
   ls = (cast ? log_scale.to(acc_dtype) : log_scale).contiguous();
   b = (cast ? bias.to(acc_dtype) : bias).contiguous();
   return cast;
-}
-
-// Calls f with a value of the parameters' element type: x's own type or its math type.
-template <typename scalar_t, typename F>
-void dispatch_params(const at::Tensor& params, F&& f) {
-  if (params.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value) return f(scalar_t{});
-  return f(at::opmath_type<scalar_t>{});
 }
 
 at::Tensor actnorm_cuda(const at::Tensor& x_in, const at::Tensor& log_scale, const at::Tensor& bias, bool inverse) {
@@ -164,7 +157,7 @@ at::Tensor actnorm_cuda(const at::Tensor& x_in, const at::Tensor& log_scale, con
     const int64_t tile = kActnormTile<scalar_t>, tiles = tiles_per_plane(hw, tile);
     const unsigned blocks = plane_tile_blocks(x.size(0) * c, hw, op, tile);
     const bool vector = vector_aligned(x, hw, kElements<scalar_t>) && vector_aligned(out, hw, kElements<scalar_t>);
-    dispatch_params<scalar_t>(ls, [&](auto param_value) {
+    dispatch_param_type<scalar_t>(ls.scalar_type(), [&](auto param_value) {
       using param_t = decltype(param_value);
       dispatch_bool(inverse, [&](auto inverse_constant) {
         dispatch_bool(vector, [&](auto vector_constant) {
@@ -207,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> actnorm_backward_cuda(const at::T
                         vector_aligned(grad_in, hw, kElements<scalar_t>);
     const auto acc_dtype = at::toOpMathType(v.scalar_type());
     at::Tensor partial = at::empty({2, static_cast<int64_t>(blocks)}, v.options().dtype(acc_dtype));
-    dispatch_params<scalar_t>(ls, [&](auto param_value) {
+    dispatch_param_type<scalar_t>(ls.scalar_type(), [&](auto param_value) {
       using param_t = decltype(param_value);
       dispatch_bool(inverse, [&](auto inverse_constant) {
         dispatch_bool(vector, [&](auto vector_constant) {

@@ -57,6 +57,19 @@ __device__ T block_sum(T v) {
   return total;
 }
 
+// Whether a parameter of dtype param_type is read by the kernels as it is beside an x of dtype x_type: it has
+// x's dtype or x's math type (a float32 parameter beside a 16-bit x). Any other is cast to the math type first.
+inline bool param_read_as_is(at::ScalarType param_type, at::ScalarType x_type) {
+  return param_type == x_type || param_type == at::toOpMathType(x_type);
+}
+
+// Calls f with a value of the element type of a parameter read as it is: scalar_t, or its math type.
+template <typename scalar_t, typename F>
+void dispatch_param_type(at::ScalarType param_type, F&& f) {
+  if (param_type == c10::CppTypeToScalarType<scalar_t>::value) return f(scalar_t{});
+  return f(at::opmath_type<scalar_t>{});
+}
+
 // The second pass of a reduction whose blocks wrote one partial each: for r < rows,
 // out[r] = Σ_{o < outer, i < inner} partial[(o·rows + r)·inner + i], summed in a fixed order by block r and
 // written as out_t.

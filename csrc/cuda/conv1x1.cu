@@ -171,29 +171,24 @@ at::Tensor conv1x1_cuda(const at::Tensor& x_in, const at::Tensor& weight, const 
               " pixels need more than 2^31 - 1 blocks");
   // a weight of x's dtype or of its math type is read as it is; any other is cast to the math type
   const auto acc_dtype = at::toOpMathType(x.scalar_type());
-  const bool native_weight = weight.scalar_type() == x.scalar_type() || weight.scalar_type() == acc_dtype;
-  const at::Tensor w = (native_weight ? weight : weight.to(acc_dtype)).contiguous();
+  const bool as_is = param_read_as_is(weight.scalar_type(), x.scalar_type());
+  const at::Tensor w = (as_is ? weight : weight.to(acc_dtype)).contiguous();
   const std::optional<at::Tensor> b =
       bias ? std::optional<at::Tensor>(bias->to(w.scalar_type()).contiguous()) : std::nullopt;
   const int64_t co_pad = (c_out + kOutChunk - 1) / kOutChunk * kOutChunk;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv1x1_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t weight_bytes = static_cast<int64_t>(sizeof(acc_t)) * c_in * co_pad;
-    const auto launch = [&](auto weight_value, auto shared_constant) {
+    dispatch_param_type<scalar_t>(w.scalar_type(), [&](auto weight_value) {
       using w_t = decltype(weight_value);
-      constexpr bool WeightShared = decltype(shared_constant)::value;
-      conv1x1_kernel<scalar_t, w_t, acc_t, WeightShared>
-          <<<static_cast<unsigned>(n * tiles), kThreads, WeightShared ? weight_bytes : 0, stream()>>>(
-              x.const_data_ptr<scalar_t>(), w.const_data_ptr<w_t>(), b ? b->const_data_ptr<w_t>() : nullptr,
-              out.mutable_data_ptr<scalar_t>(), c_in, c_out, hw, tiles, x.stride(0), x.stride(1));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    dispatch_bool(weight_bytes <= kSharedWeight, [&](auto shared_constant) {
-      if (w.scalar_type() == x.scalar_type()) {
-        launch(scalar_t{}, shared_constant);
-      } else {
-        launch(acc_t{}, shared_constant);
-      }
+      dispatch_bool(weight_bytes <= kSharedWeight, [&](auto shared_constant) {
+        constexpr bool WeightShared = decltype(shared_constant)::value;
+        conv1x1_kernel<scalar_t, w_t, acc_t, WeightShared>
+            <<<static_cast<unsigned>(n * tiles), kThreads, WeightShared ? weight_bytes : 0, stream()>>>(
+                x.const_data_ptr<scalar_t>(), w.const_data_ptr<w_t>(), b ? b->const_data_ptr<w_t>() : nullptr,
+                out.mutable_data_ptr<scalar_t>(), c_in, c_out, hw, tiles, x.stride(0), x.stride(1));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return out;

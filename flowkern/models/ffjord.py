@@ -1,7 +1,7 @@
 import math
 
 from .._validation import check_count, check_module_input, check_tensor
-from ..nn.continuous import DIVERGENCES, ConcatSquashConvNet, ConcatSquashMLP, ContinuousFlow
+from ..nn.continuous import ConcatSquashConvNet, ConcatSquashMLP, ContinuousFlow
 from .base import FlowModel
 
 EXACT_LIMIT = 64  # dimensions up to which evaluation takes the exact trace (one VJP per dimension)
@@ -49,8 +49,6 @@ class FFJORD(FlowModel):
         self.shape = shape
         self.dims = math.prod(shape)
         divergence = divergence or ("exact" if self.dims <= EXACT_LIMIT else "hutchinson")
-        if divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
         dynamics = ConcatSquashMLP if len(shape) == 1 else ConcatSquashConvNet
         net = dynamics(shape[0], hidden, depth)
         self.kinetic_weight, self.jacobian_weight = kinetic, jacobian
