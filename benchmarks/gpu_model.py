@@ -7,10 +7,12 @@ so the model sees each kernel's real grid, block size, registers and shared memo
 shape, the bytes the op must move, its programs against the SMs, the occupancy those resources allow, the
 bytes it has in flight, and an estimated fraction of copy bandwidth. These are estimates, not measurements.
 
-The CUDA kernels are read from the built extension (``cuobjdump``, :func:`benchmarks.gpu_check.check_cuda`);
-their grids and the bytes a block requests at once follow the launch code in ``csrc/cuda/`` and are written
-out here (:func:`cuda_launch`): keep the two in step. Without an extension built for sm_90 the CUDA rows are
-left out, and said so.
+The CUDA kernels are read from the built extension: registers, spills and static shared memory from
+``cuobjdump`` (:func:`benchmarks.gpu_check.check_cuda`), and each kernel's grid, dynamic shared memory and the
+elements a thread requests at once from ``torch.ops.flowkern._cuda_launch``, the arithmetic
+(``csrc/flowkern/launch.h``) the CUDA launchers themselves take their grids from. What each block reads (which
+inputs, how many launches beside the kernel) is written out here (:func:`cuda_launch`). Without an extension
+built for sm_90 the CUDA rows are left out, and said so.
 
 The model, and what it leaves out:
 
@@ -43,6 +45,8 @@ import os
 import sys
 
 import torch
+
+from flowkern import backends
 
 from . import gpu_check as check
 
@@ -140,11 +144,6 @@ def triton_launch(op, dtype, compiled, resources):
                 extra=len(compiled) - 1 + TORCH_LAUNCHES.get(op, 0))
 
 
-# the launch constants of csrc/cuda/: kThreads and the couplings' kTile (common.cuh), kOutChunk, kSharedWeight
-# and kEntryTile (conv1x1.cu)
-CUDA_THREADS, CUDA_TILE = 256, 1024
-CONV_OUT_CHUNK, CONV_SHARED_WEIGHT = 16, 48 * 1024
-ENTRY_TILE = 32
 _CUDA_TYPES = {torch.float32: "float", torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16",
                torch.float64: "double"}
 
@@ -156,49 +155,49 @@ def _kernel_row(name, kernels):
     return rows[0]
 
 
+def _cuda_shape(kernel, batch, c, hw, dtype, wave=0):
+    """The launch shape ``csrc/flowkern/launch.h`` gives a CUDA kernel: blocks, threads per block, dynamic shared
+    bytes, pixels per block and elements of each input a thread requests at once, read from the built extension."""
+    backends._load("native")  # loads the extension, which registers its ops
+    grid_x, grid_y, threads, shared, tile, ahead = torch.ops.flowkern._cuda_launch(kernel, batch, c, hw, dtype, wave)
+    return dict(programs=grid_x * grid_y, threads=threads, shared=shared, tile=tile, ahead_elements=ahead)
+
+
 def cuda_launch(op, dtype, batch, c, hw, kernels):
     """The model's view of the CUDA kernel behind ``op`` at (batch, c, H·W), as ``csrc/cuda/`` launches it with
     the parameters of :func:`op_calls` (a half-channel coupling, parity 0); ``kernels``:
     the rows of :func:`benchmarks.gpu_check.check_cuda`."""
     t, acc = _CUDA_TYPES[dtype], "double" if dtype == torch.float64 else "float"
     e = torch.empty(0, dtype=dtype).element_size()
-    if op in ("coupling_forward", "coupling_backward"):
-        backward = op == "coupling_backward"
+    backward, row = op.endswith("_backward"), None
+    # element_bytes: the bytes of one element of each input a block reads (its loads are issued together)
+    if op.startswith("coupling"):
         name = f"coupling_{'backward_' if backward else ''}kernel<(flowkern::Scale)0, false, {t}, {t}, {acc}>"
-        # half the blocks copy a pass-through plane, half transform one (x, raw, shift; backward also ∂y)
-        transformed = (2 * e if backward else e) + 2 * e
-        per_block = CUDA_TILE * (transformed + e) / 2
-        launch = dict(programs=batch * c * -(-hw // CUDA_TILE), shared=0, bytes=per_block, ahead=1,
-                      extra=0 if backward else 1)
-    elif op in ("actnorm", "actnorm_backward"):
-        backward = op == "actnorm_backward"
+        shape = _cuda_shape("coupling", batch, c, hw, dtype)
+        # half the blocks copy a pass-through plane (x), half transform one (x, raw, shift; backward also ∂y)
+        element_bytes, extra = ((2 * e if backward else e) + 2 * e + e) / 2, 0 if backward else 1
+    elif op.startswith("actnorm"):
         name = f"actnorm_{'backward_' if backward else ''}kernel<false, true, {t}, {t}, {acc}>"
-        tile = CUDA_THREADS * max(4, 16 // e)  # kActnormTile: 16 bytes a thread, at least 4 elements
-        launch = dict(programs=batch * c * -(-hw // tile), shared=0, bytes=(2 if backward else 1) * tile * e, ahead=1,
-                      extra=1 if backward else 0)
+        shape = _cuda_shape("actnorm", batch, c, hw, dtype)
+        element_bytes, extra = (2 if backward else 1) * e, 1 if backward else 0  # backward: ∂y and x
     elif op == "conv1x1":
-        co_pad = -(-c // CONV_OUT_CHUNK) * CONV_OUT_CHUNK
-        weight_bytes = c * co_pad * (8 if acc == "double" else 4)
-        shared = weight_bytes <= CONV_SHARED_WEIGHT
-        name = f"conv1x1_kernel<{t}, {t}, {acc}, {'true' if shared else 'false'}>"
-        launch = dict(programs=batch * -(-hw // CUDA_THREADS), shared=weight_bytes if shared else 0,
-                      bytes=CUDA_THREADS * (8 if e >= 4 else 32 // e) * e, ahead=1, extra=0)  # kInChunk
+        shape = _cuda_shape("conv1x1", batch, c, hw, dtype)
+        name = f"conv1x1_kernel<{t}, {t}, {acc}, {'true' if shape['shared'] else 'false'}>"
+        element_bytes, extra = e, 0  # a chunk of the pixel's input channels
     elif op == "conv1x1_weight_grad":
         name = f"conv1x1_weight_grad_kernel<{t}, {acc}>"
-        entry_tiles = (-(-c // ENTRY_TILE)) ** 2
-        pixel_tile = 64 if e == 2 else 32  # kPixelTile
-        pixel_tiles = batch * -(-hw // pixel_tile)
         row = _kernel_row(name, kernels)  # one full wave of blocks, as cudaOccupancyMaxActiveBlocksPerMultiprocessor
-        wave = max(1, check.blocks_per_sm(row["registers"], CUDA_THREADS, row["shared_bytes"])) * check.SMS
-        parts = max(1, min(-(-wave // entry_tiles), pixel_tiles, 65535))
-        launch = dict(programs=entry_tiles * parts, shared=0, bytes=2 * ENTRY_TILE * pixel_tile * e, ahead=1, extra=1)
+        threads = _cuda_shape(op, batch, c, hw, dtype)["threads"]
+        wave = max(1, check.blocks_per_sm(row["registers"], threads, row["shared_bytes"])) * check.SMS
+        shape = _cuda_shape(op, batch, c, hw, dtype, wave)
+        element_bytes, extra = 2 * e, 1  # ∂y and x of a staged pixel tile
     else:
         raise KeyError(f"no CUDA model of {op}")
-    row = _kernel_row(name, kernels)
+    row = row or _kernel_row(name, kernels)
     # dynamic shared memory comes on top of the static shared memory cuobjdump reports
-    launch.update(kernel=name.split("<")[0], threads=CUDA_THREADS, registers=row["registers"],
-                  spills=row["local_bytes"], shared=launch["shared"] + row["shared_bytes"])
-    return launch
+    return dict(kernel=name.split("<")[0], programs=shape["programs"], threads=shape["threads"],
+                registers=row["registers"], spills=row["local_bytes"], shared=shape["shared"] + row["shared_bytes"],
+                bytes=shape["threads"] * shape["ahead_elements"] * element_bytes, ahead=1, extra=extra)
 
 
 def run_model(batch):

@@ -157,8 +157,9 @@ def test_the_model_charges_launches_and_too_little_in_flight():
 
 
 def test_the_model_finds_each_cuda_kernel_it_describes_in_the_extension():
-    """The CUDA grids in the model are written out from csrc/cuda/: each must name one kernel of the built
-    extension, so a renamed or re-templated kernel fails here rather than silently leaving the model."""
+    """The model names each CUDA kernel it describes by its template: each must name one kernel of the built
+    extension, so a renamed or re-templated kernel fails here rather than silently leaving the model. Grids
+    come from the extension (flowkern::_cuda_launch), the arithmetic the launchers use."""
     from benchmarks import gpu_check, gpu_model
 
     kernels, _, skipped = gpu_check.check_cuda()

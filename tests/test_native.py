@@ -49,6 +49,48 @@ def test_bad_input_raises_a_clear_error(native, call, message):
         call(native.ops)
 
 
+SHAPES = [(1, 1, 1), (3, 5, 7 * 9), (64, 12, 64 * 64), (64, 48, 32 * 32), (2, 384, 16 * 16), (70000, 3, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_cuda_launch_shapes_cover_each_plane_within_cuda_limits(native, dtype):
+    """The grids the CUDA launchers take from csrc/flowkern/launch.h, read as the performance model reads them:
+    every pixel of every (sample, channel) plane has a block, and grid and shared memory stay within CUDA's
+    limits; the weight gradient fills one wave of resident blocks unless the batch has fewer pixel tiles."""
+    launch, e = torch.ops.flowkern._cuda_launch, torch.empty(0, dtype=dtype).element_size()
+    acc = 8 if dtype == torch.float64 else 4
+
+    def tiles(hw, tile):
+        return -(-hw // tile)
+
+    for n, c, hw in SHAPES:
+        for kernel in ("coupling", "actnorm"):
+            gx, gy, threads, shared, tile, ahead = launch(kernel, n, c, hw, dtype)
+            assert (gy, shared, tile) == (1, 0, threads * ahead) and gx == n * c * tiles(hw, tile), kernel
+            assert ahead * e >= (16 if kernel == "actnorm" else 4 * e)  # a thread's loads of a plane in flight
+        gx, gy, threads, shared, tile, ahead = launch("conv1x1", n, c, hw, dtype)
+        assert (gy, tile) == (1, threads) and gx == n * tiles(hw, threads)
+        weight = acc * c * tiles(c, 16) * 16  # Wᵀ padded to whole chunks of 16 output channels
+        assert shared == (weight if weight <= 48 * 1024 else 0), (c, shared)
+        for wave in (1, 132 * 4, 10 ** 6):
+            gx, gy, threads, shared, tile, ahead = launch("conv1x1_weight_grad", n, c, hw, dtype, wave)
+            pixel_tiles = n * tiles(hw, tile)
+            assert gx == tiles(c, 32) ** 2 and 1 <= gy <= min(pixel_tiles, 65535) and shared == 0
+            assert gx * gy >= wave or gy == min(pixel_tiles, 65535), (n, c, hw, wave, gx, gy)
+            assert threads * ahead == 32 * tile  # a stage of 32 channels × tile pixels, split over the threads
+
+
+@pytest.mark.parametrize("args,message", [
+    (("coupling", 2, 0, 4, torch.float32), r"expected positive n, c and hw, got 2, 0, 4"),
+    (("coupling", 2, 3, 4, torch.int32), r"expected a floating-point dtype, got Int"),
+    (("softmax", 2, 3, 4, torch.float32), r"expected kernel 'coupling', 'actnorm', 'conv1x1' or "
+                                          r"'conv1x1_weight_grad', got 'softmax'"),
+])
+def test_cuda_launch_refuses_what_no_kernel_launches(native, args, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.flowkern._cuda_launch(*args)
+
+
 def test_native_kernels_are_deterministic_across_thread_counts(native):
     x, h = torch.randn(3, 8, 33, 17), torch.randn(3, 8, 33, 17)
     upstream = torch.randn(3, 8, 33, 17)

@@ -13,12 +13,11 @@ namespace flowkern {
 namespace cuda {
 namespace {
 
-// Elements a thread moves per plane: 16 bytes, at least 4 (each thread's loads are issued together).
 template <typename T>
-constexpr int kElements = sizeof(T) >= 4 ? 4 : 16 / sizeof(T);
+constexpr int kElements = launch::actnorm_elements(sizeof(T));  // elements a thread moves per plane
 
 template <typename T>
-constexpr int64_t kActnormTile = kThreads * kElements<T>;  // elements of one plane per block
+constexpr int64_t kActnormTile = launch::actnorm_tile(sizeof(T));  // elements of one plane per block
 
 template <typename T>
 struct alignas(sizeof(T) * kElements<T>) Pack {
@@ -154,8 +153,10 @@ at::Tensor actnorm_cuda(const at::Tensor& x_in, const at::Tensor& log_scale, con
   kernel_params(log_scale, bias, x, ls, b);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "actnorm_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t tile = kActnormTile<scalar_t>, tiles = tiles_per_plane(hw, tile);
-    const unsigned blocks = plane_tile_blocks(x.size(0) * c, hw, op, tile);
+    check_plane(hw, op);
+    const launch::Launch shape = launch::actnorm(x.size(0), c, hw, sizeof(scalar_t));
+    const dim3 blocks = checked_grid(shape, op);
+    const int64_t tiles = tiles_per_plane(hw, shape.tile);
     const bool vector = vector_aligned(x, hw, kElements<scalar_t>) && vector_aligned(out, hw, kElements<scalar_t>);
     dispatch_param_type<scalar_t>(ls.scalar_type(), [&](auto param_value) {
       using param_t = decltype(param_value);
@@ -194,12 +195,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> actnorm_backward_cuda(const at::T
   at::Tensor grad_log = at::empty({c}, ls.options()), grad_bias = at::empty({c}, b.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "actnorm_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t tile = kActnormTile<scalar_t>, tiles = tiles_per_plane(hw, tile);
-    const unsigned blocks = plane_tile_blocks(n * c, hw, op, tile);
+    check_plane(hw, op);
+    const launch::Launch shape = launch::actnorm(n, c, hw, sizeof(scalar_t));
+    const dim3 blocks = checked_grid(shape, op);
+    const int64_t tiles = tiles_per_plane(hw, shape.tile);
     const bool vector = vector_aligned(g, hw, kElements<scalar_t>) && vector_aligned(v, hw, kElements<scalar_t>) &&
                         vector_aligned(grad_in, hw, kElements<scalar_t>);
     const auto acc_dtype = at::toOpMathType(v.scalar_type());
-    at::Tensor partial = at::empty({2, static_cast<int64_t>(blocks)}, v.options().dtype(acc_dtype));
+    at::Tensor partial = at::empty({2, shape.grid_x}, v.options().dtype(acc_dtype));
     dispatch_param_type<scalar_t>(ls.scalar_type(), [&](auto param_value) {
       using param_t = decltype(param_value);
       dispatch_bool(inverse, [&](auto inverse_constant) {

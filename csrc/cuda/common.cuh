@@ -9,29 +9,35 @@
 
 #include <limits>
 
+#include "../flowkern/launch.h"
+
 namespace flowkern {
 namespace cuda {
 
-constexpr int kThreads = 256;
-// Elements of a plane per thread: each thread issues the loads of all of them before any arithmetic, so a
-// block keeps kThreads·kPerThread loads of each input in flight.
-constexpr int kPerThread = 4;
-constexpr int64_t kTile = kThreads * kPerThread;  // elements of one (H, W) plane per block
+using launch::kPerThread;
+using launch::kThreads;
+using launch::kTile;
 
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-inline unsigned blocks_for(int64_t items) { return static_cast<unsigned>((items + kThreads - 1) / kThreads); }
+inline unsigned blocks_for(int64_t items) { return static_cast<unsigned>(launch::ceil_div(items, kThreads)); }
 
-inline int64_t tiles_per_plane(int64_t hw, int64_t tile = kTile) { return (hw + tile - 1) / tile; }
+inline int64_t tiles_per_plane(int64_t hw, int64_t tile = kTile) { return launch::ceil_div(hw, tile); }
 
-// A 1-D grid of (plane, tile) blocks: one division per block, not per element, and no 65535 limit on the
-// number of planes (samples × channels).
-inline unsigned plane_tile_blocks(int64_t planes, int64_t hw, const char* op, int64_t tile = kTile) {
-  const int64_t blocks = planes * tiles_per_plane(hw, tile);
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": ", planes, " planes of ", hw,
-              " pixels need more than 2^31 - 1 blocks");
+// The grid of a launch (csrc/flowkern/launch.h), checked against CUDA's limits. Kernels over (plane, tile)
+// blocks take a 1-D grid: one division per block, not per element, and no 65535 limit on the number of
+// planes (samples × channels).
+inline dim3 checked_grid(const launch::Launch& l, const char* op) {
+  TORCH_CHECK(l.grid_x <= std::numeric_limits<int32_t>::max(), op, ": the launch needs ", l.grid_x,
+              " blocks, more than 2^31 - 1");
+  TORCH_CHECK(l.grid_y <= launch::kMaxGridY, op, ": the launch needs ", l.grid_y, " rows of blocks, more than ",
+              launch::kMaxGridY);
+  return dim3(static_cast<unsigned>(l.grid_x), static_cast<unsigned>(l.grid_y));
+}
+
+// Kernels over planes index a plane's pixels with 32-bit integers.
+inline void check_plane(int64_t hw, const char* op) {
   TORCH_CHECK(hw <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 pixels per plane, got ", hw);
-  return static_cast<unsigned>(blocks);
 }
 
 // The pixel of element j of this thread in the tile starting at p0: consecutive threads take consecutive

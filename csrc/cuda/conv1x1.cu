@@ -22,11 +22,9 @@ namespace flowkern {
 namespace cuda {
 namespace {
 
-constexpr int kOutChunk = 16;            // output channels accumulated per pass over a pixel's inputs
-// input channels loaded together: 32 bytes of each pixel's inputs in flight per thread, at least 8 channels
+using launch::kOutChunk;
 template <typename scalar_t>
-constexpr int kInChunk = sizeof(scalar_t) >= 4 ? 8 : 32 / sizeof(scalar_t);
-constexpr int64_t kSharedWeight = 48 * 1024;  // Wᵀ up to this size lives in shared memory, larger is read from L1/L2
+constexpr int kInChunk = launch::in_chunk(sizeof(scalar_t));
 
 template <typename scalar_t, typename w_t, typename acc_t, bool WeightShared>
 __global__ void conv1x1_kernel(const scalar_t* __restrict__ x, const w_t* __restrict__ weight,
@@ -81,10 +79,9 @@ __global__ void conv1x1_kernel(const scalar_t* __restrict__ x, const w_t* __rest
   }
 }
 
-constexpr int kEntryTile = 32;  // a block's tile of ∂W: kEntryTile output × kEntryTile input channels
-// pixels staged per stage: 32, or 64 for 16-bit inputs, so each thread has 16 bytes of loads in flight
+using launch::kEntryTile;
 template <typename scalar_t>
-constexpr int kPixelTile = sizeof(scalar_t) >= 4 ? 32 : 64;
+constexpr int kPixelTile = launch::pixel_tile(sizeof(scalar_t));
 constexpr int kHalfTile = kEntryTile / 2;  // a thread's entries are kHalfTile apart in each direction
 
 // Block (entry tile e, part q): entries (o0 + ty + a·16, k0 + tx + b·16), a, b ∈ {0, 1}, of ∂W summed over the
@@ -166,25 +163,22 @@ at::Tensor conv1x1_cuda(const at::Tensor& x_in, const at::Tensor& weight, const 
   const int64_t n = x.size(0), c_in = x.size(1), hw = x.size(2) * x.size(3);
   at::Tensor out = at::empty({n, c_out, x.size(2), x.size(3)}, x.options());
   if (out.numel() == 0) return out;
-  const int64_t tiles = (hw + kThreads - 1) / kThreads;
-  TORCH_CHECK(n * tiles <= std::numeric_limits<int32_t>::max(), op, ": ", n, " samples of ", hw,
-              " pixels need more than 2^31 - 1 blocks");
   // a weight of x's dtype or of its math type is read as it is; any other is cast to the math type
   const auto acc_dtype = at::toOpMathType(x.scalar_type());
   const bool as_is = param_read_as_is(weight.scalar_type(), x.scalar_type());
   const at::Tensor w = (as_is ? weight : weight.to(acc_dtype)).contiguous();
   const std::optional<at::Tensor> b =
       bias ? std::optional<at::Tensor>(bias->to(w.scalar_type()).contiguous()) : std::nullopt;
-  const int64_t co_pad = (c_out + kOutChunk - 1) / kOutChunk * kOutChunk;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv1x1_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t weight_bytes = static_cast<int64_t>(sizeof(acc_t)) * c_in * co_pad;
+    const launch::Launch shape = launch::conv1x1(n, c_in, c_out, hw, sizeof(scalar_t), sizeof(acc_t));
+    const dim3 blocks = checked_grid(shape, op);
+    const int64_t tiles = tiles_per_plane(hw, shape.tile);
     dispatch_param_type<scalar_t>(w.scalar_type(), [&](auto weight_value) {
       using w_t = decltype(weight_value);
-      dispatch_bool(weight_bytes <= kSharedWeight, [&](auto shared_constant) {
-        constexpr bool WeightShared = decltype(shared_constant)::value;
-        conv1x1_kernel<scalar_t, w_t, acc_t, WeightShared>
-            <<<static_cast<unsigned>(n * tiles), kThreads, WeightShared ? weight_bytes : 0, stream()>>>(
+      dispatch_bool(shape.shared_bytes > 0, [&](auto shared_constant) {
+        conv1x1_kernel<scalar_t, w_t, acc_t, decltype(shared_constant)::value>
+            <<<blocks, kThreads, shape.shared_bytes, stream()>>>(
                 x.const_data_ptr<scalar_t>(), w.const_data_ptr<w_t>(), b ? b->const_data_ptr<w_t>() : nullptr,
                 out.mutable_data_ptr<scalar_t>(), c_in, c_out, hw, tiles, x.stride(0), x.stride(1));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -204,28 +198,23 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_weight_grad_cuda(const at::Tensor& gr
   at::Tensor grad_weight = at::empty({c_out, c_in}, x.options().dtype(acc_dtype));
   at::Tensor grad_bias = at::empty({c_out}, grad_weight.options());
   if (n * hw == 0 || c_out == 0 || c_in == 0) return {grad_weight.zero_(), grad_bias.zero_()};
-  const int64_t entry_tiles = ((c_out + kEntryTile - 1) / kEntryTile) * ((c_in + kEntryTile - 1) / kEntryTile);
-  TORCH_CHECK(entry_tiles <= std::numeric_limits<int32_t>::max(), op, ": ", c_out, " × ", c_in,
-              " weight entries need more than 2^31 - 1 blocks");
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()));
   const int64_t entries = c_out * c_in + c_out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv1x1_weight_grad_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t tiles_per_sample = (hw + kPixelTile<scalar_t> - 1) / kPixelTile<scalar_t>;
-    const int64_t tiles = n * tiles_per_sample;
-    // one full wave of blocks, each summing whole pixel tiles; the parts are a grid dimension (≤ 65535)
+    const int64_t tiles_per_sample = tiles_per_plane(hw, kPixelTile<scalar_t>);
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
         &per_sm, conv1x1_weight_grad_kernel<scalar_t, acc_t>, kThreads, 0));
-    const int64_t wave = static_cast<int64_t>(std::max(per_sm, 1)) * sms;
-    const int64_t parts =
-        std::clamp<int64_t>((wave + entry_tiles - 1) / entry_tiles, 1, std::min<int64_t>(tiles, 65535));
+    const launch::Launch shape =
+        launch::conv1x1_weight_grad(n, c_in, c_out, hw, sizeof(scalar_t), int64_t{std::max(per_sm, 1)} * sms);
+    const dim3 grid = checked_grid(shape, op);
+    const int64_t parts = shape.grid_y;
     at::Tensor partial = at::empty({parts, entries}, grad_weight.options());
-    const dim3 grid(static_cast<unsigned>(entry_tiles), static_cast<unsigned>(parts));
     conv1x1_weight_grad_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream()>>>(
         g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(), c_in, c_out,
-        hw, tiles_per_sample, tiles);
+        hw, tiles_per_sample, n * tiles_per_sample);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     sum_parts_kernel<acc_t><<<blocks_for(entries), kThreads, 0, stream()>>>(
         partial.const_data_ptr<acc_t>(), grad_weight.mutable_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<acc_t>(),

@@ -145,8 +145,10 @@ std::tuple<at::Tensor, at::Tensor> coupling_cuda(const at::Tensor& x_in, const a
   at::Tensor logdet = at::empty({n}, x.options().dtype(acc_dtype));
   if (n == 0) return {out, logdet};
   if (c == 0 || hw == 0) return {out, logdet.zero_()};
-  const unsigned blocks = plane_tile_blocks(n * c, hw, op);
-  at::Tensor partial = at::empty({static_cast<int64_t>(blocks)}, logdet.options());
+  check_plane(hw, op);
+  const launch::Launch shape = launch::coupling(n, c, hw);
+  const dim3 blocks = checked_grid(shape, op);
+  at::Tensor partial = at::empty({shape.grid_x}, logdet.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_cuda", [&] {
     dispatch_h_type<scalar_t>(h.scalar_type(), [&](auto h_value) {
       using h_t = decltype(h_value);
@@ -179,7 +181,8 @@ std::tuple<at::Tensor, at::Tensor> coupling_backward_cuda(const at::Tensor& grad
   const int64_t n = v.size(0), c = v.size(1), width = v.size(3), hw = v.size(2) * width;
   at::Tensor grad_in = at::empty_like(v), grad_h = at::empty_like(h);
   if (v.numel() == 0) return {grad_in, grad_h};
-  const unsigned blocks = plane_tile_blocks(n * c, hw, op);
+  check_plane(hw, op);
+  const dim3 blocks = checked_grid(launch::coupling(n, c, hw), op);
   const at::Tensor gld = grad_logdet.to(at::toOpMathType(v.scalar_type())).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "coupling_backward_cuda", [&] {
     dispatch_h_type<scalar_t>(h.scalar_type(), [&](auto h_value) {
