@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..backends import AUTO, auto_choices, get_backend, pin_auto_choices, set_backend
+from ..nn import ActNorm
 from .building import build_model, load_data, resolve_defaults
 from .folder import (CHECKPOINT, LOG, Interrupted, NonFiniteLoss, StopRequest, check_folder, create_folder,
                      open_log, save_checkpoint, sync)
@@ -75,6 +76,8 @@ class Run:
         self.objective = BitsPerDim(self.model, self.data.n_bins)
         if self.world > 1:
             self.objective = nn.parallel.DistributedDataParallel(self.objective)
+        if cfg.compile:
+            self.objective = torch.compile(self.objective, mode=cfg.compile)
         self.optimizer = adam(self.model.parameters(), cfg.lr)
         self.autocast_dtype = PRECISIONS[cfg.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
@@ -115,7 +118,7 @@ class Run:
         seconds = time.perf_counter() - began
         metrics = {"model": cfg.model, "data": self.data.name, "steps": self.step, "processes": self.world,
                    "global_batch_size": cfg.batch_size * self.world,
-                   "memory_saving": cfg.memory_saving, "precision": cfg.precision,
+                   "memory_saving": cfg.memory_saving, "precision": cfg.precision, "compile": cfg.compile,
                    "replica_max_abs_difference": self.replica_difference()}
         if self.step > start:  # what this invocation trained (a resumed run may only evaluate and sample)
             metrics.update(train_seconds=round(seconds, 2), steps_per_second=round((self.step - start) / seconds, 3),
@@ -138,8 +141,21 @@ class Run:
         _barrier(self.world)
         return metrics
 
+    def _initialize(self, step):
+        """ActNorm's data-dependent initialisation by an eager forward of the batch of ``step``, the one the
+        first training step would initialise from: compiled, the loss then traces as one graph, where an
+        uninitialised ActNorm would break it and compile the initialising pass besides."""
+        if not any(m.will_initialize() for m in self.model.modules() if isinstance(m, ActNorm)):
+            return
+        x = self.data.batch(step, self.cfg.batch_size, self.cfg.seed, self.rank, self.world).to(self.device)
+        with torch.no_grad(), torch.autocast(self.device.type, self.autocast_dtype,
+                                             enabled=self.autocast_dtype is not None):
+            self.model.log_prob(x)
+
     def _loop(self):
         cfg = self.cfg
+        if cfg.compile and self.step < cfg.steps:
+            self._initialize(self.step)
         bar = _progress(range(self.step, cfg.steps), self.step, cfg.steps, cfg.progress and self.lead)
         log = open_log(os.path.join(cfg.out, LOG), self.step) if self.lead else None
         last_saved = self.step

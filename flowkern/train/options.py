@@ -15,6 +15,7 @@ MODELS = ("glow", "realnvp", "realnvp2d", "ffjord")
 DEPTHS = {"glow": 8, "realnvp2d": 8, "ffjord": 3}  # --depth of each model that takes it
 DEVICE_TYPES = ("cpu", "cuda")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype of each
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
 
 
 def data_kind(name: str) -> str:
@@ -118,6 +119,10 @@ class Config:
     precision: str = option("fp32", "the conditioners' dtype under torch.autocast (bf16, or fp16 with a gradient "
                             "scaler); the flow's state and log-dets stay float32", choices=PRECISIONS,
                             applies=_for("glow", "realnvp", "realnvp2d"))
+    compile: str | None = option(None, "torch.compile the training loss and its backward in this mode: default, "
+                                 "reduce-overhead (CUDA graphs on a GPU: one launch for the whole step's kernels) or "
+                                 "max-autotune; the first step compiles (default: eager)", choices=COMPILE_MODES,
+                                 applies=_for("glow", "realnvp", "realnvp2d"))
     check_reconstruction: float | None = option(
         None, "warn when an input rebuilt by inversion is off by more than this relative error",
         check=_positive, applies=_memory_saving, metavar="TOL")
