@@ -377,6 +377,8 @@ def all_cases(device, full=False):
         op_shapes = [(64, 12, 32), (16, 48, 8)]
         step_shape, glow_shape, realnvp_shape = (16, 12, 16, 64), (16, 3, 32, 3, 8, 256), (16, 3, 16, 2, 8)
     cases = glow_cases(*glow_shape, torch.float32, device)
+    # the default run of `python -m flowkern.train`: a Glow of digits' shape (L=2, K=8, 64 hidden), batch 64
+    cases += glow_cases(64, 1, 8, 2, 8, 64, torch.float32, device)
     # the conditioners in bfloat16 (on a CPU without bfloat16 instructions, slower than float32: as measured)
     cases += glow_cases(*glow_shape, torch.float32, device, autocast=torch.bfloat16)
     cases += call_overhead_cases(device)

@@ -27,7 +27,28 @@ from .report import RESULTS, write_reports
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} {os.cpu_count()}-core CPU"
+    return f"{platform.machine()} {os.cpu_count()}-core CPU ({cpu_description()})"
+
+
+def cpu_description():
+    """The CPU's model, the vector instructions torch's CPU kernels use on it and, where /proc/cpuinfo says,
+    whether it has bfloat16 instructions: CPUs of one architecture differ by several times in bfloat16."""
+    model, flags = platform.processor() or platform.machine(), None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if key == "model name":
+                    model = value
+                elif key == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    parts = [model, torch.backends.cpu.get_cpu_capability()]
+    if flags is not None:
+        parts.append("bfloat16 instructions" if flags & {"avx512_bf16", "amx_bf16"} else "no bfloat16 instructions")
+    return ", ".join(parts)
 
 
 def device_slug(device):
@@ -145,7 +166,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="real Glow shapes (default on a GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--cases", default="", help="comma-separated substrings of case names to run")
+    parser.add_argument("--cases", default="", help="comma-separated substrings of the labels of the cases to run "
+                        "(a case's name and parameters, as its table's title shows them)")
     parser.add_argument("--providers", default="", help="comma-separated providers (default: all)")
     parser.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per row")
     parser.add_argument("--out", default=None, help="results folder (default results/<device>)")
@@ -160,7 +182,7 @@ def main(argv=None):
     chosen = args.providers.split(",") if args.providers else None
     cases = suite.all_cases(device, full=args.full)
     if args.cases:
-        cases = [c for c in cases if any(s in c.name for s in args.cases.split(","))]
+        cases = [c for c in cases if any(s in c.label for s in args.cases.split(","))]
     min_time = args.min_time if args.min_time is not None else (1.0 if device.type == "cuda" else 0.3)
 
     bandwidth = copy_bandwidth(device)
