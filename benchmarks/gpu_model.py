@@ -43,6 +43,7 @@ import functools
 import json
 import os
 import sys
+import types
 
 import torch
 
@@ -81,30 +82,39 @@ def bytes_per_iteration(name, constexprs, dtypes):
     raise KeyError(f"no model of the loop of {name}")
 
 
-def _nbytes(values):
+def nbytes(values):
     if isinstance(values, torch.Tensor):
         return values.numel() * values.element_size()
     if isinstance(values, (tuple, list)):
-        return sum(_nbytes(v) for v in values)
+        return sum(nbytes(v) for v in values)
     return 0
 
 
-def op_calls(modules, batch, c, size, dtype):
-    """``(op, inputs, call)`` for each op at one shape and dtype, as the layers call them."""
+def triton_ops(modules):
+    """The Triton launchers behind the ops (:func:`benchmarks.gpu_check._triton_modules`), by the ops' names."""
     coupling, actnorm, conv = modules["coupling"], modules["actnorm"], modules["conv1x1"]
-    x = torch.randn(batch, c, size, size).to(dtype)
-    h = torch.randn(batch, c - c // 2, size, size).repeat(1, 2, 1, 1).to(dtype)  # channel mask, parity 0
-    vector, weight = torch.randn(c).to(dtype), torch.randn(c, c).to(dtype)
-    g, g_logdet = torch.randn_like(x), torch.randn(batch).to(dtype)
+    return types.SimpleNamespace(
+        coupling_forward=coupling.coupling_forward, coupling_backward=coupling.coupling_backward,
+        actnorm=actnorm.actnorm, actnorm_backward=actnorm.actnorm_backward,
+        conv1x1=conv.conv1x1, conv1x1_weight_grad=conv.conv1x1_weight_grad)
+
+
+def op_calls(ops, batch, c, size, dtype, device="cpu"):
+    """``(op, inputs, call)`` for each op at one shape and dtype, as the layers call them; ``ops``: the ops by
+    name (:func:`triton_ops`, or a backend's ``ops``)."""
+    x = torch.randn(batch, c, size, size, device=device).to(dtype)
+    h = torch.randn(batch, c - c // 2, size, size, device=device).repeat(1, 2, 1, 1).to(dtype)  # channel mask
+    vector, weight = torch.randn(c, device=device).to(dtype), torch.randn(c, c, device=device).to(dtype)
+    g, g_logdet = torch.randn_like(x), torch.randn(batch, device=device).to(dtype)
     return [
-        ("coupling_forward", (x, h), functools.partial(coupling.coupling_forward, x, h, "channel", 0, "sigmoid", 2.0)),
+        ("coupling_forward", (x, h), functools.partial(ops.coupling_forward, x, h, "channel", 0, "sigmoid", 2.0)),
         ("coupling_backward", (g, g_logdet, x, h), functools.partial(
-            coupling.coupling_backward, g, g_logdet, x, h, "channel", 0, "sigmoid", 2.0, False)),
-        ("actnorm", (x, vector, vector), functools.partial(actnorm.actnorm, x, vector, vector, False)),
+            ops.coupling_backward, g, g_logdet, x, h, "channel", 0, "sigmoid", 2.0, False)),
+        ("actnorm", (x, vector, vector), functools.partial(ops.actnorm, x, vector, vector, False)),
         ("actnorm_backward", (g, x, vector, vector), functools.partial(
-            actnorm.actnorm_backward, g, x, vector, vector, False)),
-        ("conv1x1", (x, weight, vector), functools.partial(conv.conv1x1, x, weight, vector)),
-        ("conv1x1_weight_grad", (g, x), functools.partial(conv.conv1x1_weight_grad, g, x)),
+            ops.actnorm_backward, g, x, vector, vector, False)),
+        ("conv1x1", (x, weight, vector), functools.partial(ops.conv1x1, x, weight, vector)),
+        ("conv1x1_weight_grad", (g, x), functools.partial(ops.conv1x1_weight_grad, g, x)),
     ]
 
 
@@ -208,10 +218,10 @@ def run_model(batch):
         for c, size in SHAPES:
             compiled = []
             with check.compiling_for_sm90(modules, compiled):
-                for op, inputs, call in op_calls(modules, batch, c, size, dtype):
+                for op, inputs, call in op_calls(triton_ops(modules), batch, c, size, dtype):
                     start = len(compiled)
                     outputs = call()
-                    moved = _nbytes(inputs) + _nbytes(outputs)
+                    moved = nbytes(inputs) + nbytes(outputs)
                     launches = [("triton", triton_launch(op, dtype, compiled[start:], resources))]
                     if not cuda_skipped:
                         launches.append(("cuda", cuda_launch(op, dtype, batch, c, size * size, kernels)))

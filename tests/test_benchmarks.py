@@ -177,6 +177,27 @@ def test_the_model_finds_each_cuda_kernel_it_describes_in_the_extension():
     assert wide["kernel"] == "conv1x1_kernel" and wide["shared"] < 48 * 1024  # Wᵀ too large: read from L1/L2
 
 
+def test_the_model_is_checked_against_a_device_by_one_command(tmp_path):
+    """benchmarks.gpu_validate times each op the model describes, as the model calls it, and sets each beside
+    the model's estimate; on the CPU (eager only, no CUDA graphs) this checks the script, and that every row
+    it will measure on a GPU finds its estimate in the committed model."""
+    from benchmarks import gpu_model, gpu_validate
+    from flowkern import backends
+
+    rows = gpu_validate.main(["--device", "cpu", "--batch", "2", "--backends", "native", "--min-time", "0.001",
+                              "--out", str(tmp_path)])
+    ops = [op for op, _, _ in gpu_model.op_calls(backends._load("native").ops, 1, 4, 2, torch.float32)]
+    assert [(r["op"], r["dtype"], r["C"]) for r in rows] == [
+        (op, str(dtype).replace("torch.", ""), c) for dtype in gpu_model.DTYPES for c, _ in gpu_model.SHAPES
+        for op in ops]
+    assert all(r["eager"] > 0 and r["eager_us"] > 0 and r["model"] is None and "graph" not in r for r in rows)
+    assert (tmp_path / "validate.md").read_text().count("| native |") == len(rows)
+    model = gpu_validate.estimates(64)
+    for backend in gpu_validate.MODEL_BACKENDS.values():
+        for row in rows:
+            assert (backend, row["op"], row["dtype"], row["C"], row["HW"]) in model
+
+
 def test_the_model_comparison_trains_each_model_by_the_command(tmp_path):
     from benchmarks import compare_models
 
