@@ -212,11 +212,12 @@ def test_opcheck(fused):
         torch.library.opcheck(op, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("mask,parity,scale", [("channel", 0, "sigmoid"), ("checkerboard", 1, "exp"),
-                                               ("channel", 1, "additive")])
-def test_bfloat16_on_gpu(fused, mask, parity, scale):
-    """bfloat16 in, float32 arithmetic and log-det; the interpreter gets bfloat16 wrong, so GPU only."""
+BFLOAT16_CASES = [("channel", 0, "sigmoid"), ("checkerboard", 1, "exp"), ("channel", 1, "additive")]
+
+
+def check_bfloat16(fused, mask, parity, scale):
+    """bfloat16 in, float32 arithmetic and log-det: the couplings with gradients, ActNorm, the 1×1 conv and
+    its weight gradient (float32 sums of exact bfloat16 products) against the reference."""
     dtype = torch.bfloat16
     x, h = coupling_inputs(mask, parity, scale, dtype, "channel-slice", (4, 6, 33, 17))
     for op in ("coupling_forward", "coupling_inverse"):
@@ -228,6 +229,22 @@ def test_bfloat16_on_gpu(fused, mask, parity, scale):
         expected = getattr(reference, op)(*args)
         got, expected = (got, expected) if isinstance(got, tuple) else ((got,), (expected,))
         assert_close(got, expected, dtype, op)
+    g = make(x.shape, dtype)
+    expected = (torch.einsum("nohw,nkhw->ok", g.double(), x.double()), g.double().sum((0, 2, 3)))
+    assert_close(fused.ops.conv1x1_weight_grad(g, x), expected, torch.float32, "conv1x1_weight_grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask,parity,scale", BFLOAT16_CASES)
+def test_bfloat16_on_gpu(fused, mask, parity, scale):
+    """The interpreter gets bfloat16 wrong, so the Triton kernels are checked in bfloat16 on a GPU only."""
+    check_bfloat16(fused, mask, parity, scale)
+
+
+@pytest.mark.parametrize("mask,parity,scale", BFLOAT16_CASES)
+def test_bfloat16_in_the_native_kernels(monkeypatch, mask, parity, scale):
+    """The compiled kernels (the CPU's, without a GPU) in bfloat16: vectorised in float32 like float16."""
+    check_bfloat16(load_backend("native", monkeypatch), mask, parity, scale)
 
 
 TRITON_BAD_INPUT = [

@@ -41,11 +41,11 @@ at::Tensor actnorm_cpu(const at::Tensor& x_in, const at::Tensor& log_scale, cons
           const acc_t scale = channel_scale<Inverse>(lsp[ch]);
           const scalar_t* in = xp + (row / c) * xsn + ch * xsc;
           scalar_t* o = outp + row * hw;
+          using Vec = Vectorized<acc_t>;
+          const Vec s(scale), b(bp[ch]);
           int64_t p = 0;
-          if constexpr (std::is_same_v<scalar_t, acc_t>) {
-            using Vec = Vectorized<acc_t>;
-            const Vec s(scale), b(bp[ch]);
-            for (; p + Vec::size() <= hw; p += Vec::size()) actnorm<Inverse>(Vec::loadu(in + p), s, b).store(o + p);
+          for (; p + Vec::size() <= hw; p += Vec::size()) {
+            store_as(actnorm<Inverse>(load_as<acc_t>(in + p), s, b), o + p);
           }
           for (; p < hw; ++p) o[p] = actnorm<Inverse>(acc_t(in[p]), scale, bp[ch]);
         }
@@ -82,20 +82,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> actnorm_backward_cpu(const at::Te
           const acc_t scale = channel_scale<Inverse>(lsp[ch]);
           acc_t sum_log = 0, sum_bias = 0;
           int64_t p = 0;
-          if constexpr (std::is_same_v<scalar_t, acc_t>) {
-            using Vec = Vectorized<acc_t>;
-            const Vec s(scale), b(bp[ch]);
-            Vec vlog(acc_t(0)), vbias(acc_t(0));
-            for (; p + Vec::size() <= hw; p += Vec::size()) {
-              Vec gi, gl, gb;
-              actnorm_backward<Inverse>(Vec::loadu(gp + base + p), Vec::loadu(vp + base + p), s, b, gi, gl, gb);
-              gi.store(gin + base + p);
-              vlog = vlog + gl;
-              vbias = vbias + gb;
-            }
-            sum_log = lane_sum(vlog);
-            sum_bias = lane_sum(vbias);
+          using Vec = Vectorized<acc_t>;
+          const Vec s(scale), b(bp[ch]);
+          Vec vlog(acc_t(0)), vbias(acc_t(0));
+          for (; p + Vec::size() <= hw; p += Vec::size()) {
+            Vec gi, gl, gb;
+            actnorm_backward<Inverse>(load_as<acc_t>(gp + base + p), load_as<acc_t>(vp + base + p), s, b, gi, gl, gb);
+            store_as(gi, gin + base + p);
+            vlog = vlog + gl;
+            vbias = vbias + gb;
           }
+          sum_log = lane_sum(vlog);
+          sum_bias = lane_sum(vbias);
           for (; p < hw; ++p) {
             acc_t gi, gl, gb;
             actnorm_backward<Inverse>(acc_t(gp[base + p]), acc_t(vp[base + p]), scale, bp[ch], gi, gl, gb);

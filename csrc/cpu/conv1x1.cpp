@@ -122,14 +122,14 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_weight_grad_cpu(const at::Tensor& gra
           for (int64_t s = 0; s < n; ++s) {
             const scalar_t* grow = gp + (s * co + o) * hw;
             const scalar_t* xrow = k < 0 ? grow : xp + (s * ci + k) * hw;
+            using Vec = Vectorized<acc_t>;
+            Vec sum(acc_t(0));
             int64_t p = 0;
-            if constexpr (std::is_same_v<scalar_t, acc_t>) {
-              using Vec = Vectorized<acc_t>;
-              Vec sum(acc_t(0));
-              for (; p + Vec::size() <= hw; p += Vec::size())
-                sum = k < 0 ? sum + Vec::loadu(grow + p) : at::vec::fmadd(Vec::loadu(grow + p), Vec::loadu(xrow + p), sum);
-              total += lane_sum(sum);
+            for (; p + Vec::size() <= hw; p += Vec::size()) {
+              const Vec gv = load_as<acc_t>(grow + p);
+              sum = k < 0 ? sum + gv : at::vec::fmadd(gv, load_as<acc_t>(xrow + p), sum);
             }
+            total += lane_sum(sum);
             for (; p < hw; ++p) total += k < 0 ? acc_t(grow[p]) : acc_t(grow[p]) * acc_t(xrow[p]);
           }
           (k < 0 ? gb[o] : gw[o * ci + k]) = total;

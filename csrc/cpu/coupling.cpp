@@ -1,6 +1,7 @@
 // Coupling on the CPU: one pass per (sample, channel) plane, parallel over planes, vectorised along the
-// plane for float and double. Each transformed plane writes its Σ log s; a sample's log-det sums them in
-// channel order, so it does not depend on the number of threads.
+// plane in the math type (16-bit inputs and outputs converted on load and store). Each transformed plane
+// writes its Σ log s; a sample's log-det sums them in channel order, so it does not depend on the number of
+// threads.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -13,9 +14,6 @@ namespace flowkern {
 namespace {
 
 using at::vec::Vectorized;
-
-template <typename scalar_t>
-constexpr bool vectorised = std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
 
 // One transformed element in the arithmetic dtype; adds its log s to total. For additive coupling, raw is
 // the shift (h holds nothing else) and is not used.
@@ -35,24 +33,21 @@ inline acc_t transform_element(acc_t v, acc_t raw, acc_t shift, acc_t bound, acc
 template <Scale S, bool Inverse, typename scalar_t, typename h_t, typename acc_t = at::opmath_type<scalar_t>>
 acc_t transform_plane(const scalar_t* x, const h_t* raw, const h_t* shift, scalar_t* out, int64_t len,
                       acc_t bound) {
+  using Vec = Vectorized<acc_t>;
   int64_t i = 0;
-  acc_t total = 0;
-  if constexpr (vectorised<scalar_t>) {
-    using Vec = Vectorized<acc_t>;
-    Vec sum(acc_t(0));
-    for (; i + Vec::size() <= len; i += Vec::size()) {
-      const Vec v = Vec::loadu(x + i), sh = load_as<acc_t>(shift + i);
-      if constexpr (S == Scale::Additive) {
-        (Inverse ? v - sh : v + sh).store(out + i);
-      } else {
-        Vec s, logs;
-        scale_and_log<S, VecMath>(load_as<acc_t>(raw + i), Vec(bound), s, logs);
-        couple<Inverse>(v, s, sh).store(out + i);
-        sum = sum + logs;
-      }
+  Vec sum(acc_t(0));
+  for (; i + Vec::size() <= len; i += Vec::size()) {
+    const Vec v = load_as<acc_t>(x + i), sh = load_as<acc_t>(shift + i);
+    if constexpr (S == Scale::Additive) {
+      store_as(Inverse ? v - sh : v + sh, out + i);
+    } else {
+      Vec s, logs;
+      scale_and_log<S, VecMath>(load_as<acc_t>(raw + i), Vec(bound), s, logs);
+      store_as(couple<Inverse>(v, s, sh), out + i);
+      sum = sum + logs;
     }
-    total = lane_sum(sum);
   }
+  acc_t total = lane_sum(sum);
   for (; i < len; ++i) out[i] = transform_element<S, Inverse>(acc_t(x[i]), acc_t(raw[i]), acc_t(shift[i]), bound, total);
   return total;
 }
@@ -138,19 +133,17 @@ void backward_plane(const scalar_t* g, acc_t gld, const scalar_t* v, const h_t* 
                     bool checkerboard, int64_t parity, acc_t bound) {
   const int64_t len = height * width;
   int64_t p = 0;
-  if constexpr (vectorised<scalar_t>) {
-    if (!checkerboard) {
-      using Vec = Vectorized<acc_t>;
-      for (; p + Vec::size() <= len; p += Vec::size()) {
-        Vec gin, graw, gshift;
-        const Vec r = S == Scale::Additive ? Vec(acc_t(0)) : load_as<acc_t>(raw + p);
-        const Vec sh = S == Scale::Additive ? Vec(acc_t(0)) : load_as<acc_t>(shift + p);
-        couple_backward<S, Inverse, VecMath>(Vec::loadu(g + p), Vec(gld), Vec::loadu(v + p), r, sh, Vec(bound), gin,
-                                             graw, gshift);
-        gin.store(grad_in + p);
-        store_as(gshift, grad_shift + p);
-        if constexpr (S != Scale::Additive) store_as(graw, grad_raw + p);
-      }
+  if (!checkerboard) {
+    using Vec = Vectorized<acc_t>;
+    for (; p + Vec::size() <= len; p += Vec::size()) {
+      Vec gin, graw, gshift;
+      const Vec r = S == Scale::Additive ? Vec(acc_t(0)) : load_as<acc_t>(raw + p);
+      const Vec sh = S == Scale::Additive ? Vec(acc_t(0)) : load_as<acc_t>(shift + p);
+      couple_backward<S, Inverse, VecMath>(load_as<acc_t>(g + p), Vec(gld), load_as<acc_t>(v + p), r, sh, Vec(bound),
+                                           gin, graw, gshift);
+      store_as(gin, grad_in + p);
+      store_as(gshift, grad_shift + p);
+      if constexpr (S != Scale::Additive) store_as(graw, grad_raw + p);
     }
   }
   for (; p < len; ++p) {
