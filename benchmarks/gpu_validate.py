@@ -24,9 +24,9 @@ import torch
 from flowkern import backends
 
 from . import gpu_model
+from .gpu_check import RESULTS as STATIC
 from .measure import copy_bandwidth, summarize, time_call
 
-STATIC = os.path.join(os.path.dirname(__file__), "results", "sm90-static")
 MODEL_FILES = {64: os.path.join(STATIC, "model.json"), 256: os.path.join(STATIC, "batch256", "model.json")}
 MODEL_BACKENDS = {"triton": "triton", "native": "cuda"}  # the model's name for each backend's kernels
 

@@ -141,16 +141,22 @@ class Run:
         _barrier(self.world)
         return metrics
 
+    def _batch(self, step):
+        """This process's share of the batch of ``step``, on the run's device."""
+        return self.data.batch(step, self.cfg.batch_size, self.cfg.seed, self.rank, self.world).to(self.device)
+
+    def _autocast(self):
+        """The forward's precision: ``torch.autocast`` in the ``--precision`` dtype, or off for fp32."""
+        return torch.autocast(self.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
     def _initialize(self, step):
         """ActNorm's data-dependent initialisation by an eager forward of the batch of ``step``, the one the
         first training step would initialise from: compiled, the loss then traces as one graph, where an
         uninitialised ActNorm would break it and compile the initialising pass besides."""
         if not any(m.will_initialize() for m in self.model.modules() if isinstance(m, ActNorm)):
             return
-        x = self.data.batch(step, self.cfg.batch_size, self.cfg.seed, self.rank, self.world).to(self.device)
-        with torch.no_grad(), torch.autocast(self.device.type, self.autocast_dtype,
-                                             enabled=self.autocast_dtype is not None):
-            self.model.log_prob(x)
+        with torch.no_grad(), self._autocast():
+            self.model.log_prob(self._batch(step))
 
     def _loop(self):
         cfg = self.cfg
@@ -191,9 +197,9 @@ class Run:
         lr = self.learning_rate(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x = self.data.batch(step, cfg.batch_size, cfg.seed, self.rank, self.world).to(self.device)
+        x = self._batch(step)
         evaluations = getattr(self.model, "evaluations", None)  # a continuous flow's count of its network's calls
-        with torch.autocast(self.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        with self._autocast():
             loss = batch_loss(self.objective, x, step)
         regularization = self.model.regularization()
         mean_loss, finite, self.stopping = self._agree(loss, loss + regularization, stop.requested)
