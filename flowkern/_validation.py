@@ -1,5 +1,6 @@
 """Input checks shared by the functional ops and the layers: clear errors instead of wrong results."""
 import math
+import numbers
 import operator
 
 import torch
@@ -61,10 +62,32 @@ def check_count(value, name, minimum=1):
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
 
 
-def check_temperature(value):
-    """A sampling temperature: a finite number, at least 0 (0 gives every latent's mean)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"temperature must be a finite number >= 0, got {value!r}")
+def check_number(value, name, minimum=None, above=None) -> float:
+    """``value`` must be a real number (a Python or numpy scalar, or a 0-d tensor; not a bool), finite, at
+    least ``minimum`` or above ``above`` when given. Returns it as a float."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, (bool, complex)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or (minimum is not None and value < minimum) or (above is not None and value <= above):
+        bound = f" >= {minimum}" if minimum is not None else f" > {above}" if above is not None else ""
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return value
+
+
+def check_flag(value, name):
+    """``value`` must be a bool (a string such as "no" is not taken as True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def check_temperature(value) -> float:
+    """A sampling temperature: a finite number, at least 0 (0 gives every latent's mean). Returns a float."""
+    try:
+        return check_number(value, "temperature", minimum=0)
+    except TypeError:
+        raise ValueError(f"temperature must be a finite number >= 0, got {value!r}") from None
 
 
 def check_coupling(x, h, mask, parity, scale, x_name="x"):

@@ -3,14 +3,18 @@
 Images are handled as integer levels (N, C, H, W) plus their number of levels ``n_bins``;
 :func:`dequantize` turns them into the continuous inputs the models take, on [-0.5, 0.5).
 """
+import codecs
 import math
 import os
+import pickle
+import zipfile
 
 import numpy as np
 import torch
 
 TOY_SETS = ("moons", "circles", "8gaussians", "checkerboard")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+RUN_FILES = ("checkpoint.pt", "log.jsonl")  # what marks a run folder of flowkern.train
 
 
 def load_digits():
@@ -55,12 +59,14 @@ def load_npz(path, key=None) -> torch.Tensor:
 
     ``key`` names the array; by default the file's only array, or ``"x"``/``"images"`` if present.
     """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a readable .npz archive (not a zip of .npy arrays, as numpy.savez writes)")
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(f"{path}: not a readable .npz archive of images ({error})") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: a single .npy array, not a .npz archive of images")
     with archive:
         names = list(archive.keys())
         if key is None:
@@ -77,33 +83,50 @@ def load_npz(path, key=None) -> torch.Tensor:
     return _to_nchw(array, str(path))
 
 
+def holds_run(folder) -> bool:
+    """Whether ``folder`` is a run folder of ``flowkern.train`` (it holds a checkpoint or a log)."""
+    return any(os.path.isfile(os.path.join(folder, name)) for name in RUN_FILES)
+
+
 def image_files(path):
-    """The image files under the folder ``path``, subfolders included (one per class, say), in sorted order."""
+    """The image files under the folder ``path``, subfolders included (one per class, say), in sorted order.
+    Run folders of ``flowkern.train`` (:func:`holds_run`) are skipped: their sample grids are not data."""
     found = []
     for folder, subfolders, files in os.walk(path):
+        if holds_run(folder):
+            subfolders.clear()
+            continue
         subfolders.sort()
         found += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(IMAGE_SUFFIXES)]
     return found
 
 
-def load_image_folder(path, size=None, grey=False) -> torch.Tensor:
-    """Every image file under a folder and its subfolders (in sorted order) as uint8 (N, C, H, W), resized
-    to ``size`` (an int or (width, height)) if given."""
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes with one colour band
+
+
+def load_image_folder(path, size=None, grey=None) -> torch.Tensor:
+    """Every image file under a folder and its subfolders (in sorted order, run folders skipped) as uint8
+    (N, C, H, W), resized to ``size`` (an int or (width, height)) if given. C is 1 when every image is
+    greyscale (or ``grey=True``: converted), else 3 (``grey=False``: greyscale images are given 3 channels)."""
     from PIL import Image, UnidentifiedImageError
 
     files = image_files(path)
     if not files:
         raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {path} or its subfolders")
-    images = []
+    images, all_grey = [], True
     for file in files:
         try:
             with Image.open(file) as image:
-                image = image.convert("L" if grey else "RGB")
+                one_band = image.mode in GREY_MODES
+                all_grey &= one_band
+                image = image.convert("L" if grey or (grey is None and one_band) else "RGB")
                 if size is not None:
                     image = image.resize((size, size) if isinstance(size, int) else size, Image.BILINEAR)
                 images.append(np.asarray(image))
-        except (OSError, UnidentifiedImageError, ValueError) as error:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
             raise ValueError(f"{file}: not a readable image ({error})") from None
+    if grey is None and not all_grey:  # a mixed folder: its greyscale images in three channels
+        images = [np.repeat(im[..., None], 3, axis=2) if im.ndim == 2 else im for im in images]
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise ValueError(f"images in {path} differ in size {sorted(shapes)}: choose one size to resize them to "
@@ -123,31 +146,60 @@ def find_cifar10(path):
     return None
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Reads only what a batch of the python version of CIFAR-10 holds: dicts, lists, bytes, str, numbers and
+    numpy arrays of numbers. Any other class or function named in the file is refused, so a crafted batch
+    cannot run code."""
+
+    _reconstruct = np.ndarray((0,)).__reduce__()[0]  # numpy's array rebuilder, under its 1.x and 2.x paths
+    ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+               ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+               ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+               ("_codecs", "encode"): codecs.encode}  # protocol 2 writes bytes as _codecs.encode(str, "latin1")
+
+    def find_class(self, module, name):
+        try:
+            return self.ALLOWED[module, name]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch never holds; "
+                                         "refused: unpickling it could run code") from None
+
+
+def _read_cifar_batch(file):
+    """The rows (N, 3072) uint8 of one CIFAR-10 batch file, read by :class:`_CifarUnpickler`."""
+    try:
+        with open(file, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+        if not isinstance(batch, dict):
+            raise ValueError(f"a dict expected, got {type(batch).__name__}")
+        rows = batch[b"data"] if b"data" in batch else batch["data"]
+        if not isinstance(rows, np.ndarray) or rows.dtype.kind not in "iu":
+            raise ValueError(f"data must be an integer numpy array, got {getattr(rows, 'dtype', type(rows))}")
+        if rows.ndim != 2 or rows.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"rows of 3072 values expected, got shape {rows.shape}")
+        if rows.size and (rows.min() < 0 or rows.max() > 255):
+            raise ValueError(f"levels 0..255 expected, got values from {rows.min()} to {rows.max()}")
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError, IndexError,
+            OverflowError, MemoryError) as error:
+        raise ValueError(f"{file}: not a batch of the python version of CIFAR-10, or truncated "
+                         f"({type(error).__name__}: {error})") from None
+    return rows.astype(np.uint8).reshape(-1, 3, 32, 32)
+
+
 def load_cifar10(path):
     """CIFAR-10 from the python version of the data set already on disk (``cifar-10-batches-py``, at
     ``path`` or under it; flowkern never downloads). Returns ``(train, test)``: uint8 (50000, 3, 32, 32)
-    and (10000, 3, 32, 32)."""
-    import pickle
+    and (10000, 3, 32, 32).
 
+    The batches are pickles, read by an unpickler that admits only what a CIFAR-10 batch holds: a file
+    that names any other class or function is refused (ValueError naming the file), never run."""
     folder = find_cifar10(path)
     if folder is None:
         raise FileNotFoundError(f"no CIFAR-10 under {path}: expected the folder cifar-10-batches-py (its files "
                                 f"{', '.join(CIFAR10_TRAIN + CIFAR10_TEST)}) from the python version of the set")
 
     def read(names):
-        parts = []
-        for name in names:
-            file = os.path.join(folder, name)
-            try:
-                with open(file, "rb") as f:
-                    rows = np.asarray(pickle.load(f, encoding="bytes")[b"data"], dtype=np.uint8)
-                if rows.ndim != 2 or rows.shape[1] != 3 * 32 * 32:
-                    raise ValueError(f"rows of 3072 values expected, got shape {rows.shape}")
-                parts.append(rows.reshape(-1, 3, 32, 32))
-            except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as error:
-                raise ValueError(f"{file}: not a batch of the python version of CIFAR-10, or truncated "
-                                 f"({type(error).__name__}: {error})") from None
-        return torch.from_numpy(np.concatenate(parts))
+        return torch.from_numpy(np.concatenate([_read_cifar_batch(os.path.join(folder, n)) for n in names]))
 
     return read(CIFAR10_TRAIN), read(CIFAR10_TEST)
 

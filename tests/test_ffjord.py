@@ -128,7 +128,7 @@ def test_function_evaluations_are_counted_for_forward_and_adjoint_backward():
     (lambda: flowkern.FFJORD((2, 3)), "shape must be"),
     (lambda: flowkern.FFJORD((2,), divergence="trace"), "divergence must be"),
     (lambda: flowkern.FFJORD((2,), noise="uniform"), "noise must be"),
-    (lambda: flowkern.FFJORD((2,), kinetic=-1.0), "non-negative"),
+    (lambda: flowkern.FFJORD((2,), kinetic=-1.0), "kinetic must be a finite number >= 0"),
     (lambda: flowkern.FFJORD((2,))(torch.randn(4, 3)), r"shape \(N, 2\)"),
     (lambda: flowkern.FFJORD((2,)).set_memory_saving(True), "adjoint"),
 ])

@@ -35,7 +35,11 @@ def refused(capsys, out, *args):
     (["--n-bits", "9", "--data", "X.npz"], "--n-bits 9: expected from 1 to 8"),
     (["--temperatures", "0.7", "-1"], "--temperatures 0.7 -1.0: expected finite numbers above 0"),
     (["--test-fraction", "1"], "--test-fraction 1.0: expected between 0 and 1"),
-    (["--steps", "-3"], "--steps -3: expected at least 0"),
+    (["--steps", "-3"], "--steps -3: expected from 1 to 1000000000"),
+    (["--steps", "0"], "--steps 0: expected from 1"),  # a run of no steps would leave no checkpoint
+    (["--seed", "9223372036854775808"], "--seed 9223372036854775808: expected from 0 to 9223372036854775807"),
+    (["--hidden", str(10 ** 9)], "--hidden 1000000000: expected from 1 to 4096"),
+    (["--depth", str(10 ** 6)], "--depth 1000000: expected from 1 to 256"),
     (["--device", "mps"], "--device mps: expected cpu, cuda or cuda:N"),
     (["--device", "potato"], "--device potato: expected cpu, cuda or cuda:N"),
     (["--device", "meta"], "--device meta: expected cpu, cuda or cuda:N"),
@@ -50,7 +54,11 @@ def refused(capsys, out, *args):
     (["--kinetic", "0.1"], "--kinetic does not apply to --model glow"),
     (["--model", "ffjord", "--memory-saving"], "--memory-saving does not apply to --model ffjord"),
     (["--model", "ffjord", "--precision", "bf16"], "--precision does not apply to --model ffjord"),
-    (["--model", "ffjord", "--kinetic", "-1"], "--kinetic -1.0: expected at least 0.0"),
+    (["--model", "ffjord", "--kinetic", "-1"], "--kinetic -1.0: expected a finite number, at least 0"),
+    (["--model", "ffjord", "--kinetic", "inf"], "--kinetic inf: expected a finite number, at least 0"),
+    (["--model", "ffjord", "--jacobian", "nan"], "--jacobian nan: expected a finite number, at least 0"),
+    (["--model", "ffjord", "--solver", "bogus"], "invalid choice: 'bogus'"),
+    (["--model", "ffjord", "--tol", "1e-300"], "--tol 1e-300: expected from 1e-08 to 0.1"),
     (["--model", "ffjord", "--divergence", "trace"], "invalid choice"),
     (["--model", "ffjord", "--compile", "default"], "--compile does not apply to --model ffjord"),
     (["--compile", "fast"], "invalid choice"),
@@ -239,7 +247,7 @@ def test_a_folder_of_class_subfolders_trains(tmp_path):
         (tmp_path / "images" / label).mkdir(parents=True)
         for i in range(5):
             Image.fromarray(np.random.randint(0, 256, (8, 8), np.uint8)).save(tmp_path / "images" / label / f"{i}.png")
-    assert flowkern.data.load_image_folder(tmp_path / "images").shape == (10, 3, 8, 8)
+    assert flowkern.data.load_image_folder(tmp_path / "images").shape == (10, 1, 8, 8)  # greyscale stays so
     assert run(tmp_path / "run", "--data", str(tmp_path / "images"), "--steps", "2", "--batch-size", "4",
                "--n-bits", "5", "--no-sample") == 0
 

@@ -5,7 +5,6 @@ from torch import nn
 
 from ..reference import standard_normal_log_prob
 from .._validation import check_count, check_image, check_module_input, check_temperature
-from ..nn import Squeeze
 
 
 class FlowModel(nn.Module):
@@ -45,13 +44,16 @@ class FlowModel(nn.Module):
         zs, logdet = self(x)
         return logdet + sum(standard_normal_log_prob(z) for z in self._latents(zs))
 
-    def bits_per_dim(self, x, n_bins=256):
+    def bits_per_dim(self, x, n_bins="auto"):
         """Per-sample negative log-likelihood in bits per dimension, shape (N,).
 
         ``x`` is data dequantised onto a unit-width range (``flowkern.data.dequantize``); ``n_bins`` is the
         number of levels it was quantised to (2**n_bits; 17 for digits), whose ``D · log(n_bins)`` term turns
-        the density into the probability of the discrete data. ``n_bins=None`` gives the continuous value.
+        the density into the probability of the discrete data. ``n_bins=None`` gives the continuous value;
+        ``"auto"`` is 256 (8-bit data) for images (N, C, H, W) and None for vectors (N, D).
         """
+        if isinstance(n_bins, str) and n_bins == "auto":
+            n_bins = 256 if x.dim() == 4 else None
         if n_bins is not None:
             check_count(n_bins, "n_bins")
         dims = math.prod(x.shape[1:])
@@ -62,13 +64,18 @@ class FlowModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator=None):
-        """Draw ``n`` samples with every latent ~ N(0, temperature²)."""
+        """Draw ``n`` samples with every latent ~ N(0, temperature²). Sampling changes nothing in the model:
+        it runs in evaluation mode, so an ActNorm not yet initialised stays so (and acts as the identity)."""
         check_count(n, "n", minimum=0)
-        check_temperature(temperature)
+        temperature = check_temperature(temperature)
         param = next(self.parameters())
         zs = [temperature * torch.randn(n, *shape, generator=generator, device=param.device, dtype=param.dtype)
               for shape in self.latent_shapes()]
-        return self.inverse(zs if self.multi_scale else zs[0])
+        training = self.training
+        try:
+            return self.eval().inverse(zs if self.multi_scale else zs[0])
+        finally:
+            self.train(training)
 
 
 class _Level(nn.Module):
@@ -93,7 +100,6 @@ class MultiScaleFlow(FlowModel):
         self.image_size = image_size
         self.levels = nn.ModuleList(levels)
         self._latent_shapes = latent_shapes
-        self._divisor = 2 ** sum(1 for m in self.modules() if isinstance(m, Squeeze))
 
     def latent_shapes(self):
         return list(self._latent_shapes)
@@ -104,9 +110,9 @@ class MultiScaleFlow(FlowModel):
     def forward(self, x):
         check_image(x, "x", self.in_channels)
         check_module_input(self, x)
-        if x.shape[2] % self._divisor or x.shape[3] % self._divisor:
-            raise ValueError(f"{type(self).__name__} needs H and W divisible by {self._divisor}, "
-                             f"got shape {tuple(x.shape)}")
+        if x.shape[2:] != (self.image_size, self.image_size):  # its samples and priors have that size
+            raise ValueError(f"{type(self).__name__}(image_size={self.image_size}) takes images of "
+                             f"{self.image_size}×{self.image_size}, got shape {tuple(x.shape)}")
         zs, logdet = [], 0
         last = len(self.levels) - 1
         for i, level in enumerate(self.levels):

@@ -1,6 +1,8 @@
 import math
 
-from .._validation import check_count, check_module_input, check_tensor
+import torch
+
+from .._validation import check_count, check_module_input, check_number, check_tensor
 from ..nn.continuous import ConcatSquashConvNet, ConcatSquashMLP, ContinuousFlow
 from .base import FlowModel
 
@@ -18,7 +20,7 @@ class FFJORD(FlowModel):
     it used in :attr:`last_divergence`.
 
     Args:
-        shape: the shape of one sample: ``(D,)`` for vectors, ``(C, H, W)`` for images.
+        shape: the shape of one sample: ``(D,)`` (or ``D``) for vectors, ``(C, H, W)`` for images.
         hidden, depth: width and number of hidden layers of the dynamics.
         time: the end time T.
         method, rtol, atol: torchdiffeq's solver and its tolerances.
@@ -37,6 +39,9 @@ class FFJORD(FlowModel):
     def __init__(self, shape=(2,), hidden=64, depth=3, time=1.0, method="dopri5", rtol=1e-5, atol=1e-5,
                  adjoint=True, divergence=None, noise="rademacher", kinetic=0.0, jacobian=0.0):
         super().__init__()
+        if not isinstance(shape, (tuple, list, torch.Size)):
+            check_count(shape, "shape (an int D, or (D,) or (C, H, W))")
+            shape = (shape,)
         shape = tuple(shape)
         if len(shape) not in (1, 3):
             raise ValueError(f"shape must be (D,) or (C, H, W), got {shape}")
@@ -44,8 +49,7 @@ class FFJORD(FlowModel):
             check_count(value, "each size in shape")
         check_count(hidden, "hidden")
         check_count(depth, "depth")
-        if kinetic < 0 or jacobian < 0:
-            raise ValueError(f"regulariser weights must be non-negative, got kinetic={kinetic}, jacobian={jacobian}")
+        kinetic, jacobian = check_number(kinetic, "kinetic", minimum=0), check_number(jacobian, "jacobian", minimum=0)
         self.shape = shape
         self.dims = math.prod(shape)
         divergence = divergence or ("exact" if self.dims <= EXACT_LIMIT else "hutchinson")

@@ -1,4 +1,4 @@
-from .._validation import check_count
+from .._validation import check_count, check_flag
 from ..nn import FlowSequential, FlowStep, Gaussianize, Split, Squeeze
 from .base import MultiScaleFlow, _Level
 
@@ -28,6 +28,8 @@ class Glow(MultiScaleFlow):
         for value, name in ((in_channels, "in_channels"), (image_size, "image_size"), (levels, "levels"),
                             (steps, "steps"), (hidden_channels, "hidden_channels")):
             check_count(value, name)
+        for value, name in ((lu, "lu"), (learn_prior, "learn_prior"), (memory_saving, "memory_saving")):
+            check_flag(value, name)
         if image_size % 2 ** levels:
             raise ValueError(f"image_size must be divisible by 2**levels = {2 ** levels}, got {image_size}")
         channels, size = in_channels, image_size

@@ -1,4 +1,4 @@
-from .._validation import check_count, check_module_input, check_tensor
+from .._validation import check_count, check_flag, check_module_input, check_tensor
 from ..nn import AffineCoupling, FlowSequential, MLPConditioner, ResNetConditioner, Split, Squeeze
 from .base import FlowModel, MultiScaleFlow, _Level
 
@@ -33,6 +33,7 @@ class RealNVP(MultiScaleFlow):
                             (hidden_channels, "hidden_channels")):
             check_count(value, name)
         check_count(blocks, "blocks", minimum=0)
+        check_flag(memory_saving, "memory_saving")
         if image_size % 2 ** (scales - 1):
             raise ValueError(f"image_size must be divisible by 2**(scales - 1) = {2 ** (scales - 1)}, "
                              f"got {image_size}")
@@ -79,6 +80,7 @@ class RealNVP2d(FlowModel):
         check_count(dim, "dim", minimum=2)
         for value, name in ((hidden, "hidden"), (layers, "layers"), (depth, "depth")):
             check_count(value, name)
+        check_flag(memory_saving, "memory_saving")
         self.dim = dim
         self.flow = FlowSequential(*[
             AffineCoupling(dim, mask="channel", parity=i % 2, scale="exp", bound=bound,

@@ -3,7 +3,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import functional
-from .._validation import check_image, check_module_input
+from .._validation import check_count, check_image, check_module_input, check_number
 
 
 class ActNorm(nn.Module):
@@ -13,15 +13,17 @@ class ActNorm(nn.Module):
     and unit variance per channel on that batch (statistics all-reduced across processes when
     ``torch.distributed`` is initialised). The ``initialized`` flag is a buffer and the layer reads it, so
     a model restored from a ``state_dict``, or given parameters with the flag set, is not initialised
-    again. A channel with zero variance keeps scale 1; an empty batch initialises nothing.
+    again. A channel with zero variance keeps scale 1; an empty batch initialises nothing; a batch with a NaN
+    or inf is refused (ValueError) and leaves the layer uninitialised.
 
     Shapes: x (N, C, H, W) → y (N, C, H, W), logdet (N,) = H · W · Σ log_scale.
     """
 
     def __init__(self, channels: int, eps: float = 1e-6):
         super().__init__()
+        check_count(channels, "channels")
         self.channels = channels
-        self.eps = eps
+        self.eps = check_number(eps, "eps", above=0)
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
@@ -54,6 +56,9 @@ class ActNorm(nn.Module):
         total, total_sq, count = stats
         if count[0] == 0:  # an empty batch (on every process): nothing to initialise from
             return
+        if not torch.isfinite(stats).all():  # NaN or inf in the batch (of any process)
+            raise ValueError(f"ActNorm({self.channels}) initialises from its first training batch, which holds "
+                             "NaN or inf values; it stays uninitialised: pass finite data")
         mean = total / count
         std = (total_sq / count - mean.pow(2)).clamp_min(0).sqrt()
         log_scale = torch.where(std > self.eps, -torch.log(std.clamp_min(self.eps)), torch.zeros_like(std))

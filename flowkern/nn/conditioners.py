@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validation import check_count
 from .actnorm import ActNorm
 
 
@@ -45,6 +46,11 @@ class ConvActNorm(nn.Module):
         return F.conv2d(x, *self.folded(), padding=self.conv.padding).relu_()
 
 
+def _check_widths(**widths):
+    for name, value in widths.items():
+        check_count(value, name)
+
+
 def zero_conv(in_channels, out_channels, kernel_size=3):
     conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
     nn.init.zeros_(conv.weight)
@@ -67,6 +73,7 @@ class GlowConditioner(nn.Sequential):
     MATMUL_DEVICES = ("cpu",)
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 512):
+        _check_widths(in_channels=in_channels, out_channels=out_channels, hidden_channels=hidden_channels)
         super().__init__(
             ConvActNorm(in_channels, hidden_channels, 3),
             ConvActNorm(hidden_channels, hidden_channels, 1),
@@ -131,6 +138,8 @@ class ResNetConditioner(nn.Sequential):
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64, blocks: int = 4):
+        _check_widths(in_channels=in_channels, out_channels=out_channels, hidden_channels=hidden_channels)
+        check_count(blocks, "blocks", minimum=0)
         super().__init__(
             nn.Conv2d(in_channels, hidden_channels, 3, padding=1),
             *[_ResidualBlock(hidden_channels) for _ in range(blocks)],
@@ -146,6 +155,8 @@ class MLPConditioner(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, hidden: int = 64, depth: int = 2):
+        _check_widths(in_features=in_features, out_features=out_features, hidden=hidden)
+        check_count(depth, "depth", minimum=0)
         super().__init__()
         layers, width = [], in_features
         for _ in range(depth):

@@ -11,8 +11,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._validation import check_choice, check_flag, check_number
+
 DIVERGENCES = ("exact", "hutchinson")
 NOISES = ("rademacher", "gaussian")
+# torchdiffeq's solvers that take only tolerances (its "scipy_solver" needs options of its own)
+SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "euler", "midpoint", "heun2", "heun3",
+           "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
 
 
 def exact_divergence(dz: torch.Tensor, z: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
@@ -158,14 +163,15 @@ class ContinuousFlow(nn.Module):
     def __init__(self, net, time=1.0, method="dopri5", rtol=1e-5, atol=1e-5, adjoint=True, divergence="exact",
                  noise="rademacher", regularize=False):
         super().__init__()
-        if divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-        if noise not in NOISES:
-            raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
-        if not time > 0:
-            raise ValueError(f"time must be positive, got {time}")
+        check_choice(divergence, DIVERGENCES, "divergence")
+        check_choice(noise, NOISES, "noise")
+        check_choice(method, SOLVERS, "method")
+        time, rtol, atol = (check_number(v, name, above=0) for v, name in ((time, "time"), (rtol, "rtol"),
+                                                                           (atol, "atol")))
+        check_flag(adjoint, "adjoint")
+        check_flag(regularize, "regularize")
         self.dynamics = _Dynamics(net)
-        self.time, self.method, self.rtol, self.atol = float(time), method, rtol, atol
+        self.time, self.method, self.rtol, self.atol = time, method, rtol, atol
         self.adjoint, self.divergence, self.noise, self.regularize = adjoint, divergence, noise, regularize
         self.nfe = 0
         self.kinetic = self.jacobian = None
@@ -188,11 +194,24 @@ class ContinuousFlow(nn.Module):
         return [s[-1] for s in out]
 
     def forward(self, x, divergence=None):
-        """``divergence`` overrides the layer's for this call (``"exact"`` for an evaluation)."""
+        """``divergence`` overrides the layer's for this call (``"exact"`` for an evaluation). A sample with a
+        NaN or inf gives NaN for its z and log-det (the others are solved as if it were absent); an empty
+        batch gives empty results."""
         divergence = divergence or self.divergence
         if divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
         regularize = self.regularize and self.training
+        finite = _finite_rows(x)
+        if finite is not None:  # the solver adapts one step to the whole batch: solve the finite rows alone
+            z, logdet = self.forward(x[finite], divergence)
+            if regularize:
+                self.kinetic, self.jacobian = (_rows_or_nan(finite, v) for v in (self.kinetic, self.jacobian))
+            return _rows_or_nan(finite, z), _rows_or_nan(finite, logdet)
+        if x.shape[0] == 0:
+            self.nfe = 0
+            empty = x.new_zeros(0)
+            self.kinetic, self.jacobian = (empty, empty) if regularize else (None, None)
+            return x * 1, empty
         self.dynamics.exact = divergence == "exact"
         needs_noise = not self.dynamics.exact or regularize
         self.dynamics.noise = draw_noise(x, self.noise) if needs_noise else None
@@ -203,8 +222,27 @@ class ContinuousFlow(nn.Module):
         return out[0], out[1]
 
     def inverse(self, z):
+        """x from z (N, ...); as :meth:`forward`, a sample with a NaN or inf gives NaN, an empty batch nothing."""
+        finite = _finite_rows(z)
+        if finite is not None:
+            return _rows_or_nan(finite, self.inverse(z[finite]))
+        if z.shape[0] == 0:
+            self.nfe = 0
+            return z * 1
         return self._solve((z,), self.time, 0.0)[0]
 
     def extra_repr(self):
         return (f"time={self.time}, method={self.method!r}, rtol={self.rtol}, atol={self.atol}, "
                 f"adjoint={self.adjoint}, divergence={self.divergence!r}, noise={self.noise!r}")
+
+
+def _finite_rows(x):
+    """The mask (N,) of the samples of ``x`` whose values are all finite, or None when all are."""
+    finite = torch.isfinite(x.flatten(1)).all(1)
+    return None if bool(finite.all()) else finite
+
+
+def _rows_or_nan(finite, rows):
+    """``rows`` (the finite samples' results) at the places of ``finite`` (N,), NaN elsewhere."""
+    out = rows.new_full((finite.shape[0], *rows.shape[1:]), float("nan"))
+    return out.index_put((finite,), rows)

@@ -3,8 +3,9 @@ from torch import nn
 
 from .. import functional
 from ..reference import conditioner_channels, coupling_condition
-from .._validation import check_choice, check_image, check_module_input
+from .._validation import check_choice, check_count, check_image, check_module_input, check_number
 from ..reference import MASKS, SCALES
+from .actnorm import ActNorm
 from .conditioners import GlowConditioner
 
 
@@ -32,6 +33,9 @@ class AffineCoupling(nn.Module):
         check_choice(mask, MASKS, "mask")
         check_choice(parity, (0, 1), "parity")
         check_choice(scale, SCALES, "scale")
+        check_count(channels, "channels")
+        check_count(hidden_channels, "hidden_channels")
+        bound = check_number(bound, "bound", above=0)
         if mask == "channel" and channels < 2:
             raise ValueError(f"a channel-mask coupling needs at least 2 channels, got {channels}")
         self.channels, self.mask, self.parity, self.scale, self.bound = channels, mask, parity, scale, bound
@@ -55,7 +59,16 @@ class AffineCoupling(nn.Module):
 
     def inverse(self, y):
         # The pass-through part of y equals that of x, so the conditioner sees the same input.
+        self._check_initialized(y)
         return functional.coupling_inverse(y, self._conditioner_output(y, "y"), **self._options())[0]
+
+    def _check_initialized(self, y):
+        """Refuse to invert in training mode while the conditioner's ActNorms wait for their data-dependent
+        initialisation: inverting would initialise them from latents (``sample`` runs in evaluation mode)."""
+        if len(y) and any(m.will_initialize() for m in self.conditioner.modules() if isinstance(m, ActNorm)):
+            raise RuntimeError(f"{type(self).__name__}.inverse: the conditioner's ActNorm is not initialised "
+                               "yet; run a forward pass on data first (the first one in training mode initialises "
+                               "it), load a trained state_dict, or call .eval()")
 
     def rebuild(self, y):
         """For training by inversion: ``(x, leaf, y_again, logdet)`` with ``x`` the input rebuilt from ``y``

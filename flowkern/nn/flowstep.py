@@ -29,6 +29,10 @@ class FlowSequential(nn.Sequential):
     """
 
     def __init__(self, *layers, memory_saving: bool = False, check_reconstruction: float | None = None):
+        for layer in layers:
+            if not callable(getattr(layer, "inverse", None)):
+                raise TypeError(f"{type(self).__name__} takes flow layers (y, logdet = layer(x) and "
+                                f"x = layer.inverse(y)); {type(layer).__name__} has no inverse")
         super().__init__(*layers)
         self.memory_saving = memory_saving
         self.check_reconstruction = check_reconstruction

@@ -3,7 +3,7 @@ from torch import nn
 
 from .. import functional
 from ..reference import conv1x1_logdet, lu_weight, lu_weight_inverse
-from .._validation import check_image, check_module_input
+from .._validation import check_count, check_flag, check_image, check_module_input
 from ..reference._dtypes import compute_dtype
 
 
@@ -25,6 +25,8 @@ class InvConv1x1(nn.Module):
 
     def __init__(self, channels: int, lu: bool = True):
         super().__init__()
+        check_count(channels, "channels")
+        check_flag(lu, "lu")
         self.channels = channels
         self.lu = lu
         rotation = torch.linalg.qr(torch.randn(channels, channels, dtype=torch.float64))[0]

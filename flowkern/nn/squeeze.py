@@ -1,7 +1,7 @@
 from torch import nn
 
 from ..reference import squeeze, unsqueeze
-from .._validation import check_image
+from .._validation import check_count, check_image
 from ..reference._dtypes import compute_dtype
 
 
@@ -13,6 +13,7 @@ class Squeeze(nn.Module):
 
     def __init__(self, factor: int = 2):
         super().__init__()
+        check_count(factor, "factor")
         self.factor = factor
 
     def forward(self, x):

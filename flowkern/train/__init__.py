@@ -19,17 +19,19 @@ import torch.distributed as dist
 
 from ..backends import BackendUnavailable
 from .building import Data, TrainedRun, build_model, load_data, load_run, resolve_defaults
-from .folder import CHECKPOINT, LOG, Interrupted, NonFiniteLoss
+from .folder import CHECKPOINT, LOG, Interrupted, NonFiniteLoss, WriteFailed
 from .loop import Run
 from .options import MODELS, Command, Config, default_model, parse_args
 
-__all__ = ["CHECKPOINT", "LOG", "MODELS", "Command", "Config", "Data", "Run", "TrainedRun", "build_model",
-           "default_model", "load_data", "load_run", "main", "parse_args", "resolve_defaults"]
+__all__ = ["CHECKPOINT", "LOG", "MODELS", "Command", "Config", "Data", "NonFiniteLoss", "Run", "TrainedRun",
+           "WriteFailed", "build_model", "default_model", "load_data", "load_run", "main", "parse_args",
+           "resolve_defaults"]
 
 
 def main(argv=None):
-    """The command line: 0 when the run is done, 1 when it stopped on a non-finite loss, 2 for a bad option,
-    data or run folder (one line on stderr, nothing written), 130 when interrupted (after a checkpoint)."""
+    """The command line: 0 when the run is done, 1 when it stopped on a non-finite loss or evaluation or a file
+    it could not write (one line on stderr, the last checkpoint kept), 2 for a bad option, data, checkpoint or
+    run folder (one line on stderr, nothing written), 130 when interrupted (after a checkpoint)."""
     try:
         command = parse_args(argv)
     except SystemExit as exit:  # argparse's --help, or its message for a bad option
@@ -42,7 +44,7 @@ def main(argv=None):
             return 2
         try:
             metrics = run.train()
-        except NonFiniteLoss as error:
+        except (NonFiniteLoss, WriteFailed) as error:
             print(f"flowkern.train: {error}", file=sys.stderr)
             return 1
         except Interrupted as error:

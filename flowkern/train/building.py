@@ -8,7 +8,7 @@ from torch import nn
 
 from .. import data as datasets
 from ..models import FFJORD, Glow, RealNVP, RealNVP2d
-from .folder import CHECKPOINT
+from .folder import CHECKPOINT, read_checkpoint
 from .options import DEPTHS, Config, data_kind, default_model, resumed_config
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -32,7 +32,7 @@ class Data:
 
     def batch(self, step, size, seed, rank=0, world=1):
         """This process's share of step ``step``'s global batch of ``size · world`` rows."""
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + step) % 2 ** 64)
         rows = torch.randint(len(self.train), (size * world,), generator=generator)
         return self.prepare(self.train[rows], generator)[rank * size:(rank + 1) * size]
 
@@ -96,7 +96,9 @@ def build_model(cfg: Config, data_shape) -> nn.Module:
     else:
         channels, height, width = data_shape
         if height != width:
-            raise ValueError(f"{cfg.model} needs square images, got {height}×{width}; pass --image-size")
+            fix = ("pass --image-size to resize them" if data_kind(cfg.data) == "folder"
+                   else "crop or resize them to a square first")
+            raise ValueError(f"{cfg.model} needs square images, got {height}×{width}: {fix}")
         if cfg.model == "glow":
             model = Glow(channels, height, levels=cfg.levels, steps=cfg.depth, hidden_channels=cfg.hidden,
                          coupling=cfg.coupling)
@@ -115,18 +117,30 @@ class TrainedRun:
     step: int
 
 
+def check_data_shape(state, source):
+    """The data shape and levels a checkpoint records: (C, H, W) images with n_bins levels, or (D,) points."""
+    shape, n_bins = state["data_shape"], state["n_bins"]
+    sizes = isinstance(shape, (list, tuple)) and len(shape) in (1, 3) and all(
+        type(s) is int and 1 <= s <= 2 ** 16 for s in shape)
+    levels = n_bins is None if len(shape or ()) == 1 else type(n_bins) is int and 2 <= n_bins <= 256
+    if not (sizes and levels):
+        raise ValueError(f"{source}: damaged checkpoint (data_shape {shape!r} with n_bins {n_bins!r})")
+    return tuple(shape), n_bins
+
+
 def load_run(path, device="cpu") -> TrainedRun:
-    """Rebuild the model of the run folder ``path`` from its checkpoint, as it was last saved."""
+    """Rebuild the model of the run folder ``path`` from its checkpoint, as it was last saved. Only the
+    checkpoint is read (tensors only, its configuration checked as the command line is); never data."""
     checkpoint = os.path.join(path, CHECKPOINT)
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"no {CHECKPOINT} in {path}: not a run folder, or its run saved no checkpoint")
-    state = torch.load(checkpoint, map_location=device, weights_only=True)
-    cfg = resumed_config(state["config"], {})
-    if "data_shape" in state:
-        shape, n_bins = state["data_shape"], state["n_bins"]
-    else:  # written before checkpoints recorded the data's shape
-        data = load_data(cfg)
-        shape, n_bins = data.train.shape[1:], data.n_bins
+    state = read_checkpoint(checkpoint, device, needs=("model", "step", "config", "data_shape", "n_bins"))
+    cfg = resumed_config(state["config"], {}, source=checkpoint)
+    shape, n_bins = check_data_shape(state, checkpoint)
     model = build_model(cfg, shape).to(device)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise ValueError(f"{checkpoint}: its parameters do not fit the model its configuration describes "
+                         f"({str(error).splitlines()[0]})") from None
     return TrainedRun(model.eval(), cfg, n_bins, state["step"])

@@ -14,8 +14,8 @@ from torch import nn
 from ..backends import AUTO, auto_choices, get_backend, pin_auto_choices, set_backend
 from ..nn import ActNorm
 from .building import build_model, load_data, resolve_defaults
-from .folder import (CHECKPOINT, LOG, Interrupted, NonFiniteLoss, StopRequest, check_folder, create_folder,
-                     open_log, save_checkpoint, sync)
+from .folder import (CHECKPOINT, LOG, FolderLock, Interrupted, NonFiniteLoss, StopRequest, check_folder,
+                     create_folder, dump_json, open_log, read_checkpoint, read_log, save_checkpoint, sync, writing)
 from .options import PRECISIONS, Command, resumed_config
 from .outputs import evaluate, write_samples
 
@@ -57,12 +57,16 @@ class Run:
 
     def __init__(self, command: Command):
         cfg = command.cfg
-        check_folder(cfg.out, command.resume, command.overwrite)
         self.rank, self.world, self.device = _start_processes(cfg.device)
+        self.lock = None  # the lead process holds the run folder's lock from here to the end of the run
+        if self.lead and os.path.isdir(cfg.out):
+            self.lock = FolderLock(cfg.out)
+        check_folder(cfg.out, command.resume, command.overwrite)
         state = None
         if command.resume:
-            state = torch.load(os.path.join(cfg.out, CHECKPOINT), map_location=self.device, weights_only=True)
-            cfg = resumed_config(state["config"], {**command.given, "out": cfg.out})
+            path = os.path.join(cfg.out, CHECKPOINT)
+            state = read_checkpoint(path, self.device)
+            cfg = resumed_config(state["config"], {**command.given, "out": cfg.out}, source=path)
         self.cfg = cfg
         set_backend(cfg.backend)
         if state is not None and cfg.backend == AUTO and isinstance(state.get("backend"), dict):
@@ -93,6 +97,14 @@ class Run:
         self.recent = collections.deque(maxlen=100)  # the last steps' losses
         if self.lead:
             create_folder(cfg.out)
+            if self.lock is None:  # a new folder: another run may have made it since the first check
+                self.lock = FolderLock(cfg.out)
+                check_folder(cfg.out, command.resume, command.overwrite)
+
+    def close(self):
+        """Release the run folder (the end of the process releases it too)."""
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def lead(self):
@@ -109,10 +121,18 @@ class Run:
                 if torch.device(device).type == self.device.type}
 
     def train(self) -> dict:
+        """Train to ``--steps``, evaluate, sample, write ``metrics.json``; the run folder is released at the end.
+        A non-finite loss or evaluation raises :class:`NonFiniteLoss`, a file that cannot be written
+        :class:`WriteFailed`; the last checkpoint is kept either way."""
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> dict:
         cfg = self.cfg
         if self.lead:
-            with open(os.path.join(cfg.out, "config.json"), "w") as f:
-                json.dump(asdict(cfg), f, indent=1)
+            dump_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
         start, began = self.step, time.perf_counter()
         self._loop()
         seconds = time.perf_counter() - began
@@ -124,20 +144,24 @@ class Run:
             metrics.update(train_seconds=round(seconds, 2), steps_per_second=round((self.step - start) / seconds, 3),
                            train_bits_per_dim=float(np.mean(self.recent)))
         if self.lead:
-            metrics["test_bits_per_dim"] = evaluate(self.model, self.data, self.device)
+            metrics["test_bits_per_dim"] = self._evaluate()
             if getattr(self.model, "last_divergence", None) is not None:  # a continuous flow's trace and solve
                 metrics.update(test_divergence=self.model.last_divergence, test_nfe=self.model.nfe)
             if self.data.images:
                 metrics["uniform_bits_per_dim"] = math.log2(self.data.n_bins)
             if cfg.sample:
-                metrics["samples"] = write_samples(self.model, self.data, self.cfg, self.device)
+                with writing(cfg.out):
+                    metrics["samples"] = write_samples(self.model, self.data, self.cfg, self.device)
             metrics["backend"] = self.backends()
             path = os.path.join(cfg.out, "metrics.json")
             if self.resumed and os.path.isfile(path):  # keep what earlier invocations measured
-                with open(path) as f:
-                    metrics = {**json.load(f), **metrics}
-            with open(path, "w") as f:
-                json.dump(metrics, f, indent=1)
+                try:
+                    with open(path) as f:
+                        earlier = json.load(f)
+                except (OSError, ValueError):
+                    earlier = None
+                metrics = {**earlier, **metrics} if isinstance(earlier, dict) else metrics
+            dump_json(path, metrics)
         _barrier(self.world)
         return metrics
 
@@ -158,31 +182,50 @@ class Run:
         with torch.no_grad(), self._autocast():
             self.model.log_prob(self._batch(step))
 
+    def _evaluate(self):
+        """The test set's bits/dim; a non-finite one is an error, never a result."""
+        value = evaluate(self.model, self.data, self.device)
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"the test set's bits/dim is {value} after step {self.step}: the model of "
+                                f"{os.path.join(self.cfg.out, CHECKPOINT)} gives no finite likelihood there. "
+                                "Lower --lr, lengthen --warmup or lower --clip, then start again with --overwrite")
+        return value
+
     def _loop(self):
         cfg = self.cfg
-        if cfg.compile and self.step < cfg.steps:
+        if self.step >= cfg.steps:  # nothing to train: the log stays exactly as it is
+            return
+        if cfg.compile:
             self._initialize(self.step)
+        log = None
+        if self.lead:
+            records = read_log(os.path.join(cfg.out, LOG), self.step)
+            self.recent.extend(r["bits_per_dim"] for r in records)  # train_bits_per_dim spans a resume
+            log = open_log(os.path.join(cfg.out, LOG), records)
         bar = _progress(range(self.step, cfg.steps), self.step, cfg.steps, cfg.progress and self.lead)
-        log = open_log(os.path.join(cfg.out, LOG), self.step) if self.lead else None
         last_saved = self.step
         try:
             with StopRequest() as stop:
                 for step in bar:
                     record = self._train_step(step, stop, last_saved)
                     if self.lead and cfg.eval_every and self.step % cfg.eval_every == 0:
-                        record["test_bits_per_dim"] = evaluate(self.model, self.data, self.device)
+                        record["test_bits_per_dim"] = self._evaluate()
                     if log is not None:
-                        log.write(json.dumps(record) + "\n")
+                        with writing(log.name):
+                            log.write(json.dumps(record, allow_nan=False) + "\n")
                     if step % 10 == 0 or self.step == cfg.steps:
                         bar.set_postfix(nll=f"{record['bits_per_dim'] * self.dims * math.log(2):.2f}",
                                         bpd=f"{record['bits_per_dim']:.3f}", lr=f"{record['lr']:.1e}", refresh=False)
                     if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or self.stopping:
+                        self._check_parameters(last_saved)
                         if log is not None:
-                            sync(log)  # every line before a checkpoint is on disk before the checkpoint
+                            with writing(log.name):
+                                sync(log)  # every line before a checkpoint is on disk before the checkpoint
                         self.save()
                         last_saved = self.step
                     if self.lead and cfg.sample_every and self.step % cfg.sample_every == 0:
-                        write_samples(self.model, self.data, self.cfg, self.device, tag=f"_step{self.step}")
+                        with writing(cfg.out):
+                            write_samples(self.model, self.data, self.cfg, self.device, tag=f"_step{self.step}")
                     if self.stopping:
                         raise Interrupted(f"interrupted: stopped after step {self.step} and saved "
                                           f"{os.path.join(cfg.out, CHECKPOINT)}; --resume continues")
@@ -216,7 +259,7 @@ class Run:
             record["nfe_backward"] = self.model.evaluations - evaluations - record["nfe_forward"]
         self.scaler.unscale_(self.optimizer)
         grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip))
-        record["grad_norm"] = grad_norm
+        record["grad_norm"] = grad_norm if math.isfinite(grad_norm) else None  # the log is strict JSON
         if not math.isfinite(grad_norm):
             if not self.scaler.is_enabled() or self.skipped >= MAX_SKIPPED:
                 raise NonFiniteLoss(self._stop_message(step, "gradient norm", grad_norm, last_saved))
@@ -241,14 +284,31 @@ class Run:
             return value[0].item() / self.world, value[1].item() == 0, value[2].item() > 0
         return value.item(), infinite.item() == 0, stop_requested
 
-    def _stop_message(self, step, what, value, last_saved):
+    def _check_parameters(self, last_saved):
+        """Before a checkpoint: the parameters must be finite and give a finite loss on the next step's batch
+        (the one training would take next), so that a checkpoint never holds a diverged model. The check
+        draws from forked random streams: training goes on exactly as without it."""
+        loss = None
+        finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        if finite:
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.no_grad(), torch.random.fork_rng(devices=devices), self._autocast():
+                loss = self.model.bits_per_dim(self._batch(self.step), self.data.n_bins).mean()
+            finite = bool(torch.isfinite(loss))
+        if not finite:
+            what = "the parameters are" if loss is None else f"the loss of the next batch is {loss.item()}"
+            raise NonFiniteLoss(f"after step {self.step} {what}: training stopped, and that model is not "
+                                f"checkpointed; {self._advice(last_saved)}")
+
+    def _advice(self, last_saved):
         advice = "Lower --lr, lengthen --warmup or lower --clip"
         if last_saved > 0:
-            return (f"the {what} is {value} at step {step}: training stopped; the last good checkpoint is "
-                    f"{os.path.join(self.cfg.out, CHECKPOINT)} (step {last_saved}). {advice}, then --resume: "
-                    "they take effect from that step")
-        return (f"the {what} is {value} at step {step}: training stopped before its first checkpoint. {advice}, "
-                "then start again with --overwrite")
+            return (f"the last good checkpoint is {os.path.join(self.cfg.out, CHECKPOINT)} (step {last_saved}). "
+                    f"{advice}, then --resume: they take effect from that step")
+        return f"this is before its first checkpoint. {advice}, then start again with --overwrite"
+
+    def _stop_message(self, step, what, value, last_saved):
+        return f"the {what} is {value} at step {step}: training stopped; {self._advice(last_saved)}"
 
     def save(self):
         if not self.lead:

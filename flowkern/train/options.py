@@ -10,6 +10,7 @@ import torch
 
 from .. import data as datasets
 from ..backends import _MODULES, AUTO
+from ..nn.continuous import SOLVERS
 
 MODELS = ("glow", "realnvp", "realnvp2d", "ffjord")
 DEPTHS = {"glow": 8, "realnvp2d": 8, "ffjord": 3}  # --depth of each model that takes it
@@ -27,12 +28,20 @@ def data_kind(name: str) -> str:
     return "npz" if name.endswith(".npz") else "folder"
 
 
-def _at_least(low):
-    return lambda v: None if v >= low else f"at least {low}"
+def _between(low, high):
+    return lambda v: None if low <= v <= high else f"from {low} to {high}"
 
 
 def _positive(v):
     return None if math.isfinite(v) and v > 0 else "a finite number above 0"
+
+
+def _weight(v):
+    return None if math.isfinite(v) and v >= 0 else "a finite number, at least 0"
+
+
+def _tolerance(v):  # a float32 solve cannot meet a tighter one: its steps shrink until they underflow
+    return None if 1e-8 <= v <= 0.1 else "from 1e-08 to 0.1"
 
 
 def _bits(v):
@@ -105,12 +114,12 @@ class Config:
                        "recursively) or a .npz of integer images", resumable=False)
     data_dir: str | None = option(None, "the folder holding cifar-10-batches-py (or set CIFAR10_DIR)",
                                   applies=_cifar)
-    steps: int = option(2000, "train until this many steps", check=_at_least(0))
-    batch_size: int = option(64, "per process", check=_at_least(1), resumable=False)
+    steps: int = option(2000, "train until this many steps", check=_between(1, 10 ** 9))
+    batch_size: int = option(64, "per process", check=_between(1, 2 ** 16), resumable=False)
     lr: float = option(1e-3, "peak learning rate", check=_positive)
-    warmup: int = option(200, "steps of linear learning-rate warm-up (0: none)", check=_at_least(0))
+    warmup: int = option(200, "steps of linear learning-rate warm-up (0: none)", check=_between(0, 10 ** 9))
     clip: float = option(50.0, "largest gradient norm; larger ones are scaled down to it", check=_positive)
-    seed: int = option(0, "seeds the model, the batches and the dequantisation noise", check=_at_least(0),
+    seed: int = option(0, "seeds the model, the batches and the dequantisation noise", check=_between(0, 2 ** 63 - 1),
                        resumable=False)
     backend: str = option("auto", "the fused ops' implementation", choices=(*_MODULES, AUTO))
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)", check=_device)
@@ -127,39 +136,40 @@ class Config:
         None, "warn when an input rebuilt by inversion is off by more than this relative error",
         check=_positive, applies=_memory_saving, metavar="TOL")
     levels: int | None = option(None, "scales of glow or realnvp (default: by image size, at most 3)",
-                                check=_at_least(1), applies=_for("glow", "realnvp"), resumable=False)
+                                check=_between(1, 8), applies=_for("glow", "realnvp"), resumable=False)
     depth: int | None = option(None, "flow steps per level (glow: 8), couplings (realnvp2d: 8) or hidden layers "
-                               "of the dynamics (ffjord: 3)", check=_at_least(1),
+                               "of the dynamics (ffjord: 3)", check=_between(1, 256),
                                applies=_for("glow", "realnvp2d", "ffjord"), resumable=False)
-    hidden: int = option(64, "conditioner (ffjord: dynamics) width", check=_at_least(1), resumable=False)
-    blocks: int = option(2, "residual blocks per s/t network", check=_at_least(0), applies=_for("realnvp"),
+    hidden: int = option(64, "conditioner (ffjord: dynamics) width", check=_between(1, 4096), resumable=False)
+    blocks: int = option(2, "residual blocks per s/t network", check=_between(0, 64), applies=_for("realnvp"),
                          resumable=False)
     coupling: str = option("affine", "the coupling's transform", applies=_for("glow"), resumable=False,
                            choices=("affine", "additive"))
     divergence: str | None = option(None, "ffjord's trace in training: exact, or hutchinson (default: exact up "
                                     "to 64 dimensions); evaluation takes the exact trace up to 64 dimensions",
                                     applies=_for("ffjord"), choices=("exact", "hutchinson"))
-    solver: str = option("dopri5", "ffjord's torchdiffeq method", applies=_for("ffjord"))
-    tol: float = option(1e-5, "ffjord's solver tolerance (rtol = atol)", check=_positive, applies=_for("ffjord"))
+    solver: str = option("dopri5", "ffjord's torchdiffeq method", applies=_for("ffjord"), choices=SOLVERS)
+    tol: float = option(1e-5, "ffjord's solver tolerance (rtol = atol)", check=_tolerance, applies=_for("ffjord"))
     adjoint: bool = option(True, "ffjord: backpropagate by the adjoint ODE (memory constant in the solver's steps)",
                            applies=_for("ffjord"))
     kinetic: float = option(0.01, "ffjord: weight of the kinetic-energy regulariser (fewer solver steps)",
-                            check=_at_least(0.0), applies=_for("ffjord"))
+                            check=_weight, applies=_for("ffjord"))
     jacobian: float = option(0.01, "ffjord: weight of the Jacobian Frobenius-norm regulariser",
-                             check=_at_least(0.0), applies=_for("ffjord"))
+                             check=_weight, applies=_for("ffjord"))
     n_bits: int = option(8, "quantise 8-bit images to this many bits", check=_bits, applies=_eight_bit,
                          resumable=False)
-    image_size: int | None = option(None, "resize a folder's images to this size", check=_at_least(2),
+    image_size: int | None = option(None, "resize a folder's images to this size", check=_between(2, 4096),
                                     applies=_folder, resumable=False)
     test_fraction: float = option(0.1, "share of the images held out for evaluation", check=_fraction,
                                   applies=_held_out, resumable=False)
     out: str | None = option(None, "run folder (default: runs/<model>-<data>)")
-    checkpoint_every: int = option(500, "steps between checkpoints", check=_at_least(1))
+    checkpoint_every: int = option(500, "steps between checkpoints", check=_between(1, 10 ** 9))
     eval_every: int = option(0, "steps between evaluations of the test set, logged (0: at the end only)",
-                             check=_at_least(0))
+                             check=_between(0, 10 ** 9))
     sample: bool = option(True, "write samples at the end (images: a PNG grid per temperature; 2-D points: "
                           "density and samples)")
-    sample_every: int = option(0, "steps between sample files during training (0: none)", check=_at_least(0))
+    sample_every: int = option(0, "steps between sample files during training (0: none)",
+                               check=_between(0, 10 ** 9))
     temperatures: list = option([0.5, 0.7, 0.85, 1.0], "sampling temperatures", check=_temperatures,
                                 applies=_images, type=float, nargs="+")
     progress: bool = option(True, "show a progress bar")
@@ -212,8 +222,7 @@ def parse_args(argv=None) -> Command:
     if resume and overwrite:
         p.error("--resume continues a run and --overwrite starts it again: pass one")
     for name, value in args.items():
-        check = FIELDS[name].metadata["check"]
-        expected = check(value) if check is not None and value is not None else None
+        expected = check_value(name, value)
         if expected is not None:
             shown = " ".join(map(str, value)) if isinstance(value, list) else value
             p.error(f"{_flag(name)} {shown}: expected {expected}")
@@ -226,19 +235,62 @@ def parse_args(argv=None) -> Command:
             p.error(str(error))
     if cfg.out is None:
         cfg.out = os.path.join("runs", f"{cfg.model}-{os.path.basename(os.path.normpath(cfg.data))}")
+    if not resume:
+        try:
+            check_out(cfg)
+        except ValueError as error:
+            p.error(str(error))
     return Command(cfg, args, resume, overwrite)
 
 
-def resumed_config(stored: dict, given: dict) -> Config:
-    """The configuration of a resumed run: the checkpoint's, with the options given that a resumed run may
-    change; a change of any other option is refused (ValueError)."""
-    for name, value in given.items():
-        if not FIELDS[name].metadata["resumable"] and name in stored and value != stored[name]:
-            raise ValueError(f"{_flag(name)} {value}: a resumed run keeps the architecture and data it started "
-                             f"with ({_flag(name)} {stored[name]}); start a new run with another --out")
+def _of_type(f, value) -> bool:
+    """Whether ``value`` has the type of the option ``f`` (as argparse would have made it)."""
+    for t in typing.get_args(f.type) or (f.type,):
+        if (value is None and t is type(None) or t is bool and type(value) is bool or t is int and type(value) is int
+                or t is float and type(value) in (int, float) or t is str and type(value) is str
+                or t is list and type(value) is list and all(type(v) in (int, float) for v in value)):
+            return True
+    return False
+
+
+def check_value(name, value):
+    """What the option ``name`` expected, or None when ``value`` is fine: its type, choices and range."""
+    f = FIELDS[name]
+    if not _of_type(f, value):
+        return "a value of type " + " or ".join(t.__name__ for t in typing.get_args(f.type) or (f.type,))
+    choices = f.metadata["argparse"].get("choices")
+    if choices is not None and value is not None and value not in choices:
+        return f"one of {', '.join(map(str, choices))}"
+    check = f.metadata["check"]
+    return check(value) if check is not None and value is not None else None
+
+
+def check_out(cfg: Config) -> None:
+    """Refuse (ValueError) an ``--out`` inside the folder of images ``--data``: its samples would become data."""
+    if data_kind(cfg.data) != "folder" or not os.path.isdir(cfg.data):
+        return
+    data, out = os.path.realpath(cfg.data), os.path.realpath(cfg.out)
+    if os.path.commonpath([data, out]) == data:
+        raise ValueError(f"--out {cfg.out} is inside --data {cfg.data}: the run's samples would become training "
+                         "data; choose an --out outside it")
+
+
+def resumed_config(stored: dict, given: dict, source="the checkpoint") -> Config:
+    """The configuration of a resumed run: the checkpoint's (``stored``, checked as the command line is:
+    ``source`` names it in the message), with the options given that a resumed run may change; a change of
+    any other option, or a stored value the command line would refuse, is a ValueError."""
     known = {k: v for k, v in stored.items() if k in FIELDS}  # options added since keep their defaults
+    for name, value in known.items():
+        expected = check_value(name, value)
+        if expected is not None:
+            raise ValueError(f"{source}: its configuration has {name} = {value!r}, expected {expected}")
+    for name, value in given.items():
+        if not FIELDS[name].metadata["resumable"] and name in known and value != known[name]:
+            raise ValueError(f"{_flag(name)} {value}: a resumed run keeps the architecture and data it started "
+                             f"with ({_flag(name)} {known[name]}); start a new run with another --out")
     cfg = Config(**{**known, **given})
     check_applies(cfg, given)
+    check_out(cfg)
     return cfg
 
 
