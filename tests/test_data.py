@@ -1,4 +1,9 @@
 """Embedded data sets, users' own images, quantisation."""
+import os
+import pickle
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +111,82 @@ def test_split_is_fixed_and_disjoint():
     assert torch.equal(test, data.split(rows, 0.1)[1])
     with pytest.raises(ValueError, match="test_fraction"):
         data.split(rows, 1.5)
+
+
+class _RunsCode:
+    """What a hostile CIFAR-10 batch holds: unpickling it calls os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _cifar_folder(root, hostile=None):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in data.CIFAR10_TRAIN + data.CIFAR10_TEST:
+        batch = {b"batch_label": b"training batch", b"labels": [0, 1], b"filenames": [b"a.png", b"b.png"],
+                 b"data": np.random.randint(0, 256, (2, 3072), dtype=np.uint8)}
+        if name == hostile:
+            batch[b"labels"] = _RunsCode(root / "ran")
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    return folder
+
+
+def test_a_cifar10_batch_that_names_code_is_refused_not_run(tmp_path, capsys):
+    import flowkern.train as train
+
+    assert data.load_cifar10(str(_cifar_folder(tmp_path / "good")))[0].shape == (10, 3, 32, 32)
+    folder = _cifar_folder(tmp_path / "bad", hostile="data_batch_3")
+    with pytest.raises(ValueError, match=r"data_batch_3: not a batch .* names posix.system, which a CIFAR-10 "
+                                         r"batch never holds; refused"):
+        data.load_cifar10(str(folder))
+    assert train.main(["--data", "cifar10", "--data-dir", str(folder.parent), "--out", str(tmp_path / "run"),
+                       "--no-progress"]) == 2
+    assert "data_batch_3" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "ran").exists() and not (tmp_path / "run").exists()
+    with open(folder / "test_batch", "wb") as f:  # an array of objects is not a batch either
+        pickle.dump({b"data": np.array([[_RunsCode(tmp_path / "bad" / "ran")]] * 2, dtype=object)}, f, protocol=2)
+    with pytest.raises(ValueError, match="refused"):
+        data.load_cifar10(str(tmp_path / "bad"))
+    assert not (tmp_path / "bad" / "ran").exists()
+
+
+def test_an_image_whose_header_claims_a_huge_size_is_refused(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "bomb.png")
+    png = bytearray((folder / "bomb.png").read_bytes())
+    png[16:24] = struct.pack(">II", 30000, 30000)  # IHDR's width and height
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    (folder / "bomb.png").write_bytes(bytes(png))
+    with pytest.raises(ValueError, match="bomb.png: not a readable image"):
+        data.load_image_folder(folder)
+
+
+def test_greyscale_folders_stay_greyscale_and_mixed_ones_get_three_channels(tmp_path):
+    from PIL import Image
+
+    grey = np.random.randint(0, 256, (6, 6), np.uint8)
+    Image.fromarray(grey).save(tmp_path / "a.png")
+    loaded = data.load_image_folder(tmp_path)
+    assert loaded.shape == (1, 1, 6, 6) and torch.equal(loaded[0, 0], torch.from_numpy(grey))
+    Image.fromarray(np.random.randint(0, 256, (6, 6, 3), np.uint8)).save(tmp_path / "b.png")
+    mixed = data.load_image_folder(tmp_path)
+    assert mixed.shape == (2, 3, 6, 6) and all(torch.equal(mixed[0, c], torch.from_numpy(grey)) for c in range(3))
+    assert data.load_image_folder(tmp_path, grey=True).shape == (2, 1, 6, 6)
+    assert data.load_image_folder(tmp_path, grey=False).shape == (2, 3, 6, 6)
+
+
+def test_a_file_named_npz_that_is_not_one(tmp_path):
+    (tmp_path / "notes.npz").write_text("a text file")
+    with pytest.raises(ValueError) as error:
+        data.load_npz(tmp_path / "notes.npz")
+    assert "not a readable .npz archive" in str(error.value) and "pickle" not in str(error.value)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        data.load_npz(tmp_path / "missing.npz")

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -234,6 +235,20 @@ def test_bad_data_gets_one_line_and_nothing_written(tmp_path, capsys):
         f.truncate(5000)
     assert "data_batch_3: not a batch of the python version of CIFAR-10, or truncated" in refused(
         capsys, tmp_path / "f", "--data", "cifar10", "--data-dir", str(tmp_path), "--steps", "1")
+    np.savez(tmp_path / "wide.npz", x=np.zeros((4, 8, 12), np.uint8))
+    assert "square images, got 8×12: crop or resize them to a square first" in refused(
+        capsys, tmp_path / "g", "--data", str(tmp_path / "wide.npz"))
+    (tmp_path / "wide").mkdir()
+    for i in range(2):
+        Image.fromarray(np.zeros((8, 12), np.uint8)).save(tmp_path / "wide" / f"{i}.png")
+    assert "pass --image-size to resize them" in refused(capsys, tmp_path / "h", "--data", str(tmp_path / "wide"))
+    (tmp_path / "bomb").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "bomb" / "0.png")
+    png = bytearray((tmp_path / "bomb" / "0.png").read_bytes())
+    png[16:24] = (30000).to_bytes(4, "big") * 2  # the header claims 30000×30000 pixels
+    png[29:33] = zlib.crc32(bytes(png[12:29])).to_bytes(4, "big")
+    (tmp_path / "bomb" / "0.png").write_bytes(bytes(png))
+    assert "0.png: not a readable image" in refused(capsys, tmp_path / "i", "--data", str(tmp_path / "bomb"))
 
 
 def test_out_that_cannot_hold_a_run(tmp_path, capsys):

@@ -1,4 +1,6 @@
 """Bad input gets ValueError/TypeError with a message that says what was expected."""
+import math
+
 import pytest
 import torch
 
@@ -137,3 +139,95 @@ def test_model_sizes_are_checked():
             build()
     with pytest.raises(TypeError, match="levels must be an int"):
         flowkern.Glow(3, 8, levels=2.0)
+
+
+@pytest.mark.parametrize("build, error, message", [
+    (lambda: flowkern.Glow(3, 8, 2, 1, hidden_channels=4, lu="no"), TypeError, "lu must be True or False, got 'no'"),
+    (lambda: flowkern.Glow(3, 8, 2, 1, hidden_channels=4, learn_prior=1), TypeError, "learn_prior must be True"),
+    (lambda: flowkern.FFJORD(2, adjoint="no"), TypeError, "adjoint must be True or False"),
+    (lambda: flowkern.FFJORD(2, time="1"), TypeError, "time must be a real number, got '1'"),
+    (lambda: flowkern.FFJORD(2, kinetic="a"), TypeError, "kinetic must be a real number"),
+    (lambda: flowkern.FFJORD(2, method="bogus"), ValueError, "method must be one of 'dopri5'"),
+    (lambda: flowkern.FFJORD(2, rtol=-1), ValueError, "rtol must be a finite number > 0, got -1"),
+    (lambda: flowkern.FFJORD(2, atol=float("nan")), ValueError, "atol must be a finite number > 0"),
+    (lambda: flowkern.FFJORD(2.5), TypeError, "shape .* must be an int"),
+    (lambda: flowkern.RealNVP(3, 8, 2, bound=float("nan")), ValueError, "bound must be a finite number > 0"),
+    (lambda: flowkern.RealNVP(3, 8, 2, bound=-2), ValueError, "bound must be a finite number > 0, got -2"),
+    (lambda: flowkern.RealNVP(3, 8, 2, bound="2"), TypeError, "bound must be a real number, got '2'"),
+    (lambda: fnn.ActNorm(0), ValueError, "channels must be at least 1, got 0"),
+    (lambda: fnn.Squeeze(0), ValueError, "factor must be at least 1, got 0"),
+    (lambda: fnn.InvConv1x1(0), ValueError, "channels must be at least 1"),
+    (lambda: fnn.AffineCoupling(4, hidden_channels=0), ValueError, "hidden_channels must be at least 1"),
+    (lambda: fnn.FlowSequential(torch.nn.ReLU()), TypeError, "takes flow layers .* ReLU has no inverse"),
+])
+def test_constructors_refuse_what_they_cannot_build(build, error, message):
+    with pytest.raises(error, match=message):
+        build()
+
+
+def test_ffjord_takes_an_int_shape_and_empty_or_non_finite_batches():
+    model = flowkern.FFJORD(2, hidden=8, depth=1)
+    assert model.shape == (2,)
+    assert model.sample(0).shape == (0, 2) and model.log_prob(torch.zeros(0, 2)).shape == (0,)
+    x = torch.randn(5, 2)
+    x[1, 0], x[3, 1] = float("nan"), float("inf")
+    log_prob = model.log_prob(x)
+    finite = torch.tensor([True, False, True, False, True])
+    assert log_prob[~finite].isnan().all()
+    torch.testing.assert_close(log_prob[finite], model.log_prob(x[finite]), rtol=1e-4, atol=1e-5)
+    z = torch.randn(3, 2)
+    z[2] = float("nan")
+    x = model.inverse(z)
+    assert x[2].isnan().all() and torch.isfinite(x[:2]).all()
+
+
+def test_temperatures_of_numpy_and_tensor_scalars():
+    import numpy as np
+
+    model = flowkern.Glow(3, 8, 2, 1, hidden_channels=4).eval()
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    expected = model.sample(3, temperature=0.5, generator=gen())
+    for temperature in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5)):
+        assert torch.equal(model.sample(3, temperature=temperature, generator=gen()), expected)
+    with pytest.raises(ValueError, match="temperature must be"):
+        model.sample(3, temperature=torch.tensor([0.5, 0.5]))
+
+
+def test_bits_per_dim_counts_levels_only_for_images():
+    points = torch.randn(4, 2)
+    model = flowkern.RealNVP2d(hidden=4, layers=2)
+    torch.testing.assert_close(model.bits_per_dim(points), model.bits_per_dim(points, None))
+    torch.testing.assert_close(model.bits_per_dim(points), -model.log_prob(points) / (2 * math.log(2)))
+    glow = flowkern.Glow(3, 8, 2, 1, hidden_channels=4).eval()
+    images = torch.rand(2, 3, 8, 8) - 0.5
+    torch.testing.assert_close(glow.bits_per_dim(images), glow.bits_per_dim(images, 256))
+
+
+def test_actnorm_refuses_to_initialise_from_non_finite_data():
+    model = flowkern.Glow(3, 8, 2, 1, hidden_channels=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(4, 3, 8, 8) - 0.5
+    for bad in (float("nan"), float("inf")):
+        poisoned = x.clone()
+        poisoned[2, 1, 3, 3] = bad
+        with pytest.raises(ValueError, match=r"ActNorm\(12\) initialises from its first training batch, which "
+                                             "holds NaN or inf"):
+            model(poisoned)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # still uninitialised
+    zs, logdet = model(x)
+    assert torch.isfinite(logdet).all() and all(bool(m.initialized) for m in model.modules()
+                                                if isinstance(m, fnn.ActNorm))
+
+
+@pytest.mark.parametrize("name", ["glow", "realnvp", "realnvp2d"])
+def test_sampling_a_fresh_model_in_training_mode_changes_nothing(name):
+    model = MODELS[name][0]().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    samples = model.sample(4)
+    assert model.training and torch.isfinite(samples).all()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    zs = [torch.randn(4, *s) for s in model.latent_shapes()]
+    if any(isinstance(m, fnn.ActNorm) for m in model.modules()):  # an inverse would initialise from latents
+        with pytest.raises(RuntimeError, match="conditioner's ActNorm is not initialised yet; run a forward pass"):
+            model.inverse(zs if model.multi_scale else zs[0])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
