@@ -96,6 +96,25 @@ def test_training_under_autocast(memory_saving, low):
         assert (g - e).norm() <= GRADIENT_TOLERANCE[low] * e.norm() + 1e-6, f"parameter {i}: {error}"
 
 
+@LOW
+def test_training_by_inversion_keeps_the_flow_math_in_float32_under_autocast(low):
+    """On a freshly initialised Glow the couplings are the identity (their last convolution is zero), so the
+    1×1 convs' LU parameters get gradients that do not depend on the low-precision conditioners: under
+    autocast, by inversion as by backprop, they are float32's to float32 rounding. The rebuilt layer's
+    backward must run as any backward does (its forward under the forward's autocast, its gradients not)."""
+    x = torch.rand(8, 3, 16, 16) - 0.5
+    model = initialize(flowkern.Glow(3, 16, levels=2, steps=3, hidden_channels=32), x).train()
+    lu = [p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in ("lower", "upper", "log_s")]
+    expected = torch.autograd.grad(model.bits_per_dim(x).mean(), lu)
+    for memory_saving in (False, True):
+        model.set_memory_saving(memory_saving)
+        with torch.autocast("cpu", low):
+            loss = model.bits_per_dim(x).mean()
+        for i, (g, e) in enumerate(zip(torch.autograd.grad(loss, lu), expected)):
+            error = ((g - e).norm() / e.norm()).item()
+            assert error <= 1e-4, f"memory_saving={memory_saving}, LU parameter {i}: relative error {error:.2g}"
+
+
 # Each x dtype with each lower-precision h it takes (reference._dtypes.LOWER_PRECISION).
 MIXED_DTYPES = [(x, h) for x, lower in LOWER_PRECISION.items() for h in lower]
 

@@ -125,8 +125,9 @@ class _UnitByInversion(torch.autograd.Function):
         y = y.detach()  # the saved output leads back to this node: rebuilding must not
         needed = ctx.needs_input_grad
         params = [p for p, need in zip(ctx.params, needed[4:]) if need]
-        with torch.enable_grad(), _autocast(ctx.autocast), use_backend(ctx.backend):
-            x, leaf, y_again, logdet = rebuild(ctx.unit, y)
+        with torch.enable_grad(), use_backend(ctx.backend):
+            with _autocast(ctx.autocast):  # the forward again, as it ran; its backward as any backward runs:
+                x, leaf, y_again, logdet = rebuild(ctx.unit, y)  # autograd.grad in here would autocast it too
             outputs, grads_out = [y_again], [grad_y]
             if torch.is_tensor(logdet) and logdet.requires_grad:
                 outputs.append(logdet)
