@@ -235,3 +235,9 @@ def test_a_run_folder_under_the_data_is_not_data(tmp_path):
     os.rename(elsewhere, data / "old-run")  # a run folder moved under the images, samples and all
     assert list((data / "old-run").glob("*.png"))
     assert len(flowkern.data.image_files(data)) == 6
+
+
+def test_the_largest_seed_trains(tmp_path):
+    """The per-step seed arithmetic wraps instead of overflowing for any seed the command line takes."""
+    assert run(tmp_path, "--steps", "1", "--seed", str(2 ** 63 - 1), "--no-sample") == 0
+    assert strict_json(tmp_path / "config.json")["seed"] == 2 ** 63 - 1

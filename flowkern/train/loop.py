@@ -289,14 +289,20 @@ class Run:
         (the one training would take next), so that a checkpoint never holds a diverged model. The check
         draws from forked random streams: training goes on exactly as without it."""
         loss = None
-        finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        finite = bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())
         if finite:
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.no_grad(), torch.random.fork_rng(devices=devices), self._autocast():
                 loss = self.model.bits_per_dim(self._batch(self.step), self.data.n_bins).mean()
             finite = bool(torch.isfinite(loss))
+        if self.world > 1:  # every process stops, or none: each judged its own share of the batch
+            flag = torch.tensor([float(not finite)], device=self.device)
+            dist.all_reduce(flag)
+            finite = flag.item() == 0
         if not finite:
-            what = "the parameters are" if loss is None else f"the loss of the next batch is {loss.item()}"
+            what = ("the parameters are not finite" if loss is None else
+                    f"the loss of the next batch is {loss.item()}" if not torch.isfinite(loss) else
+                    "another process's loss of the next batch is not finite")
             raise NonFiniteLoss(f"after step {self.step} {what}: training stopped, and that model is not "
                                 f"checkpointed; {self._advice(last_saved)}")
 
