@@ -56,9 +56,16 @@ class Run:
     anything is written."""
 
     def __init__(self, command: Command):
+        self.lock = None  # the lead process holds the run folder's lock from here to the end of the run
+        try:
+            self._start(command)
+        except BaseException:
+            self.close()  # a refused run leaves the folder free at once
+            raise
+
+    def _start(self, command):
         cfg = command.cfg
         self.rank, self.world, self.device = _start_processes(cfg.device)
-        self.lock = None  # the lead process holds the run folder's lock from here to the end of the run
         if self.lead and os.path.isdir(cfg.out):
             self.lock = FolderLock(cfg.out)
         check_folder(cfg.out, command.resume, command.overwrite)
