@@ -22,6 +22,9 @@ from .outputs import evaluate, write_samples
 
 # float16 steps the gradient scaler may skip in a row (overflowing gradients) before the run stops
 MAX_SKIPPED = 20
+# steps between reads of the losses from the device (also at every checkpoint, evaluation and sample file):
+# the steps in between run with no host synchronisation
+READ_EVERY = 20
 
 
 class BitsPerDim(nn.Module):
@@ -210,27 +213,37 @@ class Run:
             self.recent.extend(r["bits_per_dim"] for r in records)  # train_bits_per_dim spans a resume
             log = open_log(os.path.join(cfg.out, LOG), records)
         bar = _progress(range(self.step, cfg.steps), self.step, cfg.steps, cfg.progress and self.lead)
-        last_saved = self.step
+        last_saved, pending = self.step, []
         try:
             with StopRequest() as stop:
                 for step in bar:
-                    record = self._train_step(step, stop, last_saved)
-                    if self.lead and cfg.eval_every and self.step % cfg.eval_every == 0:
-                        record["test_bits_per_dim"] = self._evaluate()
+                    pending.append(self._train_step(step))
+                    checkpoint = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
+                    evaluation = self.lead and cfg.eval_every and self.step % cfg.eval_every == 0
+                    samples = self.lead and cfg.sample_every and self.step % cfg.sample_every == 0
+                    asked = self.world == 1 and stop.requested  # several processes agree at the next read
+                    if not (checkpoint or evaluation or samples or asked or self.step % READ_EVERY == 0):
+                        continue
+                    records, failure = self._read(pending, stop.requested, last_saved)
+                    pending = []
+                    if evaluation and failure is None:
+                        records[-1]["test_bits_per_dim"] = self._evaluate()
                     if log is not None:
                         with writing(log.name):
-                            log.write(json.dumps(record, allow_nan=False) + "\n")
-                    if step % 10 == 0 or self.step == cfg.steps:
-                        bar.set_postfix(nll=f"{record['bits_per_dim'] * self.dims * math.log(2):.2f}",
-                                        bpd=f"{record['bits_per_dim']:.3f}", lr=f"{record['lr']:.1e}", refresh=False)
-                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or self.stopping:
+                            log.writelines(json.dumps(r, allow_nan=False) + "\n" for r in records)
+                    if failure is not None:  # the steps before it are logged; none after it is checkpointed
+                        raise failure
+                    last = records[-1]
+                    bar.set_postfix(nll=f"{last['bits_per_dim'] * self.dims * math.log(2):.2f}",
+                                    bpd=f"{last['bits_per_dim']:.3f}", lr=f"{last['lr']:.1e}", refresh=False)
+                    if checkpoint or self.stopping:
                         self._check_parameters(last_saved)
                         if log is not None:
                             with writing(log.name):
                                 sync(log)  # every line before a checkpoint is on disk before the checkpoint
                         self.save()
                         last_saved = self.step
-                    if self.lead and cfg.sample_every and self.step % cfg.sample_every == 0:
+                    if samples:
                         with writing(cfg.out):
                             write_samples(self.model, self.data, self.cfg, self.device, tag=f"_step{self.step}")
                     if self.stopping:
@@ -241,8 +254,11 @@ class Run:
                 log.close()
             bar.close()
 
-    def _train_step(self, step, stop, last_saved) -> dict:
-        """One optimiser step; returns its log record."""
+    def _train_step(self, step) -> dict:
+        """One optimiser step, with no host synchronisation: returns its record with the loss, the total loss
+        and the gradient norm as device tensors, read by :meth:`_read`, which finds a non-finite step (no
+        checkpoint is written before that read; float16 steps whose gradients overflowed were skipped on the
+        device by the gradient scaler)."""
         cfg = self.cfg
         lr = self.learning_rate(step)
         for group in self.optimizer.param_groups:
@@ -252,44 +268,53 @@ class Run:
         with self._autocast():
             loss = batch_loss(self.objective, x, step)
         regularization = self.model.regularization()
-        mean_loss, finite, self.stopping = self._agree(loss, loss + regularization, stop.requested)
-        if not finite:
-            raise NonFiniteLoss(self._stop_message(step, "loss", mean_loss, last_saved))
-        record = {"step": step, "bits_per_dim": mean_loss, "lr": lr}
+        total = loss + regularization
+        record = {"step": step, "lr": lr, "bits_per_dim": loss.detach(), "total": total.detach()}
         if torch.is_tensor(regularization):
-            record["regularization"] = regularization.item()
+            record["regularization"] = regularization.detach()
         if evaluations is not None:
             record["nfe_forward"] = self.model.evaluations - evaluations
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss + regularization).backward()
+        self.scaler.scale(total).backward()
         if evaluations is not None:
             record["nfe_backward"] = self.model.evaluations - evaluations - record["nfe_forward"]
         self.scaler.unscale_(self.optimizer)
-        grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip))
-        record["grad_norm"] = grad_norm if math.isfinite(grad_norm) else None  # the log is strict JSON
-        if not math.isfinite(grad_norm):
-            if not self.scaler.is_enabled() or self.skipped >= MAX_SKIPPED:
-                raise NonFiniteLoss(self._stop_message(step, "gradient norm", grad_norm, last_saved))
-            self.skipped += 1  # float16 gradients overflowed: the scaler skips this step and scales down
-            record["skipped"] = True
-        else:
-            self.skipped = 0
+        record["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step = step + 1
-        self.recent.append(mean_loss)
         return record
 
-    def _agree(self, loss, total, stop_requested):
-        """The loss averaged over processes, whether the total loss (regularisers included) is finite on all
-        of them, and whether any was asked to stop (so that all stop together)."""
-        value = loss.detach().double().reshape(1)
-        infinite = (~torch.isfinite(total.detach().double().reshape(1))).double()
+    def _read(self, pending, stop_requested, last_saved):
+        """``(records, failure)``: the records of the steps since the last read as numbers, from one transfer
+        from the device for all of them (under torchrun the losses averaged over processes, which also agree
+        whether to stop). At a non-finite loss, or a non-finite gradient norm the float16 scaler may not
+        skip, the records stop before that step and ``failure`` is the :class:`NonFiniteLoss` naming it
+        (else None)."""
+        names = ("bits_per_dim", "total", "grad_norm", "regularization")
+        values = torch.stack([r[name].detach().double().reshape(()) for r in pending for name in names if name in r])
         if self.world > 1:
-            value = torch.cat([value, infinite, value.new_tensor([float(stop_requested)])])
-            dist.all_reduce(value)
-            return value[0].item() / self.world, value[1].item() == 0, value[2].item() > 0
-        return value.item(), infinite.item() == 0, stop_requested
+            both = torch.cat([values / self.world, values.new_tensor([float(stop_requested)])])
+            dist.all_reduce(both)
+            values, stop_requested = both[:-1], both[-1].item() > 0
+        values = iter(values.tolist())
+        records = []
+        for r in pending:
+            record = {**r, **{name: next(values) for name in names if name in r}}
+            step, total, grad_norm = record["step"], record.pop("total"), record["grad_norm"]
+            if not math.isfinite(total):
+                return records, NonFiniteLoss(self._stop_message(step, "loss", record["bits_per_dim"], last_saved))
+            if not math.isfinite(grad_norm):
+                if not self.scaler.is_enabled() or self.skipped >= MAX_SKIPPED:
+                    return records, NonFiniteLoss(self._stop_message(step, "gradient norm", grad_norm, last_saved))
+                self.skipped += 1  # float16 gradients overflowed: the scaler skipped this step and scaled down
+                record.update(grad_norm=None, skipped=True)  # the log is strict JSON
+            else:
+                self.skipped = 0
+            self.recent.append(record["bits_per_dim"])
+            records.append(record)
+        self.stopping = stop_requested
+        return records, None
 
     def _check_parameters(self, last_saved):
         """Before a checkpoint: the parameters must be finite and give a finite loss on the next step's batch
