@@ -22,6 +22,7 @@ from torch import nn
 import flowkern
 import flowkern.functional as F
 from flowkern import reference as R
+from flowkern.train.loop import adam
 
 from .plain_glow import PlainGlow
 
@@ -55,6 +56,7 @@ class Case:
     baseline: object = None  # build(provider) of what this case is compared with, timed in turn with it
     providers: tuple = None  # the case's own providers (None: the suite's, :func:`providers`)
     versus: tuple = ("eager", "compile")  # the providers that the speed-up columns divide by
+    flow_steps: int = 0  # flow steps of a whole-model case: its rows count the ops per flow step and host syncs
 
     @property
     def label(self):
@@ -256,10 +258,11 @@ def _under_autocast(fn, device, dtype):
 
 def _train_step(model, x, loss=None, compile=False, keep_grads=False, autocast=None):
     """One Adam step on ``x`` minimising ``loss(x)`` (by default the mean bits/dim), compiled if ``compile``,
+    with the optimiser of ``python -m flowkern.train`` (Adam fused into one kernel where the device has one),
     under ``torch.autocast`` in the dtype ``autocast`` if given. ``keep_grads``: gradients stay allocated
     between steps, as parameters and the optimiser's moments do, so that a step's peak memory is its
     activations and temporaries alone."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = adam(model.parameters(), lr=1e-4)
     loss_fn = _under_autocast(loss or (lambda v: model.bits_per_dim(v).mean()), x.device, autocast)
     if compile:
         loss_fn = _compiled(loss_fn)
@@ -339,8 +342,11 @@ def glow_cases(n, c, size, levels, steps, hidden, dtype, device, autocast=None):
         run = _under_autocast(lambda: model.sample(n, temperature=0.7), device, autocast)
         return _compiled(run) if provider.endswith("compile") else run
 
-    return [Case("glow_train_step", params, train, providers=case_providers, versus=PLAIN_BASELINES),
-            Case("glow_sample", {**params, "T": 0.7}, sample, providers=case_providers, versus=PLAIN_BASELINES)]
+    flow_steps = levels * steps
+    return [Case("glow_train_step", params, train, providers=case_providers, versus=PLAIN_BASELINES,
+                 flow_steps=flow_steps),
+            Case("glow_sample", {**params, "T": 0.7}, sample, providers=case_providers, versus=PLAIN_BASELINES,
+                 flow_steps=flow_steps)]
 
 
 INVERSION_CASE = "glow_train_by_inversion"

@@ -1,4 +1,6 @@
-"""Timing, peak memory, op/kernel counts and the copy-bandwidth ceiling, on CPU or CUDA."""
+"""Timing, peak memory, op/kernel counts, dispatched ops and host reads, and the copy-bandwidth ceiling, on CPU or
+CUDA."""
+import collections
 import contextlib
 import functools
 import os
@@ -7,6 +9,7 @@ import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def synchronize(device):
@@ -94,6 +97,36 @@ def profile_call(fn, device):
     aten_ops = sum(1 for e in events if e.name.startswith("aten::")
                    and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
     return {"peak_mb": cpu_peak_bytes(prof) / 2 ** 20, "aten_ops": aten_ops, **share}
+
+
+class _Dispatches(TorchDispatchMode):
+    """Counts the ops dispatched below autograd that launch work, and those that read a value back to the host."""
+
+    # allocations (no kernel runs) and ops that read a value back (each waits for the device)
+    ALLOCATIONS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh")
+    HOST_READS = ("_local_scalar_dense", "is_nonzero", "equal")
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.host_reads = collections.Counter(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.HOST_READS:
+            self.host_reads += 1
+        elif not func.is_view and name not in self.ALLOCATIONS:  # a view or an alias launches nothing
+            self.ops[func._schema.name.removeprefix("aten::")] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_dispatches(fn) -> dict:
+    """The work one eager call of ``fn`` dispatches: ``ops``, the ops that launch work (each at least one
+    kernel on a GPU: views, aliases and allocations not counted; a registered flowkern op counts once),
+    ``host_syncs``, the ops that read a value back to the host (``.item()``, ``bool(t)``, ``torch.equal``),
+    and ``by_op``, the count of each op. Deterministic for a given model and input, unlike times."""
+    with _Dispatches() as mode:
+        fn()
+    return {"ops": sum(mode.ops.values()), "host_syncs": mode.host_reads, "by_op": dict(mode.ops)}
 
 
 # convolutions, and the matrix products (with the patch gathering) that compute them where taken instead

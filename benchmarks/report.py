@@ -27,10 +27,11 @@ def markdown(report, cases=None):
             continue
         count = "aten ops" if env["device_type"] == "cpu" else "launches"
         versus = result.get("versus", ("eager", "compile"))
+        steps = any("ops_per_flow_step" in r for r in result["rows"])  # a whole-model case, counted eagerly
         lines += [f"**{result['label']}**", "",
                   f"| provider | median ms | p10..p90 ms | vs {versus[0]} | vs {versus[1]} | of copy bw | peak MiB | "
-                  f"{count} | conv share | first call s |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  f"{count} | conv share | first call s |" + (" ops per flow step | host syncs |" if steps else ""),
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if steps else "")]
         for r in result["rows"]:
             if "error" in r:
                 lines.append(f"| {r['provider']} | failed: {r['error']} | | | | | | | | |")
@@ -40,7 +41,8 @@ def markdown(report, cases=None):
                 f"{_cell(r, 'speedup_vs_eager', '.2f', '×')} | {_cell(r, 'speedup_vs_compile', '.2f', '×')} | "
                 f"{_cell(r, 'fraction_of_copy', '.0%')} | {r['peak_mb']:.1f} | "
                 f"{r.get('launches', r.get('aten_ops'))} | {_cell(r, 'conv_share', '.0%')} | "
-                f"{_cell(r, 'first_call_s', '.2f')} |")
+                f"{_cell(r, 'first_call_s', '.2f')} |"
+                + (f" {_cell(r, 'ops_per_flow_step', '.1f')} | {_cell(r, 'host_syncs', 'd')} |" if steps else ""))
         lines.append("")
     return "\n".join(lines)
 

@@ -20,7 +20,7 @@ import torch._inductor.config
 import flowkern
 
 from . import cases as suite
-from .measure import copy_bandwidth, profile_call, summarize, time_calls
+from .measure import copy_bandwidth, count_dispatches, profile_call, summarize, time_calls
 from .report import RESULTS, write_reports
 
 
@@ -119,6 +119,9 @@ def measure_case(case, providers, device, bandwidth, min_time):
         row.update(summarize(own))
         with backend(row)():
             row.update(profile_call(fn, device))
+            if case.flow_steps and not row["provider"].endswith("compile"):  # eager dispatches: what a GPU launches
+                counts = count_dispatches(fn)
+                row.update(ops_per_flow_step=counts["ops"] / case.flow_steps, host_syncs=counts["host_syncs"])
             if baseline is not None:
                 base = next(times)
                 row["baseline"] = {**summarize(base), **profile_call(baseline, device)}
@@ -143,7 +146,8 @@ def format_table(case, rows):
     width = max(11, 2 + max((len(r["provider"]) for r in rows), default=0))
     versus = [f"vs {name}" for name in case.versus]
     lines = [header, f"  {'provider':<{width}}{'median ms':>11}{'p10..p90 ms':>19}{versus[0]:>15}{versus[1]:>15}"
-                     f"{'GB/s':>7}{'of copy':>9}{'peak MiB':>10}{count:>10}{'conv':>6}{'first s':>9}"]
+                     f"{'GB/s':>7}{'of copy':>9}{'peak MiB':>10}{count:>10}{'conv':>6}{'first s':>9}"
+                     + (f"{'ops/step':>10}{'syncs':>7}" if case.flow_steps else "")]
     for r in rows:
         if "error" in r:
             lines.append(f"  {r['provider']:<{width}}failed: {r['error']}")
@@ -153,7 +157,8 @@ def format_table(case, rows):
             f"  {r['provider']:<{width}}{r['median_ms']:>11.3f}{r['p10_ms']:>9.3f}..{r['p90_ms']:<8.3f}"
             f"{opt('speedup_vs_eager', '.2f', 'x'):>15}{opt('speedup_vs_compile', '.2f', 'x'):>15}"
             f"{opt('bandwidth_gbs', '.1f'):>7}{opt('fraction_of_copy', '.0%'):>9}"
-            f"{r['peak_mb']:>10.1f}{r.get(count, '-'):>10}{opt('conv_share', '.0%'):>6}{opt('first_call_s', '.2f'):>9}")
+            f"{r['peak_mb']:>10.1f}{r.get(count, '-'):>10}{opt('conv_share', '.0%'):>6}{opt('first_call_s', '.2f'):>9}"
+            + (f"{opt('ops_per_flow_step', '.1f'):>10}{opt('host_syncs', 'd'):>7}" if case.flow_steps else ""))
         if "baseline" in r:
             b = r["baseline"]
             lines.append(f"    its baseline: {b['median_ms']:.3f} ms ({b['p10_ms']:.3f}..{b['p90_ms']:.3f}), "

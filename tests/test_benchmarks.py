@@ -81,10 +81,15 @@ def test_whole_model_cases_run_for_every_provider_and_compare_with_plain_pytorch
         for row in rows:
             assert row["first_call_s"] > 0 and 0 < row["conv_share"] < 1
             assert row["speedup_vs_eager"] == by_name["plain eager"]["median_ms"] / row["median_ms"]
+            assert row["ops_per_flow_step"] > 0 and row["host_syncs"] >= 0
+        # the plain Glow reads its ActNorm flags back in every step; flowkern's training step reads nothing
+        assert by_name["plain eager"]["host_syncs"] > 0
+        if case.name == "glow_train_step":
+            assert by_name["flowkern"]["host_syncs"] == by_name["flowkern by inversion"]["host_syncs"] == 0
         table = report.markdown({"environment": run.environment(device, 10.0), "command": "",
                                  "results": [{"case": case.name, "label": case.label, "versus": list(case.versus),
                                               "rows": rows}]})
-        assert "| vs plain eager | vs plain compile |" in table
+        assert "| vs plain eager | vs plain compile |" in table and "| ops per flow step | host syncs |" in table
 
 
 def test_whole_model_cases_under_autocast_run_for_the_plain_and_flowkern_providers():
