@@ -4,10 +4,11 @@ import torch
 from torch import nn
 
 from .. import functional
-from ..reference import actnorm_logdet
+from .._validation import check_actnorm
+from ..reference._dtypes import compute_dtype, full_precision
 from .actnorm import ActNorm
 from .coupling import AdditiveCoupling, AffineCoupling
-from .invconv import InvConv1x1
+from .invconv import FoldedLUWeight, InvConv1x1
 from .memory_saving import Unit, chain_by_inversion
 
 
@@ -136,11 +137,24 @@ class ActNormConv1x1:
         yield from self.actnorm.parameters()
         yield from self.conv.parameters()
 
-    def __call__(self, x):
+    @full_precision
+    def folded(self):
+        """``(weight (C, C), bias (C,), log-det per pixel (0-d))`` of the per-pixel map: with the LU weight,
+        assembled and differentiated as one node (:class:`~flowkern.nn.invconv.FoldedLUWeight`)."""
         actnorm, conv = self.actnorm, self.conv
-        conv._check(x, "x")
-        y = functional.actnorm_conv1x1(x, actnorm.log_scale, actnorm.bias, conv.weight_matrix())
-        return y, actnorm_logdet(x, actnorm.log_scale) + conv.logdet(x)
+        if conv.lu:
+            return FoldedLUWeight.apply(conv.perm, conv.lower, conv.upper, conv.sign, conv.log_s,
+                                        actnorm.log_scale, actnorm.bias)
+        weight, ct = conv.weight, compute_dtype(conv.weight.dtype)
+        per_pixel = torch.linalg.slogdet(weight.double())[1].to(ct) + actnorm.log_scale.to(ct).sum()
+        return weight * actnorm.log_scale.exp(), weight @ actnorm.bias, per_pixel
+
+    def __call__(self, x):
+        self.conv._check(x, "x")
+        check_actnorm(x, self.actnorm.log_scale, self.actnorm.bias)
+        weight, bias, per_pixel = self.folded()
+        logdet = (per_pixel.to(compute_dtype(x.dtype)) * (x.shape[2] * x.shape[3])).expand(x.shape[0])
+        return functional.conv1x1(x, weight, bias), logdet
 
     def inverse(self, y):
         return functional.actnorm_conv1x1_inverse(y, self.actnorm.log_scale, self.actnorm.bias,

@@ -93,3 +93,60 @@ class InvConv1x1(nn.Module):
 
     def extra_repr(self):
         return f"{self.channels}, lu={self.lu}"
+
+
+class FoldedLUWeight(torch.autograd.Function):
+    """An LU 1×1 conv's weight with the ActNorm before it folded in, and the log-det of both per pixel, as one
+    autograd node with a hand-written backward: the few products the algebra needs, where autograd through
+    the assembly records every small op of it twice.
+
+    ``W = P·(L + I)·(U + diag(sign·e^log_s))``; returns ``(W·diag(e^log_scale), W·bias, Σ log_s + Σ log_scale)``:
+    weight (C, C), bias (C,) and a 0-d log-det per pixel, assembled in float32 (float64 for float64 factors)
+    whatever the factors' dtype and under autocast too; gradients come back in the factors' dtypes.
+    ``lower`` and ``upper`` are read below and above their diagonals only (their other entries get zero
+    gradients), as in :func:`flowkern.reference.lu_weight`.
+    """
+
+    @staticmethod
+    def forward(ctx, perm, lower, upper, sign, log_s, log_scale, bias):
+        ctx.dtypes = [t.dtype for t in (lower, upper, log_s, log_scale, bias)]
+        ct = compute_dtype(lower.dtype)
+        perm, lower, upper, sign, log_s, log_scale, bias = (
+            t.to(ct) for t in (perm, lower, upper, sign, log_s, log_scale, bias))
+        with torch.autocast(lower.device.type, enabled=False):
+            strict = lower.tril(-1)
+            upper_full = upper.triu(1)
+            diagonal = sign * log_s.exp()
+            upper_full.diagonal().add_(diagonal)
+            weight = perm @ torch.addmm(upper_full, strict, upper_full)  # P·(L + I)·U
+            scale = log_scale.exp()
+            folded = weight * scale
+            per_pixel = torch.cat([log_s, log_scale]).sum()
+            ctx.save_for_backward(perm, strict, upper_full, diagonal, weight, scale, bias, folded)
+            return folded, weight @ bias, per_pixel
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_weight, grad_bias, grad_per_pixel):
+        perm, strict, upper_full, diagonal, weight, scale, bias, folded = ctx.saved_tensors
+        with torch.autocast(weight.device.type, enabled=False):
+            if grad_weight is None:
+                grad_weight = torch.zeros_like(folded)
+            grad_w = grad_weight * scale  # through W·diag(s)
+            grad_log_scale = (grad_weight * folded).sum(0)
+            grad_bias_in = None
+            if grad_bias is not None:  # through W·bias
+                grad_w = torch.addr(grad_w, grad_bias, bias)
+                grad_bias_in = weight.t() @ grad_bias
+            grad_m = perm.t() @ grad_w
+            grad_lower = (grad_m @ upper_full.t()).tril(-1)
+            grad_u = torch.addmm(grad_m, strict.t(), grad_m)  # (L + I)ᵀ·∂M
+            grad_upper = grad_u.triu(1)
+            grad_log_s = grad_u.diagonal() * diagonal
+            if grad_per_pixel is not None:
+                grad_log_s = grad_log_s + grad_per_pixel
+                grad_log_scale = grad_log_scale + grad_per_pixel
+        needs = [ctx.needs_input_grad[i] for i in (1, 2, 4, 5, 6)]
+        grads = [g.to(dtype) if need and g is not None else None for g, dtype, need in
+                 zip((grad_lower, grad_upper, grad_log_s, grad_log_scale, grad_bias_in), ctx.dtypes, needs)]
+        return None, grads[0], grads[1], None, grads[2], grads[3], grads[4]
