@@ -241,3 +241,28 @@ def test_the_largest_seed_trains(tmp_path):
     """The per-step seed arithmetic wraps instead of overflowing for any seed the command line takes."""
     assert run(tmp_path, "--steps", "1", "--seed", str(2 ** 63 - 1), "--no-sample") == 0
     assert strict_json(tmp_path / "config.json")["seed"] == 2 ** 63 - 1
+
+
+@pytest.mark.parametrize("args", [[], ["--model", "ffjord", "--data", "moons", "--hidden", "8"]],
+                         ids=["glow", "ffjord"])
+def test_a_non_finite_step_leaves_the_parameters_finite(tmp_path, capsys, monkeypatch, args):
+    """The losses are read every few steps; a step whose loss (so gradients) is not finite is skipped on the
+    device, so the steps up to the read keep finite parameters (an ODE solve with NaN parameters would fail)."""
+    loss_of = train.loop.batch_loss
+    poisoned_at = []
+
+    def poisoned(objective, x, step):
+        loss = loss_of(objective, x, step)
+        if step >= 3:
+            poisoned_at.append(step)
+            return loss * float("nan")
+        return loss
+    monkeypatch.setattr(train.loop, "batch_loss", poisoned)
+    tiny = TINY[2:] if args else TINY  # ffjord's default depth
+    out = tmp_path / "run"
+    assert train.main([*tiny, "--out", str(out), "--steps", "12", "--checkpoint-every", "10", "--no-sample",
+                       *args]) == 1
+    message = last_line(capsys)
+    assert "the loss is nan at step 3" in message and "before its first checkpoint" in message
+    assert poisoned_at == list(range(3, 10))  # trained on to the read at step 10, with finite parameters
+    assert [r["step"] for r in read_log(out)] == [0, 1, 2] and not (out / train.CHECKPOINT).exists()

@@ -15,6 +15,10 @@ class FlowModel(nn.Module):
     """
 
     multi_scale = True
+    #: whether a training step of the model reads values back to the host anyway (an adaptive ODE solve reads
+    #: its error estimate at every solver step), and its backward cannot take a non-finite loss (an adjoint
+    #: solve would fail): the training loop then checks the loss before the backward
+    checks_loss_before_backward = False
 
     def latent_shapes(self) -> list:
         """Per-sample shapes of the latents that :meth:`sample` draws, in the order of ``zs``."""

@@ -35,6 +35,7 @@ class FFJORD(FlowModel):
     """
 
     multi_scale = False
+    checks_loss_before_backward = True  # the adjoint solve cannot take a NaN; the adaptive solve syncs anyway
 
     def __init__(self, shape=(2,), hidden=64, depth=3, time=1.0, method="dopri5", rtol=1e-5, atol=1e-5,
                  adjoint=True, divergence=None, noise="rademacher", kinetic=0.0, jacobian=0.0):

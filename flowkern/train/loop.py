@@ -94,7 +94,7 @@ class Run:
             self.objective = torch.compile(self.objective, mode=cfg.compile)
         self.optimizer = adam(self.model.parameters(), cfg.lr)
         self.autocast_dtype = PRECISIONS[cfg.precision]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.scaler = gradient_scaler(self.device, cfg.precision)
         self.skipped = 0  # consecutive steps the gradient scaler skipped
         self.step, self.resumed, self.stopping = 0, state is not None, False
         if self.resumed:
@@ -258,7 +258,7 @@ class Run:
         """One optimiser step, with no host synchronisation: returns its record with the loss, the total loss
         and the gradient norm as device tensors, read by :meth:`_read`, which finds a non-finite step (no
         checkpoint is written before that read; float16 steps whose gradients overflowed were skipped on the
-        device by the gradient scaler)."""
+        device by the gradient scaler, as is any step whose gradients are not finite)."""
         cfg = self.cfg
         lr = self.learning_rate(step)
         for group in self.optimizer.param_groups:
@@ -274,6 +274,10 @@ class Run:
             record["regularization"] = regularization.detach()
         if evaluations is not None:
             record["nfe_forward"] = self.model.evaluations - evaluations
+        if self.model.checks_loss_before_backward and not self._finite_on_every_process(total):
+            record["grad_norm"] = torch.full((), float("nan"))  # no backward, no update; the read stops the run
+            self.step = step + 1
+            return record
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if evaluations is not None:
@@ -284,6 +288,13 @@ class Run:
         self.scaler.update()
         self.step = step + 1
         return record
+
+    def _finite_on_every_process(self, total):
+        """Whether the loss ``total`` is finite on every process (a host read)."""
+        flag = (~torch.isfinite(total.detach())).double().reshape(1)
+        if self.world > 1:
+            dist.all_reduce(flag)
+        return flag.item() == 0
 
     def _read(self, pending, stop_requested, last_saved):
         """``(records, failure)``: the records of the steps since the last read as numbers, from one transfer
@@ -305,7 +316,7 @@ class Run:
             if not math.isfinite(total):
                 return records, NonFiniteLoss(self._stop_message(step, "loss", record["bits_per_dim"], last_saved))
             if not math.isfinite(grad_norm):
-                if not self.scaler.is_enabled() or self.skipped >= MAX_SKIPPED:
+                if self.cfg.precision != "fp16" or self.skipped >= MAX_SKIPPED:
                     return records, NonFiniteLoss(self._stop_message(step, "gradient norm", grad_norm, last_saved))
                 self.skipped += 1  # float16 gradients overflowed: the scaler skipped this step and scaled down
                 record.update(grad_norm=None, skipped=True)  # the log is strict JSON
@@ -354,7 +365,7 @@ class Run:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
                  "config": asdict(self.cfg), "data_shape": list(self.data.train.shape[1:]),
                  "n_bins": self.data.n_bins, "backend": self.backends()}
-        if self.scaler.is_enabled():
+        if self.cfg.precision == "fp16":
             state["scaler"] = self.scaler.state_dict()
         save_checkpoint(self.cfg.out, state)
 
@@ -367,6 +378,15 @@ class Run:
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
         return (high - low).max().item()
+
+
+def gradient_scaler(device, precision):
+    """The gradient scaler of a run: float16's loss scaling, or else a scale of 1 (exact) that never grows, kept
+    for its other half: a step whose gradients are not finite is skipped on the device (fused Adam takes the
+    scaler's flag), so that the parameters stay finite until the next read of the losses stops the run."""
+    if precision == "fp16":
+        return torch.amp.GradScaler(device.type)
+    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2 ** 31 - 1)
 
 
 def _start_processes(device):
