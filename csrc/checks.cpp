@@ -56,6 +56,42 @@ void check_conv1x1_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, 
               grad_out.sizes());
 }
 
+namespace {
+
+void check_lu_part(const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& perm, const char* name,
+                   const char* op) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.sizes() == shape, op, ": expected ", name, " of shape ", shape, ", got ", t.sizes());
+  check_same_device_and_dtype(t, perm, name, op);
+}
+
+}  // namespace
+
+void check_folded_lu_weight(const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper,
+                            const at::Tensor& sign, const at::Tensor& log_s, const at::Tensor& log_scale,
+                            const at::Tensor& bias, const char* op) {
+  TORCH_CHECK(perm.defined() && perm.dim() == 2 && perm.size(0) == perm.size(1), op,
+              ": expected perm of shape (C, C), got ", perm.defined() ? perm.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(perm.scalar_type() == at::kFloat || perm.scalar_type() == at::kDouble, op,
+              ": expected float32 or float64 factors, got ", perm.scalar_type());
+  const int64_t c = perm.size(0);
+  check_lu_part(lower, {c, c}, perm, "lower", op);
+  check_lu_part(upper, {c, c}, perm, "upper", op);
+  check_lu_part(sign, {c}, perm, "sign", op);
+  check_lu_part(log_s, {c}, perm, "log_s", op);
+  check_lu_part(log_scale, {c}, perm, "log_scale", op);
+  check_lu_part(bias, {c}, perm, "bias", op);
+}
+
+void check_folded_lu_weight_grads(const at::Tensor& perm, const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+                                  const at::Tensor& grad_per_pixel, const at::Tensor& weight, const char* op) {
+  const int64_t c = perm.size(0);
+  check_lu_part(grad_weight, {c, c}, perm, "grad_weight", op);
+  check_lu_part(grad_bias, {c}, perm, "grad_bias", op);
+  check_lu_part(grad_per_pixel, {}, perm, "grad_per_pixel", op);
+  check_lu_part(weight, {c, c}, perm, "weight", op);
+}
+
 void check_grad_out(const at::Tensor& grad_out, const at::Tensor& input, const char* op) {
   check_image(grad_out, "grad_out", op);
   check_same_device_and_dtype(grad_out, input, "grad_out", op);

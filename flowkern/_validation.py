@@ -135,6 +135,23 @@ def check_weight(x, weight, x_name="x"):
         raise ValueError(f"expected weight on the device of {x_name} ({x.device}), got {weight.device}")
 
 
+def check_folded_lu_weight(perm, lower, upper, sign, log_s, log_scale, bias):
+    """An LU 1×1 conv's factors, ``perm``, ``lower``, ``upper`` (C, C) and ``sign``, ``log_s`` (C,), and the
+    ``log_scale``, ``bias`` (C,) of the ActNorm before it, on one device."""
+    check_tensor(perm, "perm", ndim=2)
+    c = perm.shape[0]
+    if perm.shape[1] != c:
+        raise ValueError(f"perm must be a square (C, C) matrix, got shape {tuple(perm.shape)}")
+    for name, t, shape in (("lower", lower, (c, c)), ("upper", upper, (c, c)), ("sign", sign, (c,)),
+                           ("log_s", log_s, (c,)), ("log_scale", log_scale, (c,)), ("bias", bias, (c,))):
+        check_tensor(t, name, ndim=len(shape))
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for a perm of shape {tuple(perm.shape)}, "
+                             f"got {tuple(t.shape)}")
+        if t.device != perm.device:
+            raise ValueError(f"expected {name} on the device of perm ({perm.device}), got {t.device}")
+
+
 def check_conv1x1(x, weight, bias, x_name="x"):
     """A 1×1 conv's inputs: ``x`` (N, C_in, H, W), ``weight`` (C_out, C_in), ``bias`` (C_out,) or None."""
     check_image(x, x_name)

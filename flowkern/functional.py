@@ -8,8 +8,8 @@ assembly, squeeze, Gaussian standardisation) is not dispatched, and layers take 
 import torch
 
 from . import backends
-from ._validation import check_actnorm, check_conv1x1, check_coupling, check_weight
-from .reference._dtypes import full_precision
+from ._validation import check_actnorm, check_conv1x1, check_coupling, check_folded_lu_weight, check_weight
+from .reference._dtypes import compute_dtype, full_precision
 
 
 @full_precision
@@ -45,6 +45,16 @@ def conv1x1(x, weight, bias=None):
     """Per-pixel channel mixing of ``x`` (N, C_in, H, W) by ``weight`` (C_out, C_in) → (N, C_out, H, W)."""
     check_conv1x1(x, weight, bias, "x")
     return backends.dispatch("conv1x1", x, weight, bias)
+
+
+@full_precision
+def folded_lu_weight(perm, lower, upper, sign, log_s, log_scale, bias):
+    """An LU 1×1 conv's weight with the ActNorm before it folded in → ``(W·diag(e^log_scale) (C, C), W·bias (C,),
+    log-det per pixel (0-d))``, assembled in float32 (float64 for float64 factors) whatever their dtype; see
+    :func:`flowkern.reference.folded_lu_weight`."""
+    check_folded_lu_weight(perm, lower, upper, sign, log_s, log_scale, bias)
+    ct = compute_dtype(lower.dtype)
+    return backends.dispatch("folded_lu_weight", *(t.to(ct) for t in (perm, lower, upper, sign, log_s, log_scale, bias)))
 
 
 @full_precision

@@ -36,6 +36,15 @@ void check_actnorm(const at::Tensor& x, const at::Tensor& log_scale, const at::T
 void check_conv1x1(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    const char* op);
 void check_conv1x1_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, const char* op);
+// The LU factors (perm, lower, upper (C, C); sign, log_s (C,)) and the ActNorm's log_scale, bias (C,): one
+// floating-point dtype and device, that of perm.
+void check_folded_lu_weight(const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper,
+                            const at::Tensor& sign, const at::Tensor& log_s, const at::Tensor& log_scale,
+                            const at::Tensor& bias, const char* op);
+// and the gradients of the op's three outputs, (C, C), (C,) and 0-d, and its folded weight (C, C): of that dtype
+// and device
+void check_folded_lu_weight_grads(const at::Tensor& perm, const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+                                  const at::Tensor& grad_per_pixel, const at::Tensor& weight, const char* op);
 // grad_out of the input's shape, device and dtype
 void check_grad_out(const at::Tensor& grad_out, const at::Tensor& input, const char* op);
 

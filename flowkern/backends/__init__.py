@@ -207,6 +207,8 @@ def _problem(op, described, device):
         shapes, options = [PROBLEM, (n, h_channels, height, width)], [mask, 0, scale, 2.0]
     elif op.startswith("actnorm"):
         shapes, options = [PROBLEM, (c,), (c,)], []
+    elif op == "folded_lu_weight":
+        shapes, options = [(c, c)] * 3 + [(c,)] * 4, []
     else:
         shapes, options = [PROBLEM, (c, c), (c,)], []
     args = []
@@ -215,6 +217,8 @@ def _problem(op, described, device):
             _, dtype, requires_grad = a
             a = torch.randn(shape, dtype=dtype, device=device).requires_grad_(requires_grad)
         args.append(a)
+    if op == "folded_lu_weight":  # P is a permutation matrix
+        args[0] = torch.eye(c, dtype=args[0].dtype, device=device)[torch.randperm(c)]
     return args + options
 
 

@@ -1,6 +1,6 @@
 """The torch ops a fused backend registers, with the fake implementations and autograd they share.
 
-A fused backend defines seven ops in the ``flowkern`` namespace under its prefix (``triton_`` for the
+A fused backend defines nine ops in the ``flowkern`` namespace under its prefix (``triton_`` for the
 Triton kernels, none for the compiled extension) with the schemas below, and kernels for them. This
 module adds what does not depend on the kernels: fake implementations (shapes for ``torch.compile``) and
 the autograd formulas wiring each op to its backward op.
@@ -16,6 +16,7 @@ function               op (``torch.ops.flowkern.<prefix><op>``)
 ``actnorm_forward``    ``actnorm(inverse=False)``, plus the log-det ``H·W·Σ log_scale``
 ``actnorm_inverse``    ``actnorm(inverse=True)``, plus the forward map's log-det
 ``conv1x1``            ``conv1x1``; its backward ``conv1x1`` by ``Wᵀ`` and ``conv1x1_weight_grad``
+``folded_lu_weight``   ``folded_lu_weight``; its backward ``folded_lu_weight_backward``
 =====================  ======================================================================
 """
 import torch
@@ -35,6 +36,11 @@ SCHEMAS = {
                         "-> (Tensor, Tensor, Tensor)",
     "conv1x1": "(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
     "conv1x1_weight_grad": "(Tensor grad_out, Tensor x) -> (Tensor, Tensor)",
+    "folded_lu_weight": "(Tensor perm, Tensor lower, Tensor upper, Tensor sign, Tensor log_s, Tensor log_scale, "
+                        "Tensor bias) -> (Tensor, Tensor, Tensor)",
+    "folded_lu_weight_backward": "(Tensor grad_weight, Tensor grad_bias, Tensor grad_per_pixel, Tensor perm, "
+                                 "Tensor lower, Tensor upper, Tensor sign, Tensor log_s, Tensor log_scale, "
+                                 "Tensor bias, Tensor weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 }
 
 
@@ -67,6 +73,15 @@ def _conv1x1_weight_grad_fake(grad_out, x):
     return x.new_empty((grad_out.shape[1], x.shape[1]), dtype=ct), x.new_empty(grad_out.shape[1], dtype=ct)
 
 
+def _folded_lu_weight_fake(perm, lower, upper, sign, log_s, log_scale, bias):
+    return torch.empty_like(perm), torch.empty_like(log_s), perm.new_empty(())
+
+
+def _folded_lu_weight_backward_fake(grad_weight, grad_bias, grad_per_pixel, perm, lower, upper, sign, log_s,
+                                    log_scale, bias, weight):
+    return torch.empty_like(perm), torch.empty_like(perm), *(torch.empty_like(log_s) for _ in range(3))
+
+
 _FAKES = {
     "coupling_forward": _coupling_fake,
     "coupling_inverse": _coupling_fake,
@@ -75,6 +90,8 @@ _FAKES = {
     "actnorm_backward": _actnorm_backward_fake,
     "conv1x1": _conv1x1_fake,
     "conv1x1_weight_grad": _conv1x1_weight_grad_fake,
+    "folded_lu_weight": _folded_lu_weight_fake,
+    "folded_lu_weight_backward": _folded_lu_weight_backward_fake,
 }
 
 
@@ -125,6 +142,20 @@ def _conv1x1_autograd(ops):
     return backward, setup_context
 
 
+def _folded_lu_weight_autograd(ops):
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, output[0])
+
+    def backward(ctx, grad_weight, grad_bias, grad_per_pixel):
+        *inputs, weight = ctx.saved_tensors
+        # an output no loss reached has no gradient: zeros, so the kernels need no variants
+        grads = [torch.zeros_like(like) if g is None else g
+                 for g, like in ((grad_weight, weight), (grad_bias, inputs[6]), (grad_per_pixel, weight.new_empty(())))]
+        lower, upper, log_s, log_scale, bias = ops.folded_lu_weight_backward(*grads, *inputs, weight)
+        return None, lower, upper, None, log_s, log_scale, bias
+    return backward, setup_context
+
+
 class FusedOps:
     """The ops registered under ``prefix``, called with the signatures of :mod:`flowkern.reference`."""
 
@@ -141,6 +172,7 @@ class FusedOps:
             "coupling_inverse": _coupling_autograd(self, inverse=True),
             "actnorm": _actnorm_autograd(self),
             "conv1x1": _conv1x1_autograd(self),
+            "folded_lu_weight": _folded_lu_weight_autograd(self),
         }
         for name, (backward, setup_context) in autograd.items():
             torch.library.register_autograd(f"{NAMESPACE}::{self.prefix}{name}", backward,

@@ -8,7 +8,7 @@ from .._validation import check_actnorm
 from ..reference._dtypes import compute_dtype, full_precision
 from .actnorm import ActNorm
 from .coupling import AdditiveCoupling, AffineCoupling
-from .invconv import FoldedLUWeight, InvConv1x1
+from .invconv import InvConv1x1
 from .memory_saving import Unit, chain_by_inversion
 
 
@@ -139,12 +139,12 @@ class ActNormConv1x1:
 
     @full_precision
     def folded(self):
-        """``(weight (C, C), bias (C,), log-det per pixel (0-d))`` of the per-pixel map: with the LU weight,
-        assembled and differentiated as one node (:class:`~flowkern.nn.invconv.FoldedLUWeight`)."""
+        """``(weight (C, C), bias (C,), log-det per pixel (0-d))`` of the per-pixel map: with the LU weight, one
+        fused op (:func:`flowkern.functional.folded_lu_weight`)."""
         actnorm, conv = self.actnorm, self.conv
         if conv.lu:
-            return FoldedLUWeight.apply(conv.perm, conv.lower, conv.upper, conv.sign, conv.log_s,
-                                        actnorm.log_scale, actnorm.bias)
+            return functional.folded_lu_weight(conv.perm, conv.lower, conv.upper, conv.sign, conv.log_s,
+                                               actnorm.log_scale, actnorm.bias)
         weight, ct = conv.weight, compute_dtype(conv.weight.dtype)
         per_pixel = torch.linalg.slogdet(weight.double())[1].to(ct) + actnorm.log_scale.to(ct).sum()
         return weight * actnorm.log_scale.exp(), weight @ actnorm.bias, per_pixel

@@ -40,6 +40,19 @@ def lu_weight(perm, lower, upper, sign, log_s):
 
 
 @full_precision
+def folded_lu_weight(perm, lower, upper, sign, log_s, log_scale, bias):
+    """An LU 1×1 conv with the ActNorm before it folded in: ``(W·diag(e^log_scale) (C, C), W·bias (C,),
+    Σ log_s + Σ log_scale (0-d))``, the weight, bias and log-det per pixel of ``x ↦ W·(x·e^log_scale + bias)``,
+    with ``W = lu_weight(perm, lower, upper, sign, log_s)``; log_scale and bias (C,).
+
+    Assembled in float32 (float64 for float64 factors) whatever the factors' dtype.
+    """
+    weight = lu_weight(perm, lower, upper, sign, log_s)
+    log_scale, bias, log_s = (t.to(weight.dtype) for t in (log_scale, bias, log_s))
+    return weight * log_scale.exp(), weight @ bias, log_s.sum() + log_scale.sum()
+
+
+@full_precision
 def lu_weight_inverse(perm, lower, upper, sign, log_s):
     """``W⁻¹`` by forward then backward substitution: ``(U + diag)⁻¹ · (L⁻¹ · Pᵀ)``."""
     unit_lower, upper_full = _lu_factors(lower, upper, sign, log_s)

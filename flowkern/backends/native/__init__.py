@@ -42,6 +42,12 @@ def conv1x1(x, weight, bias=None):
     return ops.conv1x1(x, weight, bias)
 
 
+def folded_lu_weight(perm, lower, upper, sign, log_s, log_scale, bias):
+    """(perm, lower, upper (C, C), sign, log_s, log_scale, bias (C,), one float32 or float64 dtype) →
+    (weight (C, C), bias (C,), log-det per pixel (0-d))."""
+    return ops.folded_lu_weight(perm, lower, upper, sign, log_s, log_scale, bias)
+
+
 def unsupported(device: torch.device) -> "str | None":
     """Why the extension cannot run ops on ``device``, or ``None`` when it has kernels for it."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
@@ -53,4 +59,4 @@ def unsupported(device: torch.device) -> "str | None":
 
 
 __all__ = ["ops", "PREFIX", "unsupported", "actnorm_forward", "actnorm_inverse", "conv1x1", "coupling_forward",
-           "coupling_inverse"]
+           "coupling_inverse", "folded_lu_weight"]

@@ -12,7 +12,7 @@ from ._common import interpreting
 if not (torch.cuda.is_available() or interpreting()):
     raise RuntimeError("Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 to run them on the CPU")
 
-from . import actnorm, conv1x1, coupling  # noqa: E402
+from . import actnorm, conv1x1, coupling, lu_weight  # noqa: E402
 
 PREFIX = "triton_"
 _KERNELS = {
@@ -23,6 +23,8 @@ _KERNELS = {
     "actnorm_backward": actnorm.actnorm_backward,
     "conv1x1": conv1x1.conv1x1,
     "conv1x1_weight_grad": conv1x1.conv1x1_weight_grad,
+    "folded_lu_weight": lu_weight.folded_lu_weight,
+    "folded_lu_weight_backward": lu_weight.folded_lu_weight_backward,
 }
 for _name, _kernel in _KERNELS.items():
     torch.library.define(f"{NAMESPACE}::{PREFIX}{_name}", SCHEMAS[_name])
@@ -56,6 +58,12 @@ def conv1x1(x, weight, bias=None):
     return ops.conv1x1(x, weight, bias)
 
 
+def folded_lu_weight(perm, lower, upper, sign, log_s, log_scale, bias):
+    """(perm, lower, upper (C, C), sign, log_s, log_scale, bias (C,), one float32 or float64 dtype) →
+    (weight (C, C), bias (C,), log-det per pixel (0-d))."""
+    return ops.folded_lu_weight(perm, lower, upper, sign, log_s, log_scale, bias)
+
+
 def unsupported(device: torch.device) -> "str | None":
     """Why the Triton kernels cannot run on ``device``, or ``None`` when they can."""
     if device.type == "cuda" and torch.cuda.is_available():
@@ -66,4 +74,4 @@ def unsupported(device: torch.device) -> "str | None":
 
 
 __all__ = ["ops", "PREFIX", "unsupported", "actnorm_forward", "actnorm_inverse", "conv1x1", "coupling_forward",
-           "coupling_inverse"]
+           "coupling_inverse", "folded_lu_weight"]
