@@ -4,7 +4,8 @@ import torch
 
 from flowkern import reference
 from flowkern.backends._ops import SCHEMAS
-from kernels import FUSED_BACKENDS, LAYOUTS, assert_close, load_backend, make, value_and_grads
+from flowkern import backends
+from kernels import DEVICE, FUSED_BACKENDS, LAYOUTS, assert_close, load_backend, make, value_and_grads
 
 
 @pytest.fixture(params=FUSED_BACKENDS)
@@ -117,6 +118,63 @@ def test_conv1x1_transposed_weight_view(fused):
     assert_close([fused.conv1x1(x, weight.t())], [reference.conv1x1(x, weight.t())], torch.float32, "W.t()")
 
 
+def lu_inputs(c, dtype, perm="permutation", strided=False):
+    """Fresh LU factors and ActNorm parameters of C channels: (perm, lower, upper, sign, log_s, log_scale, bias).
+    ``perm="general"``: any matrix, which the kernels must multiply as exactly as a permutation; ``strided``: every
+    factor a non-contiguous view."""
+    def fresh(*size, scale=1.0):
+        t = scale * torch.randn(*size, 2, dtype=torch.float64)[..., 1]  # a view with stride 2
+        return (t if strided else t.contiguous()).to(dtype)
+    p = torch.eye(c, dtype=torch.float64)[torch.randperm(c)] if perm == "permutation" else torch.randn(c, c,
+                                                                                                      dtype=torch.float64)
+    p = p.t().contiguous().t() if strided else p  # column-major
+    return [p.to(dtype), fresh(c, c, scale=0.5), fresh(c, c, scale=0.5), fresh(c).sign(), fresh(c, scale=0.3),
+            fresh(c, scale=0.3), fresh(c)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c,perm,strided", [(1, "permutation", False), (6, "permutation", True), (13, "general", False),
+                                             (40, "permutation", False), (17, "general", True)])
+def test_folded_lu_weight_matches_reference(fused, c, perm, strided, dtype):
+    """Weight, bias and per-pixel log-det, and the gradients of lower, upper, log_s, log_scale and bias from random
+    upstream gradients of all three outputs; lower and upper are read on their own side of the diagonal only."""
+    inputs = lu_inputs(c, dtype, perm, strided)
+    upstream = (torch.randn(c, c, dtype=dtype), torch.randn(c, dtype=dtype), torch.randn((), dtype=dtype))
+
+    def run(module):
+        leaves = [t.detach().clone().requires_grad_(i in (1, 2, 4, 5, 6)) for i, t in enumerate(inputs)]
+        outputs = module.folded_lu_weight(*leaves)
+        torch.autograd.backward(outputs, upstream)
+        return list(outputs), [leaves[i].grad for i in (1, 2, 4, 5, 6)]
+    (got, got_grads), (expected, expected_grads) = run(fused), run(reference)
+    assert [t.dtype for t in got + got_grads] == [dtype] * 8
+    assert_close(got, expected, dtype, "folded_lu_weight outputs")
+    assert_close(got_grads, expected_grads, dtype, "folded_lu_weight gradients (lower, upper, log_s, log_scale, bias)")
+    assert not got_grads[0].triu().any() and not got_grads[1].tril().any()
+
+
+def test_folded_lu_weight_gradcheck(fused):
+    inputs = lu_inputs(5, torch.float64)
+    for i in (1, 2, 4, 5, 6):
+        inputs[i].requires_grad_()
+    assert torch.autograd.gradcheck(fused.folded_lu_weight, inputs)
+
+
+def test_folded_lu_weight_of_low_precision_factors_is_assembled_in_float32(fused, monkeypatch):
+    """bfloat16 factors under autocast (functional.folded_lu_weight): assembled in float32 by the backend, which
+    autocast does not lower, and their gradients come back in bfloat16."""
+    import flowkern
+    inputs = [t.to(torch.bfloat16).requires_grad_(i in (1, 2, 4, 5, 6)) for i, t in enumerate(lu_inputs(5, torch.float32))]
+    name = next(n for n in FUSED_BACKENDS if backends._load(n) is fused)
+    with flowkern.use_backend(name), torch.autocast(torch.device(DEVICE).type, torch.bfloat16):
+        outputs = flowkern.functional.folded_lu_weight(*inputs)
+    expected = reference.folded_lu_weight(*(t.detach().float() for t in inputs))
+    assert [t.dtype for t in outputs] == [torch.float32] * 3
+    assert_close(outputs, expected, torch.float32, "bfloat16 factors")
+    sum(o.sum() for o in outputs).backward()
+    assert all(inputs[i].grad.dtype == torch.bfloat16 for i in (1, 2, 4, 5, 6))
+
+
 GRADCHECK_CASES = [
     ("coupling_forward", ("channel", 1, "sigmoid", 2.0)),
     ("coupling_inverse", ("channel", 0, "exp", 1.5)),
@@ -199,6 +257,10 @@ def _opcheck_samples(ops):
         (ops.conv1x1, (x, weight, bias7)),
         (ops.conv1x1, (x, weight, None)),
         (ops.conv1x1_weight_grad, (torch.randn(2, 7, 3, 5), x.detach())),
+        *[(ops.folded_lu_weight, tuple(t.requires_grad_(i in (1, 2, 4, 5, 6)) for i, t in enumerate(lu_inputs(c, dtype))))
+          for c, dtype in ((5, torch.float32), (3, torch.float64))],
+        (ops.folded_lu_weight_backward, (torch.randn(4, 4), torch.randn(4), torch.randn(()), *lu_inputs(4, torch.float32),
+                                         torch.randn(4, 4))),
     ]
 
 
@@ -267,6 +329,15 @@ TRITON_BAD_INPUT = [
      ValueError, r"expected grad_out of shape \(2, 6, 3, 3\), got \(2, 6, 3, 2\)"),
     (lambda ops: ops.conv1x1(torch.randn(2, 4, 3), torch.randn(4, 4), None),
      ValueError, r"input must have shape \(N, C, H, W\)"),
+    (lambda ops: ops.folded_lu_weight(*lu_inputs(4, torch.float32)[:6], torch.zeros(5)),
+     ValueError, r"bias must have shape \(4,\) for a perm of shape \(4, 4\), got \(5,\)"),
+    (lambda ops: ops.folded_lu_weight(torch.eye(4)[:3], *lu_inputs(4, torch.float32)[1:]),
+     ValueError, r"perm must be a square \(C, C\) matrix, got shape \(3, 4\)"),
+    (lambda ops: ops.folded_lu_weight(*lu_inputs(4, torch.float32)[:6], torch.zeros(4, dtype=torch.float64)),
+     TypeError, r"expected every factor in float32, or every factor in float64"),
+    (lambda ops: ops.folded_lu_weight_backward(torch.randn(4, 3), torch.randn(4), torch.randn(()),
+                                               *lu_inputs(4, torch.float32), torch.randn(4, 4)),
+     ValueError, r"expected grad_weight of shape \(4, 4\)"),
 ]
 
 

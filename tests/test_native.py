@@ -43,6 +43,16 @@ def test_cpp_schemas_are_the_shared_ones(native):
     (lambda ops: ops.coupling_forward(torch.randint(0, 3, (2, 4, 3, 3)), torch.randint(0, 3, (2, 4, 3, 3)),
                                       "channel", 0, "sigmoid", 2.0),
      r"expected a floating-point input, got Long"),
+    (lambda ops: ops.folded_lu_weight(torch.eye(4), *[torch.randn(4, 4)] * 2, *[torch.randn(4)] * 3, torch.randn(5)),
+     r"flowkern::folded_lu_weight: expected bias of shape \[4\], got \[5\]"),
+    (lambda ops: ops.folded_lu_weight(torch.eye(4).half(), *[torch.randn(4, 4)] * 2, *[torch.randn(4)] * 4),
+     r"expected float32 or float64 factors, got Half"),
+    (lambda ops: ops.folded_lu_weight(torch.eye(4), torch.randn(4, 4).double(), torch.randn(4, 4),
+                                      *[torch.randn(4)] * 4),
+     r"expected lower of dtype Float, got Double"),
+    (lambda ops: ops.folded_lu_weight_backward(torch.randn(4, 4), torch.randn(4), torch.randn(1), torch.eye(4),
+                                               *[torch.randn(4, 4)] * 2, *[torch.randn(4)] * 4, torch.randn(4, 4)),
+     r"expected grad_per_pixel of shape \[\], got \[1\]"),
 ])
 def test_bad_input_raises_a_clear_error(native, call, message):
     with pytest.raises(RuntimeError, match=message):

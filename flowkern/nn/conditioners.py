@@ -89,6 +89,18 @@ class GlowConditioner(nn.Sequential):
         return (x.device.type in self.MATMUL_DEVICES and not torch.compiler.is_compiling()
                 and first.folds() and hidden.folds() and 9 * last.out_channels <= last.in_channels)
 
+    def runs_as_one_node(self, x) -> bool:
+        """Whether a coupling runs this conditioner inside its one autograd node
+        (:class:`~flowkern.nn.glow_coupling.GlowCoupling`): with both ActNorms folded, in eager code, where the
+        convolutions are taken (on the CPU's matrix-product path autograd keeps its ops)."""
+        first, hidden, _ = self
+        return first.folds() and hidden.folds() and not torch.compiler.is_compiling() and not self.by_matmul(x)
+
+    def paddings(self):
+        """The three convolutions' paddings."""
+        first, hidden, last = self
+        return first.conv.padding, hidden.conv.padding, last.padding
+
     def forward(self, x):
         if not self.by_matmul(x):
             return super().forward(x)

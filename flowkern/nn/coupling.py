@@ -6,7 +6,9 @@ from ..reference import conditioner_channels, coupling_condition
 from .._validation import check_choice, check_count, check_image, check_module_input, check_number
 from ..reference import MASKS, SCALES
 from .actnorm import ActNorm
+from ..backends import get_backend
 from .conditioners import GlowConditioner
+from .glow_coupling import GlowCoupling, conditioner_activations, conditioner_weights
 
 
 class AffineCoupling(nn.Module):
@@ -54,7 +56,18 @@ class AffineCoupling(nn.Module):
     def _options(self):
         return dict(mask=self.mask, parity=self.parity, scale=self.scale, bound=self.bound)
 
+    def _one_node(self, x):
+        """Whether this call runs as one :class:`~flowkern.nn.glow_coupling.GlowCoupling` node: a default
+        conditioner that folds, a gradient to record and a fused backend (the reference backend keeps the
+        composition of plain ops, the node's specification)."""
+        return (isinstance(self.conditioner, GlowConditioner) and torch.is_grad_enabled()
+                and get_backend() != "reference" and self.conditioner.runs_as_one_node(x))
+
     def forward(self, x):
+        if self._one_node(x):
+            check_image(x, "x", self.channels)
+            check_module_input(self, x, "x")
+            return GlowCoupling.apply(x, *conditioner_weights(self.conditioner), self, None)
         return functional.coupling_forward(x, self._conditioner_output(x, "x"), **self._options())
 
     def inverse(self, y):
@@ -78,6 +91,16 @@ class AffineCoupling(nn.Module):
         is computed from ``leaf`` (``y`` as a new leaf of the graph, sharing its memory), and ``leaf + (x − y)``
         carries ``x``'s values with an identity Jacobian into the transform.
         """
+        if self._one_node(y):  # the conditioner runs once, to invert; the node then reuses its activations
+            check_image(y, "y", self.channels)
+            check_module_input(self, y, "y")
+            weights = conditioner_weights(self.conditioner)
+            with torch.no_grad():
+                activations = conditioner_activations(coupling_condition(y, self.mask, self.parity), weights,
+                                                      self.conditioner.paddings())
+                x = functional.coupling_inverse(y, activations[2], **self._options())[0]
+            leaf = x.detach().requires_grad_()
+            return (x, leaf, *GlowCoupling.apply(leaf, *weights, self, activations))
         leaf = y.detach().requires_grad_()
         h = self._conditioner_output(leaf, "y")
         with torch.no_grad():

@@ -1,0 +1,123 @@
+"""A Glow coupling with its default conditioner as one autograd node: :class:`GlowCoupling`.
+
+The conditioner ``conv3×3 → ActNorm → ReLU → conv1×1 → ActNorm → ReLU → zero conv3×3`` (both ActNorms folded
+into their convolutions, :class:`~flowkern.nn.conditioners.ConvActNorm`) and the coupling transform with its
+log-det run in one forward, and one hand-written backward computes every gradient: each convolution's input,
+weight and bias gradients in one ``convolution_backward``, each ReLU's in one ``threshold_backward`` on the
+saved post-ReLU activation, each folded ActNorm's two in two ops, and the conditioner's input gradient added
+into the coupling's in place. Autograd through the same modules records each small op of the folds, the channel
+split's zero-padded ``cat`` and the gradient accumulation besides. The coupling transform is the active
+backend's own op and backward.
+
+Under ``torch.autocast`` the conditioner runs in the autocast dtype, as the modules do, and its gradients come
+back in the parameters' dtypes.
+"""
+import torch
+import torch.nn.functional as F
+
+from .. import functional
+from ..reference import coupling_condition
+
+
+def conditioner_weights(conditioner):
+    """The tensors the node differentiates: ``(w1, log_scale1, b1, w2, log_scale2, b2, w3, b3)`` of a
+    :class:`~flowkern.nn.conditioners.GlowConditioner` whose ActNorms fold."""
+    first, hidden, last = conditioner
+    return (first.conv.weight, first.norm.log_scale, first.norm.bias, hidden.conv.weight, hidden.norm.log_scale,
+            hidden.norm.bias, last.weight, last.bias)
+
+
+def _low_precision(device_type):
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def conditioner_activations(condition, weights, paddings):
+    """The conditioner's forward from its input (N, C_in, H, W): ``(h1, h2, h, scales, folded, operands)``,
+    ``h1, h2`` the post-ReLU hidden activations, ``h`` its output, ``scales`` the ActNorms' ``e^log_scale``,
+    ``folded`` their folded weights and ``operands`` the convolutions' input and weights as they ran (in the
+    autocast dtype under autocast)."""
+    w1, log_scale1, b1, w2, log_scale2, b2, w3, b3 = weights
+    scales = (log_scale1.exp(), log_scale2.exp())
+    folded = (w1 * scales[0].view(-1, 1, 1, 1), w2 * scales[1].view(-1, 1, 1, 1))
+    operands = (condition, *folded, w3, b1, b2, b3)
+    low = _low_precision(condition.device.type)
+    if low is not None:
+        operands = tuple(t.to(low) for t in operands)
+    condition, w1f, w2f, w3, b1, b2, b3 = operands
+    with torch.autocast(condition.device.type, enabled=False):
+        h1 = F.conv2d(condition, w1f, b1, padding=paddings[0]).relu_()
+        h2 = F.conv2d(h1, w2f, b2, padding=paddings[1]).relu_()
+        h = F.conv2d(h2, w3, b3, padding=paddings[2])
+    return h1, h2, h, scales, folded, operands[:4]
+
+
+def _convolution_backward(grad, inp, weight, padding, input_needed):
+    return torch.ops.aten.convolution_backward(grad, inp, weight, [weight.shape[0]], [1, 1], list(padding), [1, 1],
+                                               False, [0, 0], 1, [input_needed, True, True])
+
+
+def _fold_grads(grad_folded, folded, scale, weight, log_scale):
+    """``∂W = ∂W_folded·e^log_scale`` and ``∂log_scale[o] = Σ ∂W_folded[o]·W_folded[o]``, in the parameters'
+    dtypes."""
+    grad_weight = grad_folded * scale.view(-1, 1, 1, 1)
+    out = folded.shape[0]
+    grad_log_scale = torch.bmm(grad_folded.to(folded.dtype).view(out, 1, -1), folded.view(out, -1, 1)).view(out)
+    return grad_weight.to(weight.dtype), grad_log_scale.to(log_scale.dtype)
+
+
+class GlowCoupling(torch.autograd.Function):
+    """``(y, logdet) = coupling(x, conditioner(pass part of x))`` for an
+    :class:`~flowkern.nn.AffineCoupling` (or additive one) with a folding
+    :class:`~flowkern.nn.conditioners.GlowConditioner`, as one node.
+
+    ``apply(x, *conditioner_weights(conditioner), coupling, activations)``: ``coupling`` the layer (its mask,
+    parity, scale and bound, and the conditioner's paddings); ``activations`` ``None``, or what
+    :func:`conditioner_activations` returned for this ``x`` when the caller ran it already (training by
+    inversion: the conditioner ran to invert the coupling, and does not run again).
+
+    Shapes: x (N, C, H, W) → y (N, C, H, W), logdet (N,).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, log_scale1, b1, w2, log_scale2, b2, w3, b3, coupling, activations):
+        weights = (w1, log_scale1, b1, w2, log_scale2, b2, w3, b3)
+        condition = coupling_condition(x, coupling.mask, coupling.parity)
+        paddings = coupling.conditioner.paddings()
+        if activations is None:
+            activations = conditioner_activations(condition, weights, paddings)
+        h1, h2, h, scales, folded, operands = activations
+        with torch.enable_grad():  # the backend's coupling op records its own backward, run by ours
+            x_leaf, h_leaf = x.detach().requires_grad_(), h.detach().requires_grad_()
+            y, logdet = functional.coupling_forward(x_leaf, h_leaf, **coupling._options())
+        ctx.save_for_backward(h1, h2, *scales, *folded, *operands, *weights)
+        ctx.coupling, ctx.paddings, ctx.inner = coupling, paddings, (x_leaf, h_leaf, y, logdet)
+        return y.detach(), logdet.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, grad_logdet):
+        h1, h2, scale1, scale2, folded1, folded2, condition, w1f, w2f, w3, *weights = ctx.saved_tensors
+        w1, log_scale1, b1, w2, log_scale2, b2, w3_param, b3 = weights
+        x_leaf, h_leaf, y, logdet = ctx.inner
+        ctx.inner = None
+        outputs = [(o, g) for o, g in ((y, grad_y), (logdet, grad_logdet)) if g is not None]
+        grad_x, grad_h = torch.autograd.grad([o for o, _ in outputs], (x_leaf, h_leaf), [g for _, g in outputs])
+        pad1, pad2, pad3 = ctx.paddings
+        grad_h2, grad_w3, grad_b3 = _convolution_backward(grad_h.to(h2.dtype), h2, w3, pad3, True)
+        grad_h2 = torch.ops.aten.threshold_backward(grad_h2, h2, 0)
+        grad_h1, grad_w2f, grad_b2 = _convolution_backward(grad_h2, h1, w2f, pad2, True)
+        grad_h1 = torch.ops.aten.threshold_backward(grad_h1, h1, 0)
+        need_x = ctx.needs_input_grad[0]
+        grad_condition, grad_w1f, grad_b1 = _convolution_backward(grad_h1, condition, w1f, pad1, need_x)
+        if need_x:
+            coupling = ctx.coupling
+            if grad_y is not None and grad_x.untyped_storage().data_ptr() == grad_y.untyped_storage().data_ptr():
+                grad_x = grad_x.clone()  # a backend may hand back the upstream gradient itself: it is not ours
+            if coupling.mask == "channel":
+                grad_x.chunk(2, dim=1)[coupling.parity].add_(grad_condition)
+            else:
+                grad_x = grad_x + coupling_condition(grad_condition, coupling.mask, coupling.parity)
+        grad_w1, grad_log_scale1 = _fold_grads(grad_w1f, folded1, scale1, w1, log_scale1)
+        grad_w2, grad_log_scale2 = _fold_grads(grad_w2f, folded2, scale2, w2, log_scale2)
+        return (grad_x if need_x else None, grad_w1, grad_log_scale1, grad_b1.to(b1.dtype), grad_w2, grad_log_scale2,
+                grad_b2.to(b2.dtype), grad_w3.to(w3_param.dtype), grad_b3.to(b3.dtype), None, None)
