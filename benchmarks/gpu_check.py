@@ -61,7 +61,7 @@ def _triton_modules():
         package.__path__ = [os.path.join(os.path.dirname(importlib.import_module("flowkern.backends").__file__),
                                          "triton")]
         sys.modules[name] = package
-    return {op: importlib.import_module(f"{name}.{op}") for op in ("coupling", "actnorm", "conv1x1")}
+    return {op: importlib.import_module(f"{name}.{op}") for op in ("coupling", "actnorm", "conv1x1", "lu_weight")}
 
 
 @contextlib.contextmanager
@@ -163,6 +163,16 @@ def triton_launches(modules):
                 yield "conv1x1", where_w, functools.partial(conv.conv1x1, x, weight, vector.to(w_dtype))
                 yield "conv1x1 by W^T", where_w, functools.partial(conv.conv1x1, x, weight.t(), None)
             yield "conv1x1_weight_grad", where, functools.partial(conv.conv1x1_weight_grad, g, x)
+    lu_weight = modules["lu_weight"]
+    for c in sorted({c for c, _ in SHAPES}):
+        # the (C, C) algebra runs in the factors' float32, whatever the activations' dtype
+        perm, square, vector = torch.eye(c)[torch.randperm(c)], torch.randn(c, c), torch.randn(c)
+        factors = (perm, square, square, vector.sign(), vector, vector, vector)
+        where = dict(C=c, dtype="float32")
+        yield "folded_lu_weight", where, functools.partial(lu_weight.folded_lu_weight, *factors)
+        yield "folded_lu_weight_backward", where, functools.partial(
+            lu_weight.folded_lu_weight_backward, square, vector, torch.randn(()), *factors, square)
+        yield "folded_lu_weight_inverse", where, functools.partial(lu_weight.folded_lu_weight_inverse, *factors)
 
 
 def _name(dtype):

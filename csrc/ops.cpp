@@ -55,6 +55,8 @@ TORCH_LIBRARY(flowkern, m) {
   m.def("folded_lu_weight_backward(Tensor grad_weight, Tensor grad_bias, Tensor grad_per_pixel, Tensor perm, "
         "Tensor lower, Tensor upper, Tensor sign, Tensor log_s, Tensor log_scale, Tensor bias, Tensor weight) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("folded_lu_weight_inverse(Tensor perm, Tensor lower, Tensor upper, Tensor sign, Tensor log_s, "
+        "Tensor log_scale, Tensor bias) -> (Tensor, Tensor)");
   m.def("_cuda_launch(str kernel, int n, int c, int hw, ScalarType dtype, int wave=0) -> int[]", &cuda_launch);
 }
 

@@ -7,7 +7,7 @@ assembly, squeeze, Gaussian standardisation) is not dispatched, and layers take 
 """
 import torch
 
-from . import backends
+from . import backends, reference
 from ._validation import check_actnorm, check_conv1x1, check_coupling, check_folded_lu_weight, check_weight
 from .reference._dtypes import compute_dtype, full_precision
 
@@ -55,6 +55,28 @@ def folded_lu_weight(perm, lower, upper, sign, log_s, log_scale, bias):
     check_folded_lu_weight(perm, lower, upper, sign, log_s, log_scale, bias)
     ct = compute_dtype(lower.dtype)
     return backends.dispatch("folded_lu_weight", *(t.to(ct) for t in (perm, lower, upper, sign, log_s, log_scale, bias)))
+
+
+@full_precision
+def folded_lu_weight_inverse(perm, lower, upper, sign, log_s, log_scale, bias):
+    """The inverse of the map :func:`folded_lu_weight` describes → ``(inverse weight (C, C), inverse bias (C,))``;
+    see :func:`flowkern.reference.folded_lu_weight_inverse`. Where a gradient is recorded the reference's
+    composition runs, which autograd differentiates (the fused op has no backward)."""
+    check_folded_lu_weight(perm, lower, upper, sign, log_s, log_scale, bias)
+    ct = compute_dtype(lower.dtype)
+    args = [t.to(ct) for t in (perm, lower, upper, sign, log_s, log_scale, bias)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+        return reference.folded_lu_weight_inverse(*args)
+    return backends.dispatch("folded_lu_weight_inverse", *args)
+
+
+@full_precision
+def coupling_backward(grad_y, grad_logdet, x, h, mask, parity, scale, bound, backend):
+    """``(∂x, ∂h)`` of :func:`coupling_forward` at ``(x, h)`` from ``grad_y`` (N, C, H, W) and ``grad_logdet``
+    (N,) (either ``None`` for zero), as backend ``backend`` computes them (the one
+    ``backends.choose("coupling_forward", ...)`` named for the forward): for autograd nodes that hold a coupling
+    inside them and differentiate it by hand (:class:`flowkern.nn.glow_coupling.GlowCoupling`)."""
+    return backends.run(backend, "coupling_backward", grad_y, grad_logdet, x, h, mask, parity, scale, float(bound))
 
 
 @full_precision

@@ -49,7 +49,7 @@ def fake_backend(monkeypatch, name, op_wrapper):
     from flowkern import backends
 
     module = types.ModuleType(f"flowkern_test_{name}")
-    for op in flowkern.reference.OPS:
+    for op in flowkern.reference.OPS + flowkern.reference.BACKWARD_OPS:
         setattr(module, op, op_wrapper(op, getattr(flowkern.reference, op)))
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setitem(backends._MODULES, name, module.__name__)

@@ -44,6 +44,25 @@ def check_coupling_against_reference(fused, op, x, h, mask, parity, scale):
     assert_close(got_grads, expected_grads, x.dtype, f"{op} gradients (x, h)")
 
 
+@pytest.mark.parametrize("upstream", ["both", "y only", "logdet only"])
+@pytest.mark.parametrize("mask,parity,scale", [("channel", 1, "sigmoid"), ("checkerboard", 0, "exp"),
+                                               ("channel", 0, "additive")])
+def test_coupling_backward_is_the_gradient_of_coupling_forward(fused, mask, parity, scale, upstream):
+    """Each backend's coupling_backward (what a node holding the coupling calls), the reference's among them,
+    against autograd through the reference's forward; an upstream gradient may be None."""
+    x, h = coupling_inputs(mask, parity, scale, torch.float64, "channel-slice")
+    grad_y = None if upstream == "logdet only" else torch.randn(x.shape, dtype=torch.float64)
+    grad_logdet = None if upstream == "y only" else torch.randn(x.shape[0], dtype=torch.float64)
+    leaves = [x.detach().requires_grad_(), h.detach().requires_grad_()]
+    y, logdet = reference.coupling_forward(*leaves, mask, parity, scale, 2.0)
+    terms = [(o * g).sum() for o, g in ((y, grad_y), (logdet, grad_logdet)) if g is not None and o.requires_grad]
+    expected = torch.autograd.grad(sum(terms), leaves, allow_unused=True) if terms else (None, None)
+    expected = [torch.zeros_like(t) if g is None else g for g, t in zip(expected, leaves)]
+    for module in (fused, reference):
+        got = module.coupling_backward(grad_y, grad_logdet, x, h, mask, parity, scale, 2.0)
+        assert_close(got, expected, torch.float64, f"{module.__name__} coupling_backward")
+
+
 def test_coupling_log_det_is_exact_on_large_scales(fused):
     # raw far into both tails of the sigmoid and of tanh: the fused log-sigmoid and tanh stay accurate
     x, h = coupling_inputs("channel", 0, "sigmoid", torch.float64, "contiguous", (2, 4, 3, 3))
@@ -153,6 +172,33 @@ def test_folded_lu_weight_matches_reference(fused, c, perm, strided, dtype):
     assert not got_grads[0].triu().any() and not got_grads[1].tril().any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c,perm,strided", [(1, "permutation", False), (7, "permutation", True), (40, "permutation", False),
+                                             (9, "general", True)])
+def test_folded_lu_weight_inverse_matches_reference_and_inverts(fused, c, perm, strided, dtype):
+    """The inverse map's weight and bias against the reference's triangular solves (which take P⁻¹ = Pᵀ, as the
+    kernels do, whatever P is), and for a permutation P, composed with the forward map, the identity."""
+    inputs = lu_inputs(c, dtype, perm, strided)
+    # triangular factors as a perturbed rotation has them (InvConv1x1's initialisation): random ones of C = 40 have
+    # inverses of entries near 10⁴, whose float32 solves differ by their order of operations
+    rotation = torch.linalg.qr(torch.randn(c, c, dtype=torch.float64))[0]
+    _, lower, upper = torch.linalg.lu(rotation + 0.05 * torch.randn(c, c, dtype=torch.float64))
+    inputs[1].copy_(lower)
+    inputs[2].copy_(upper)
+    inputs[3].copy_(upper.diagonal().sign())
+    inputs[4].copy_(upper.diagonal().abs().log())
+    got, expected = fused.folded_lu_weight_inverse(*inputs), reference.folded_lu_weight_inverse(*inputs)
+    assert [t.dtype for t in got] == [dtype] * 2
+    assert_close(got, expected, dtype, "folded_lu_weight_inverse")
+    if perm != "permutation":
+        return
+    weight, bias, _ = reference.folded_lu_weight(*inputs)
+    inverse, inverse_bias = got
+    identity = torch.eye(c, dtype=dtype)
+    assert_close([inverse @ weight, inverse @ bias + inverse_bias], [identity, torch.zeros(c, dtype=dtype)],
+                 torch.float16 if dtype == torch.float32 else torch.float64, "inverse ∘ forward")
+
+
 def test_folded_lu_weight_gradcheck(fused):
     inputs = lu_inputs(5, torch.float64)
     for i in (1, 2, 4, 5, 6):
@@ -259,6 +305,8 @@ def _opcheck_samples(ops):
         (ops.conv1x1_weight_grad, (torch.randn(2, 7, 3, 5), x.detach())),
         *[(ops.folded_lu_weight, tuple(t.requires_grad_(i in (1, 2, 4, 5, 6)) for i, t in enumerate(lu_inputs(c, dtype))))
           for c, dtype in ((5, torch.float32), (3, torch.float64))],
+        (ops.folded_lu_weight_inverse, tuple(lu_inputs(6, torch.float32))),
+        (ops.folded_lu_weight_inverse, tuple(lu_inputs(3, torch.float64))),
         (ops.folded_lu_weight_backward, (torch.randn(4, 4), torch.randn(4), torch.randn(()), *lu_inputs(4, torch.float32),
                                          torch.randn(4, 4))),
     ]

@@ -158,47 +158,6 @@ def test_user_conditioner_module_is_used():
     assert max_abs(layer.inverse(y), x) < 1e-5
 
 
-def _lu_factors_and_actnorm(c, dtype):
-    conv = flowkern.nn.InvConv1x1(c).to(dtype)
-    randomize_(conv, 0.3)
-    factors = [conv.perm, conv.lower, conv.upper, conv.sign, conv.log_s]
-    return [t.detach() for t in factors] + [0.3 * torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)]
-
-
-def _folded_by_autograd(perm, lower, upper, sign, log_s, log_scale, bias):
-    """The specification: the reference LU weight, with ActNorm folded in, differentiated by autograd."""
-    weight = flowkern.reference.lu_weight(perm, lower, upper, sign, log_s)
-    return weight * log_scale.exp(), weight @ bias, log_s.sum() + log_scale.sum()
-
-
-def test_the_folded_lu_weight_node_is_the_reference_with_its_gradients():
-    from flowkern.nn.invconv import FoldedLUWeight
-
-    inputs = _lu_factors_and_actnorm(7, torch.float64)
-    for i in (1, 2, 4, 5, 6):
-        inputs[i].requires_grad_()
-    assert torch.autograd.gradcheck(FoldedLUWeight.apply, inputs)
-    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-        inputs = _lu_factors_and_actnorm(13, dtype)
-        grads = [torch.randn(13, 13, dtype=dtype), torch.randn(13, dtype=dtype), torch.randn((), dtype=dtype)]
-        results = []
-        for fn in (FoldedLUWeight.apply, _folded_by_autograd):
-            leaves = [t.clone().requires_grad_(i in (1, 2, 4, 5, 6)) for i, t in enumerate(inputs)]
-            outputs = fn(*leaves)
-            torch.autograd.backward(outputs, grads)
-            results.append([*outputs, *(leaves[i].grad for i in (1, 2, 4, 5, 6))])
-        for got, expected in zip(*results):
-            torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
-    # bfloat16 factors: assembled in float32, gradients in bfloat16; autocast does not lower it
-    inputs = [t.bfloat16() for t in _lu_factors_and_actnorm(5, torch.float32)]
-    with torch.autocast("cpu", torch.bfloat16):
-        weight, bias, per_pixel = FoldedLUWeight.apply(*inputs)
-    expected = _folded_by_autograd(*(t.float() for t in inputs))
-    assert weight.dtype == bias.dtype == per_pixel.dtype == torch.float32
-    for got, want in zip((weight, bias, per_pixel), expected):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-
-
 @pytest.mark.parametrize("lu", [True, False], ids=["lu", "plain"])
 def test_flow_step_folds_actnorm_into_the_conv_exactly(lu):
     x = torch.randn(4, 6, 5, 7, dtype=torch.float64)

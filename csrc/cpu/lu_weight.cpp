@@ -79,11 +79,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> folded_lu
   return {grad_lower, grad_upper, grad_log_s, grad_log_scale, grad_bias};
 }
 
+std::tuple<at::Tensor, at::Tensor> folded_lu_weight_inverse_cpu(
+    const at::Tensor& perm_in, const at::Tensor& lower_in, const at::Tensor& upper_in, const at::Tensor& sign_in,
+    const at::Tensor& log_s_in, const at::Tensor& log_scale_in, const at::Tensor& bias_in) {
+  const char* op = "flowkern::folded_lu_weight_inverse";
+  check_folded_lu_weight(perm_in, lower_in, upper_in, sign_in, log_s_in, log_scale_in, bias_in, op);
+  const at::Tensor perm = perm_in.contiguous(), lower = lower_in.contiguous(), upper = upper_in.contiguous(),
+                   sign = sign_in.contiguous(), log_s = log_s_in.contiguous(), log_scale = log_scale_in.contiguous(),
+                   bias = bias_in.contiguous();
+  const int64_t c = perm.size(0);
+  at::Tensor inverse = at::empty({c, c}, perm.options()), bias_out = at::empty({c}, perm.options());
+  AT_DISPATCH_FLOATING_TYPES(perm.scalar_type(), "folded_lu_weight_inverse_cpu", [&] {
+    const lu::Factors<scalar_t> f = factors<scalar_t>(perm, lower, upper, sign, log_s);
+    const scalar_t *ls = log_scale.const_data_ptr<scalar_t>(), *b = bias.const_data_ptr<scalar_t>();
+    scalar_t *w = inverse.mutable_data_ptr<scalar_t>(), *bo = bias_out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, c + 1, std::max<int64_t>(1, grain(c) / c), [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) lu::inverse_column(f, ls, b, j, w, bo);
+    });
+  });
+  return {inverse, bias_out};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
   m.impl("folded_lu_weight", &folded_lu_weight_cpu);
   m.impl("folded_lu_weight_backward", &folded_lu_weight_backward_cpu);
+  m.impl("folded_lu_weight_inverse", &folded_lu_weight_inverse_cpu);
 }
 
 }  // namespace flowkern

@@ -1,4 +1,5 @@
-// The folded LU weight of a 1×1 conv on CUDA: one thread per output entry, from the per-entry math shared with
+// The folded LU weight of a 1×1 conv on CUDA, and its inverse map: one thread per output entry (per column of
+// the inverse), from the per-entry math shared with
 // the CPU (flowkern/lu_weight.h). The forward is one launch; the backward two, since its second pass reads the
 // whole of ∂M that the first writes. At Glow's channel counts (12 to 96) each is a single wave of a few blocks.
 #include <ATen/ATen.h>
@@ -39,6 +40,13 @@ __global__ void folded_lu_weight_factor_grad_kernel(lu::Factors<T> f, const T* _
                                                     T* grad_log_s, int64_t entries) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t < entries) lu::backward_factor_entry(f, grad_product, grad_per_pixel, t, grad_lower, grad_upper, grad_log_s);
+}
+
+template <typename T>
+__global__ void folded_lu_weight_inverse_kernel(lu::Factors<T> f, const T* __restrict__ log_scale,
+                                                const T* __restrict__ bias, T* inverse, T* bias_out) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j <= f.c) lu::inverse_column(f, log_scale, bias, j, inverse, bias_out);
 }
 
 void check_entries(int64_t entries, const char* op) {
@@ -104,12 +112,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> folded_lu
   return {grad_lower, grad_upper, grad_log_s, grad_log_scale, grad_bias};
 }
 
+// One thread per column: the substitutions are sequential within a column, independent across columns.
+std::tuple<at::Tensor, at::Tensor> folded_lu_weight_inverse_cuda(
+    const at::Tensor& perm_in, const at::Tensor& lower_in, const at::Tensor& upper_in, const at::Tensor& sign_in,
+    const at::Tensor& log_s_in, const at::Tensor& log_scale_in, const at::Tensor& bias_in) {
+  const char* op = "flowkern::folded_lu_weight_inverse";
+  check_folded_lu_weight(perm_in, lower_in, upper_in, sign_in, log_s_in, log_scale_in, bias_in, op);
+  const c10::cuda::CUDAGuard guard(perm_in.device());
+  const at::Tensor perm = perm_in.contiguous(), lower = lower_in.contiguous(), upper = upper_in.contiguous(),
+                   sign = sign_in.contiguous(), log_s = log_s_in.contiguous(), log_scale = log_scale_in.contiguous(),
+                   bias = bias_in.contiguous();
+  const int64_t c = perm.size(0);
+  check_entries(c + 1, op);
+  at::Tensor inverse = at::empty({c, c}, perm.options()), bias_out = at::empty({c}, perm.options());
+  AT_DISPATCH_FLOATING_TYPES(perm.scalar_type(), "folded_lu_weight_inverse_cuda", [&] {
+    folded_lu_weight_inverse_kernel<scalar_t><<<blocks_for(c + 1), kThreads, 0, stream()>>>(
+        factors<scalar_t>(perm, lower, upper, sign, log_s), log_scale.const_data_ptr<scalar_t>(),
+        bias.const_data_ptr<scalar_t>(), inverse.mutable_data_ptr<scalar_t>(), bias_out.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {inverse, bias_out};
+}
+
 }  // namespace
 }  // namespace cuda
 
 TORCH_LIBRARY_IMPL(flowkern, CUDA, m) {
   m.impl("folded_lu_weight", &cuda::folded_lu_weight_cuda);
   m.impl("folded_lu_weight_backward", &cuda::folded_lu_weight_backward_cuda);
+  m.impl("folded_lu_weight_inverse", &cuda::folded_lu_weight_inverse_cuda);
 }
 
 }  // namespace flowkern

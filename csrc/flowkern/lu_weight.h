@@ -141,5 +141,30 @@ C10_HOST_DEVICE inline void backward_factor_entry(const Factors<T>& f, const T* 
   }
 }
 
+// The inverse map x = W_inv·y + b_inv of x ↦ W·(x·e^log_scale + bias): W_inv = diag(e^−log_scale)·(U + D)⁻¹·(L + I)⁻¹·Pᵀ
+// and b_inv = −bias·e^−log_scale. Call j < C writes column j of W_inv, by forward then backward substitution on
+// (Pᵀ)[:, j] = P[j, :] in place in that column (no general inverse); call C writes b_inv.
+template <typename T>
+C10_HOST_DEVICE inline void inverse_column(const Factors<T>& f, const T* log_scale, const T* bias, int64_t j,
+                                           T* inverse, T* bias_out) {
+  const int64_t c = f.c;
+  if (j == c) {
+    for (int64_t i = 0; i < c; ++i) bias_out[i] = -bias[i] * ScalarMath::exp(-log_scale[i]);
+    return;
+  }
+  T* column = inverse + j;  // entry r at column[r * c]
+  for (int64_t r = 0; r < c; ++r) {  // (L + I)·z = Pᵀ e_j
+    T acc = f.perm[j * c + r];
+    for (int64_t k = 0; k < r; ++k) acc -= f.lower[r * c + k] * column[k * c];
+    column[r * c] = acc;
+  }
+  for (int64_t r = c - 1; r >= 0; --r) {  // (U + D)·w = z
+    T acc = column[r * c];
+    for (int64_t k = r + 1; k < c; ++k) acc -= f.upper[r * c + k] * column[k * c];
+    column[r * c] = acc / f.diagonal(r);
+  }
+  for (int64_t r = 0; r < c; ++r) column[r * c] *= ScalarMath::exp(-log_scale[r]);
+}
+
 }  // namespace lu
 }  // namespace flowkern

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -169,6 +170,54 @@ void test_actnorm_and_conv1x1(at::ScalarType dtype) {
   expect_close(grad_b, g.sum({0, 2, 3}), "conv1x1 bias gradient" + suffix, tolerance(dtype, true));
 }
 
+// The LU weight with the ActNorm folded in, its gradients and its inverse map, against the products and solves
+// written out here: W = P·(L + I)·(U + diag(sign·e^log_s)).
+void test_folded_lu_weight(at::ScalarType dtype) {
+  const std::string suffix = dtype_name(dtype);
+  const int64_t c = 9;
+  using Folded = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&);
+  using Inverse = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                     const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                     const at::Tensor&);
+  using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+  const at::Tensor perm = at::eye(c, dtype).index({at::randperm(c)});
+  const at::Tensor lower = 0.3 * at::randn({c, c}, dtype), upper = 0.3 * at::randn({c, c}, dtype);
+  const at::Tensor sign = at::randn({c}, dtype).sign(), log_s = 0.2 * at::randn({c}, dtype);
+  const at::Tensor log_scale = 0.2 * at::randn({c}, dtype), bias = at::randn({c}, dtype);
+  const auto reference = [&](const at::Tensor& l, const at::Tensor& u, const at::Tensor& ls, const at::Tensor& lsc,
+                             const at::Tensor& b) {
+    const at::Tensor w = perm.matmul(l.tril(-1) + at::eye(c, dtype)).matmul(u.triu(1) + at::diag(sign * ls.exp()));
+    return std::make_tuple(w * lsc.exp(), w.matmul(b), ls.sum() + lsc.sum());
+  };
+  const auto [weight, bias_out, per_pixel] =
+      op<Folded>("flowkern::folded_lu_weight").call(perm, lower, upper, sign, log_s, log_scale, bias);
+  std::vector<at::Tensor> leaves;
+  for (const auto& t : {lower, upper, log_s, log_scale, bias}) leaves.push_back(t.detach().requires_grad_());
+  const auto [w_ref, b_ref, pp_ref] = reference(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4]);
+  expect_close(weight, w_ref, "folded_lu_weight weight" + suffix, tolerance(dtype, true));
+  expect_close(bias_out, b_ref, "folded_lu_weight bias" + suffix, tolerance(dtype, true));
+  expect_close(per_pixel, pp_ref, "folded_lu_weight log-det per pixel" + suffix, tolerance(dtype, true));
+  const at::Tensor gw = at::randn({c, c}, dtype), gb = at::randn({c}, dtype), gpp = at::randn({}, dtype);
+  const auto ref = torch::autograd::grad({w_ref, b_ref, pp_ref}, leaves, {gw, gb, gpp});
+  const auto grads = op<Backward>("flowkern::folded_lu_weight_backward")
+                         .call(gw, gb, gpp, perm, lower, upper, sign, log_s, log_scale, bias, weight);
+  const at::Tensor got[] = {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads), std::get<3>(grads),
+                            std::get<4>(grads)};
+  const char* names[] = {"∂lower", "∂upper", "∂log_s", "∂log_scale", "∂bias"};
+  for (int i = 0; i < 5; ++i)
+    expect_close(got[i], ref[i], std::string("folded_lu_weight_backward ") + names[i] + suffix, tolerance(dtype, true));
+  const auto [inverse, inverse_bias] =
+      op<Inverse>("flowkern::folded_lu_weight_inverse").call(perm, lower, upper, sign, log_s, log_scale, bias);
+  expect_close(inverse.matmul(weight), at::eye(c, dtype), "folded_lu_weight_inverse ∘ forward" + suffix,
+               tolerance(dtype, true));
+  expect_close(inverse.matmul(bias_out) + inverse_bias, at::zeros({c}, dtype), "folded_lu_weight_inverse bias" + suffix,
+               tolerance(dtype, true));
+}
+
 void test_bad_input_is_refused() {
   auto forward = op<Coupling>("flowkern::coupling_forward");
   try {
@@ -189,6 +238,7 @@ int main() {
   for (const auto dtype : {at::kFloat, at::kDouble}) {
     test_coupling(dtype, dtype);
     test_actnorm_and_conv1x1(dtype);
+    test_folded_lu_weight(dtype);
   }
   test_coupling(at::kFloat, at::kBFloat16);
   test_coupling(at::kFloat, at::kHalf);

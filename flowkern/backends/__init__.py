@@ -71,7 +71,7 @@ def _load(name):
         raise BackendUnavailable(f"backend {name!r} is unavailable: {_reasons[name]}")
     try:
         module = importlib.import_module(_MODULES[name])
-        missing = [op for op in reference.OPS if not callable(getattr(module, op, None))]
+        missing = [op for op in reference.OPS + reference.BACKWARD_OPS if not callable(getattr(module, op, None))]
         if missing:
             raise BackendUnavailable(f"it does not define {', '.join(missing)}")
     except Exception as exc:  # any failure to load makes the backend unavailable, never flowkern
@@ -172,15 +172,26 @@ def pin_auto_choices(device, choices: dict) -> None:
         _choices[(str(device), op)] = AutoChoice(name, {}, False)
 
 
-def dispatch(op: str, *args):
-    """Run fused op ``op`` (a name in ``reference.OPS``) on ``args`` with the backend the active setting picks
-    for the device of ``args[0]``."""
+def choose(op: str, *args) -> str:
+    """The name of the backend :func:`dispatch` runs ``op`` on ``args`` with: the active setting's, or under
+    ``"auto"`` the one chosen for the device of ``args[0]``."""
     name = get_backend()
     if name == AUTO:
         device = str(args[0].device)
         choice = None if torch.compiler.is_compiling() else _choices.get((device, op))
         # Compiled code chooses once, at trace time: the choice is a constant of the graph.
         name = choice.backend if choice is not None else _choose(device, op, _describe(args))
+    return name
+
+
+def dispatch(op: str, *args):
+    """Run fused op ``op`` (a name in ``reference.OPS``) on ``args`` with the backend :func:`choose` picks."""
+    return getattr(_loaded[choose(op, *args)], op)(*args)
+
+
+def run(name: str, op: str, *args):
+    """Run ``op`` (a name in ``reference.OPS`` or ``reference.BACKWARD_OPS``) of backend ``name``, which
+    :func:`choose` returned."""
     return getattr(_loaded[name], op)(*args)
 
 
@@ -207,7 +218,7 @@ def _problem(op, described, device):
         shapes, options = [PROBLEM, (n, h_channels, height, width)], [mask, 0, scale, 2.0]
     elif op.startswith("actnorm"):
         shapes, options = [PROBLEM, (c,), (c,)], []
-    elif op == "folded_lu_weight":
+    elif op.startswith("folded_lu_weight"):
         shapes, options = [(c, c)] * 3 + [(c,)] * 4, []
     else:
         shapes, options = [PROBLEM, (c, c), (c,)], []
@@ -217,7 +228,7 @@ def _problem(op, described, device):
             _, dtype, requires_grad = a
             a = torch.randn(shape, dtype=dtype, device=device).requires_grad_(requires_grad)
         args.append(a)
-    if op == "folded_lu_weight":  # P is a permutation matrix
+    if op.startswith("folded_lu_weight"):  # P is a permutation matrix
         args[0] = torch.eye(c, dtype=args[0].dtype, device=device)[torch.randperm(c)]
     return args + options
 

@@ -1,6 +1,6 @@
 """The torch ops a fused backend registers, with the fake implementations and autograd they share.
 
-A fused backend defines nine ops in the ``flowkern`` namespace under its prefix (``triton_`` for the
+A fused backend defines ten ops in the ``flowkern`` namespace under its prefix (``triton_`` for the
 Triton kernels, none for the compiled extension) with the schemas below, and kernels for them. This
 module adds what does not depend on the kernels: fake implementations (shapes for ``torch.compile``) and
 the autograd formulas wiring each op to its backward op.
@@ -17,6 +17,8 @@ function               op (``torch.ops.flowkern.<prefix><op>``)
 ``actnorm_inverse``    ``actnorm(inverse=True)``, plus the forward map's log-det
 ``conv1x1``            ``conv1x1``; its backward ``conv1x1`` by ``Wᵀ`` and ``conv1x1_weight_grad``
 ``folded_lu_weight``   ``folded_lu_weight``; its backward ``folded_lu_weight_backward``
+``folded_lu_weight_inverse``  ``folded_lu_weight_inverse`` (no gradient: a differentiated inverse composes the
+                       reference's triangular solves)
 =====================  ======================================================================
 """
 import torch
@@ -41,6 +43,8 @@ SCHEMAS = {
     "folded_lu_weight_backward": "(Tensor grad_weight, Tensor grad_bias, Tensor grad_per_pixel, Tensor perm, "
                                  "Tensor lower, Tensor upper, Tensor sign, Tensor log_s, Tensor log_scale, "
                                  "Tensor bias, Tensor weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "folded_lu_weight_inverse": "(Tensor perm, Tensor lower, Tensor upper, Tensor sign, Tensor log_s, "
+                                "Tensor log_scale, Tensor bias) -> (Tensor, Tensor)",
 }
 
 
@@ -92,6 +96,7 @@ _FAKES = {
     "conv1x1_weight_grad": _conv1x1_weight_grad_fake,
     "folded_lu_weight": _folded_lu_weight_fake,
     "folded_lu_weight_backward": _folded_lu_weight_backward_fake,
+    "folded_lu_weight_inverse": lambda perm, *factors: (torch.empty_like(perm), torch.empty_like(factors[-1])),
 }
 
 

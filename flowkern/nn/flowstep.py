@@ -157,5 +157,10 @@ class ActNormConv1x1:
         return functional.conv1x1(x, weight, bias), logdet
 
     def inverse(self, y):
-        return functional.actnorm_conv1x1_inverse(y, self.actnorm.log_scale, self.actnorm.bias,
-                                                  self.conv.inverse_weight_matrix())
+        self.conv._check(y, "y")
+        actnorm, conv = self.actnorm, self.conv
+        if not conv.lu:
+            return functional.actnorm_conv1x1_inverse(y, actnorm.log_scale, actnorm.bias, conv.inverse_weight_matrix())
+        weight, bias = functional.folded_lu_weight_inverse(conv.perm, conv.lower, conv.upper, conv.sign, conv.log_s,
+                                                           actnorm.log_scale, actnorm.bias)
+        return functional.conv1x1(y, weight, bias)

@@ -6,8 +6,8 @@ log-det run in one forward, and one hand-written backward computes every gradien
 weight and bias gradients in one ``convolution_backward``, each ReLU's in one ``threshold_backward`` on the
 saved post-ReLU activation, each folded ActNorm's two in two ops, and the conditioner's input gradient added
 into the coupling's in place. Autograd through the same modules records each small op of the folds, the channel
-split's zero-padded ``cat`` and the gradient accumulation besides. The coupling transform is the active
-backend's own op and backward.
+split's zero-padded ``cat`` and the gradient accumulation besides. The coupling transform runs as the active
+backend's op, and its backward as that backend's ``coupling_backward``.
 
 Under ``torch.autocast`` the conditioner runs in the autocast dtype, as the modules do, and its gradients come
 back in the parameters' dtypes.
@@ -15,7 +15,7 @@ back in the parameters' dtypes.
 import torch
 import torch.nn.functional as F
 
-from .. import functional
+from .. import backends, functional
 from ..reference import coupling_condition
 
 
@@ -86,22 +86,22 @@ class GlowCoupling(torch.autograd.Function):
         if activations is None:
             activations = conditioner_activations(condition, weights, paddings)
         h1, h2, h, scales, folded, operands = activations
-        with torch.enable_grad():  # the backend's coupling op records its own backward, run by ours
-            x_leaf, h_leaf = x.detach().requires_grad_(), h.detach().requires_grad_()
-            y, logdet = functional.coupling_forward(x_leaf, h_leaf, **coupling._options())
-        ctx.save_for_backward(h1, h2, *scales, *folded, *operands, *weights)
-        ctx.coupling, ctx.paddings, ctx.inner = coupling, paddings, (x_leaf, h_leaf, y, logdet)
-        return y.detach(), logdet.detach()
+        options = coupling._options()
+        # the backend that runs the coupling's forward runs its backward too
+        ctx.backend = backends.choose("coupling_forward", x, h, *options.values())
+        y, logdet = functional.coupling_forward(x, h, **options)
+        ctx.save_for_backward(x, h, h1, h2, *scales, *folded, *operands, *weights)
+        ctx.coupling, ctx.paddings = coupling, paddings
+        return y, logdet
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_logdet):
-        h1, h2, scale1, scale2, folded1, folded2, condition, w1f, w2f, w3, *weights = ctx.saved_tensors
+        x, h, h1, h2, scale1, scale2, folded1, folded2, condition, w1f, w2f, w3, *weights = ctx.saved_tensors
         w1, log_scale1, b1, w2, log_scale2, b2, w3_param, b3 = weights
-        x_leaf, h_leaf, y, logdet = ctx.inner
-        ctx.inner = None
-        outputs = [(o, g) for o, g in ((y, grad_y), (logdet, grad_logdet)) if g is not None]
-        grad_x, grad_h = torch.autograd.grad([o for o, _ in outputs], (x_leaf, h_leaf), [g for _, g in outputs])
+        coupling = ctx.coupling
+        grad_x, grad_h = functional.coupling_backward(grad_y, grad_logdet, x, h, **coupling._options(),
+                                                      backend=ctx.backend)
         pad1, pad2, pad3 = ctx.paddings
         grad_h2, grad_w3, grad_b3 = _convolution_backward(grad_h.to(h2.dtype), h2, w3, pad3, True)
         grad_h2 = torch.ops.aten.threshold_backward(grad_h2, h2, 0)
@@ -110,7 +110,6 @@ class GlowCoupling(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         grad_condition, grad_w1f, grad_b1 = _convolution_backward(grad_h1, condition, w1f, pad1, need_x)
         if need_x:
-            coupling = ctx.coupling
             if grad_y is not None and grad_x.untyped_storage().data_ptr() == grad_y.untyped_storage().data_ptr():
                 grad_x = grad_x.clone()  # a backend may hand back the upstream gradient itself: it is not ours
             if coupling.mask == "channel":

@@ -4,7 +4,14 @@ The fused ops (``OPS``) exist with these signatures in every backend; the helper
 tensor algebra that no backend needs to replace.
 """
 from .actnorm import actnorm_forward, actnorm_inverse, actnorm_logdet
-from .conv1x1 import conv1x1, conv1x1_logdet, folded_lu_weight, lu_weight, lu_weight_inverse
+from .conv1x1 import (
+    conv1x1,
+    conv1x1_logdet,
+    folded_lu_weight,
+    folded_lu_weight_inverse,
+    lu_weight,
+    lu_weight_inverse,
+)
 from .coupling import (
     MASKS,
     SCALES,
@@ -12,6 +19,7 @@ from .coupling import (
     channel_layout,
     channel_split_sizes,
     conditioner_channels,
+    coupling_backward,
     coupling_condition,
     coupling_forward,
     coupling_inverse,
@@ -20,11 +28,16 @@ from .coupling import (
 from .gaussian import standard_normal_log_prob, standardize, unstandardize
 from .squeeze import squeeze, unsqueeze
 
-OPS = ("coupling_forward", "coupling_inverse", "actnorm_forward", "actnorm_inverse", "conv1x1", "folded_lu_weight")
+OPS = ("coupling_forward", "coupling_inverse", "actnorm_forward", "actnorm_inverse", "conv1x1", "folded_lu_weight",
+       "folded_lu_weight_inverse")
+# The backward of an op, called as the backend that ran the op computes it, by autograd nodes that hold the op
+# inside them and differentiate it by hand (flowkern.nn.glow_coupling): every backend defines these too.
+BACKWARD_OPS = ("coupling_backward",)
 
 __all__ = [
-    "OPS", "MASKS", "SCALES",
-    "actnorm_forward", "actnorm_inverse", "conv1x1", "coupling_forward", "coupling_inverse", "folded_lu_weight",
+    "OPS", "BACKWARD_OPS", "MASKS", "SCALES",
+    "actnorm_forward", "actnorm_inverse", "conv1x1", "coupling_backward", "coupling_forward", "coupling_inverse",
+    "folded_lu_weight", "folded_lu_weight_inverse",
     "actnorm_logdet", "channel_layout", "channel_split_sizes", "checkerboard", "conditioner_channels", "conv1x1_logdet",
     "coupling_condition",
     "lu_weight", "lu_weight_inverse", "squeeze", "standard_normal_log_prob", "standardize",

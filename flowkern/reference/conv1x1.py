@@ -53,6 +53,15 @@ def folded_lu_weight(perm, lower, upper, sign, log_s, log_scale, bias):
 
 
 @full_precision
+def folded_lu_weight_inverse(perm, lower, upper, sign, log_s, log_scale, bias):
+    """The inverse of the map :func:`folded_lu_weight` describes, ``x = W_inv·y + b_inv``: ``(diag(e^−log_scale)·W⁻¹
+    (C, C), −bias·e^−log_scale (C,))``, ``W⁻¹`` from :func:`lu_weight_inverse`'s triangular solves."""
+    inverse = lu_weight_inverse(perm, lower, upper, sign, log_s)
+    inv_scale = (-log_scale.to(inverse.dtype)).exp()
+    return inv_scale[:, None] * inverse, -bias.to(inverse.dtype) * inv_scale
+
+
+@full_precision
 def lu_weight_inverse(perm, lower, upper, sign, log_s):
     """``W⁻¹`` by forward then backward substitution: ``(U + diag)⁻¹ · (L⁻¹ · Pᵀ)``."""
     unit_lower, upper_full = _lu_factors(lower, upper, sign, log_s)

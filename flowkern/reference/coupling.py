@@ -122,6 +122,20 @@ def coupling_forward(x, h, mask="channel", parity=0, scale="sigmoid", bound=2.0)
     return y.to(x.dtype), logdet
 
 
+def coupling_backward(grad_y, grad_logdet, x, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
+    """The gradients ``(∂x, ∂h)`` of :func:`coupling_forward` at ``(x, h)`` from those of its outputs, ``grad_y``
+    (N, C, H, W) and ``grad_logdet`` (N,), either ``None`` for zero: by autograd through it."""
+    with torch.enable_grad():
+        x_leaf, h_leaf = x.detach().requires_grad_(), h.detach().requires_grad_()
+        outputs = [(o, g) for o, g in zip(coupling_forward(x_leaf, h_leaf, mask, parity, scale, bound),
+                                          (grad_y, grad_logdet)) if g is not None and o.requires_grad]
+        if not outputs:
+            return torch.zeros_like(x), torch.zeros_like(h)
+        outputs, upstream = zip(*outputs)
+        grads = torch.autograd.grad(outputs, (x_leaf, h_leaf), upstream, allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, (x, h)))
+
+
 def coupling_inverse(y, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
     """(y (N, C, H, W), h) → (x of y's shape and dtype, logdet (N,) of the forward map)."""
     x, logdet = _affine(y, h, mask, parity, scale, bound, inverse=True)

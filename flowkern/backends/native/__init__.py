@@ -6,6 +6,7 @@ built, was built for CPU features this CPU lacks, or does not load; flowkern the
 import torch
 
 from ...reference.actnorm import actnorm_logdet
+from ...reference._dtypes import compute_dtype
 from .._ops import NAMESPACE, FusedOps
 from .cpu_features import check_cpu_features
 
@@ -42,10 +43,24 @@ def conv1x1(x, weight, bias=None):
     return ops.conv1x1(x, weight, bias)
 
 
+def coupling_backward(grad_y, grad_logdet, x, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
+    """(∂x, ∂h) of :func:`coupling_forward` from (∂y, ∂logdet), either ``None`` for zero."""
+    if grad_y is None:
+        grad_y = torch.zeros_like(x)
+    if grad_logdet is None:
+        grad_logdet = x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype))
+    return ops.coupling_backward(grad_y, grad_logdet, x, h, mask, parity, scale, bound, False)
+
+
 def folded_lu_weight(perm, lower, upper, sign, log_s, log_scale, bias):
     """(perm, lower, upper (C, C), sign, log_s, log_scale, bias (C,), one float32 or float64 dtype) →
     (weight (C, C), bias (C,), log-det per pixel (0-d))."""
     return ops.folded_lu_weight(perm, lower, upper, sign, log_s, log_scale, bias)
+
+
+def folded_lu_weight_inverse(perm, lower, upper, sign, log_s, log_scale, bias):
+    """The factors as :func:`folded_lu_weight` takes them → (inverse weight (C, C), inverse bias (C,)) of its map."""
+    return ops.folded_lu_weight_inverse(perm, lower, upper, sign, log_s, log_scale, bias)
 
 
 def unsupported(device: torch.device) -> "str | None":
@@ -58,5 +73,5 @@ def unsupported(device: torch.device) -> "str | None":
     return None
 
 
-__all__ = ["ops", "PREFIX", "unsupported", "actnorm_forward", "actnorm_inverse", "conv1x1", "coupling_forward",
-           "coupling_inverse", "folded_lu_weight"]
+__all__ = ["ops", "PREFIX", "unsupported", "actnorm_forward", "actnorm_inverse", "conv1x1", "coupling_backward",
+           "coupling_forward", "coupling_inverse", "folded_lu_weight", "folded_lu_weight_inverse"]

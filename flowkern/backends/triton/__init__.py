@@ -6,6 +6,7 @@ Triton is first imported), which is how the kernels are tested without a GPU.
 import torch
 
 from ...reference.actnorm import actnorm_logdet
+from ...reference._dtypes import compute_dtype
 from .._ops import NAMESPACE, SCHEMAS, FusedOps
 from ._common import interpreting
 
@@ -25,6 +26,7 @@ _KERNELS = {
     "conv1x1_weight_grad": conv1x1.conv1x1_weight_grad,
     "folded_lu_weight": lu_weight.folded_lu_weight,
     "folded_lu_weight_backward": lu_weight.folded_lu_weight_backward,
+    "folded_lu_weight_inverse": lu_weight.folded_lu_weight_inverse,
 }
 for _name, _kernel in _KERNELS.items():
     torch.library.define(f"{NAMESPACE}::{PREFIX}{_name}", SCHEMAS[_name])
@@ -58,10 +60,24 @@ def conv1x1(x, weight, bias=None):
     return ops.conv1x1(x, weight, bias)
 
 
+def coupling_backward(grad_y, grad_logdet, x, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
+    """(∂x, ∂h) of :func:`coupling_forward` from (∂y, ∂logdet), either ``None`` for zero."""
+    if grad_y is None:
+        grad_y = torch.zeros_like(x)
+    if grad_logdet is None:
+        grad_logdet = x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype))
+    return ops.coupling_backward(grad_y, grad_logdet, x, h, mask, parity, scale, bound, False)
+
+
 def folded_lu_weight(perm, lower, upper, sign, log_s, log_scale, bias):
     """(perm, lower, upper (C, C), sign, log_s, log_scale, bias (C,), one float32 or float64 dtype) →
     (weight (C, C), bias (C,), log-det per pixel (0-d))."""
     return ops.folded_lu_weight(perm, lower, upper, sign, log_s, log_scale, bias)
+
+
+def folded_lu_weight_inverse(perm, lower, upper, sign, log_s, log_scale, bias):
+    """The factors as :func:`folded_lu_weight` takes them → (inverse weight (C, C), inverse bias (C,)) of its map."""
+    return ops.folded_lu_weight_inverse(perm, lower, upper, sign, log_s, log_scale, bias)
 
 
 def unsupported(device: torch.device) -> "str | None":
@@ -73,5 +89,5 @@ def unsupported(device: torch.device) -> "str | None":
     return f"Triton kernels run on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not {device.type}"
 
 
-__all__ = ["ops", "PREFIX", "unsupported", "actnorm_forward", "actnorm_inverse", "conv1x1", "coupling_forward",
-           "coupling_inverse", "folded_lu_weight"]
+__all__ = ["ops", "PREFIX", "unsupported", "actnorm_forward", "actnorm_inverse", "conv1x1", "coupling_backward",
+           "coupling_forward", "coupling_inverse", "folded_lu_weight", "folded_lu_weight_inverse"]

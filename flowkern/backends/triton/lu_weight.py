@@ -1,6 +1,7 @@
 """The folded LU weight of a 1×1 conv: ``W = P·(L + I)·(U + diag(sign·e^log_s))`` with the ActNorm before it
 folded in, ``(W·diag(e^log_scale), W·bias, Σ log_s + Σ log_scale)``, and its gradient with respect to the
-factors, as one kernel forward and two backward, instead of a dozen small PyTorch ops each way.
+factors, as one kernel forward and two backward, instead of a dozen small PyTorch ops each way; and the inverse
+map's weight and bias in one kernel of triangular substitutions.
 
 A program holds one row (or column) of the (C, C) result as a vector and loops over the other index, so any C
 runs in C programs of O(C²) work. Products with P skip its zero entries in the forward (one per row for a
@@ -101,6 +102,30 @@ def _factor_grad_kernel(lower_ptr, upper_ptr, sign_ptr, log_s_ptr, grad_product_
     tl.store(grad_log_s_ptr + a, tl.sum(tl.where(b == a, upper, 0.0)) * diagonal + tl.load(grad_per_pixel_ptr))
 
 
+@triton.jit
+def _inverse_kernel(perm_ptr, lower_ptr, upper_ptr, sign_ptr, log_s_ptr, log_scale_ptr, bias_ptr, inverse_ptr,
+                    bias_out_ptr, C, BLOCK: tl.constexpr):
+    """Program j < C: column j of diag(e^−log_scale)·(U + D)⁻¹·(L + I)⁻¹·Pᵀ by forward then backward substitution
+    on (Pᵀ)[:, j] = P[j, :], held as a vector; program C: the inverse bias −bias·e^−log_scale."""
+    j = tl.program_id(0)
+    k = tl.arange(0, BLOCK)
+    inside = k < C
+    inv_scale = tl.exp(-tl.load(log_scale_ptr + k, mask=inside, other=0.0))
+    if j < C:
+        z = tl.load(perm_ptr + j * C + k, mask=inside, other=0.0)
+        for r in range(C):  # z[r] −= Σ_{k < r} L[r, k]·z[k]
+            lower_row = tl.load(lower_ptr + r * C + k, mask=inside & (k < r), other=0.0)
+            z = tl.where(k == r, tl.sum(tl.where(k == r, z, 0.0)) - tl.sum(lower_row * z), z)
+        for i in range(C):  # z[r] = (z[r] − Σ_{k > r} U[r, k]·z[k]) / D[r], from the last row up
+            r = C - 1 - i
+            upper_row = tl.load(upper_ptr + r * C + k, mask=inside & (k > r), other=0.0)
+            diagonal = tl.load(sign_ptr + r) * tl.exp(tl.load(log_s_ptr + r))
+            z = tl.where(k == r, (tl.sum(tl.where(k == r, z, 0.0)) - tl.sum(upper_row * z)) / diagonal, z)
+        tl.store(inverse_ptr + k * C + j, z * inv_scale, mask=inside)
+    else:
+        tl.store(bias_out_ptr + k, -tl.load(bias_ptr + k, mask=inside, other=0.0) * inv_scale, mask=inside)
+
+
 def _dense(*tensors):
     return [t.contiguous() for t in tensors]
 
@@ -145,3 +170,13 @@ def folded_lu_weight_backward(grad_weight, grad_bias, grad_per_pixel, perm, lowe
     _factor_grad_kernel[(c,)](lower, upper, sign, log_s, grad_product, grad_per_pixel, grad_lower, grad_upper,
                               grad_log_s, c, BLOCK=block)
     return grad_lower, grad_upper, grad_log_s, grad_log_scale, grad_bias_in
+
+
+def folded_lu_weight_inverse(perm, lower, upper, sign, log_s, log_scale, bias):
+    """The factors as :func:`folded_lu_weight` takes them → (inverse weight (C, C), inverse bias (C,)) of its map."""
+    _check(perm, lower, upper, sign, log_s, log_scale, bias)
+    c = perm.shape[0]
+    inverse, bias_out = empty((c, c), perm.dtype, perm.device), empty((c,), perm.dtype, perm.device)
+    _inverse_kernel[(c + 1,)](*_dense(perm, lower, upper, sign, log_s, log_scale, bias), inverse, bias_out, c,
+                              BLOCK=triton.next_power_of_2(c))
+    return inverse, bias_out
