@@ -243,7 +243,7 @@ def check_triton(ops=None):
                                         registers=registers, spill_bytes=spills, shared_bytes=shared,
                                         blocks_per_sm=blocks_per_sm(registers, threads, shared), shapes=[])
                 row = kernels[key]
-                row["shapes"].append(f"C={where['C']} {where['HW']}")
+                row["shapes"].append(f"C={where['C']} {where.get('HW', '(C, C)')}")
                 if row["spill_bytes"] and where["C"] in GLOW_CHANNELS:
                     problems.append(f"{name} ({op} {_describe(where)}): {row['spill_bytes']} B spilled at a Glow "
                                     f"shape ({row['registers']} registers)")
