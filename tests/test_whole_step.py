@@ -82,6 +82,7 @@ def test_the_conditioner_takes_matrix_products_on_the_cpu_once_folded_and_wide(m
     monkeypatch.setattr("flowkern.nn.conditioners.glow_conditioner_by_matmul",
                         lambda *args: calls.append(args) or glow_conditioner_by_matmul(*args))
     wide, narrow = GlowConditioner(3, 6, hidden_channels=54), GlowConditioner(3, 6, hidden_channels=53)
+    wide.form = narrow.form = "matrix products"
     x = torch.randn(4, 3, 5, 5)
     unfolded = wide(x)  # initialises ActNorm: convolutions, unfolded
     narrow(x)
@@ -89,9 +90,45 @@ def test_the_conditioner_takes_matrix_products_on_the_cpu_once_folded_and_wide(m
     torch.testing.assert_close(wide(x), unfolded, rtol=1e-5, atol=1e-6)
     assert len(calls) == 1
     narrow(x)  # its per-tap products (9·6 channels) would be larger than its hidden activations (53)
+    wide.form = "convolutions"
+    wide(x)
+    wide.form = "matrix products"
     monkeypatch.setattr(GlowConditioner, "MATMUL_DEVICES", ())
     wide(x)
     assert len(calls) == 1
+    wide.form = "by hand"
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="form"):
+        wide(x)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_the_conditioner_measures_its_faster_form_once_per_shape(grad, monkeypatch):
+    """With ``form`` unset, the first call of a shape times both forms (forward, and backward where a gradient
+    is recorded) on copies, keeps the faster, and leaves the parameters' gradients untouched."""
+    from flowkern.nn import conditioners
+
+    monkeypatch.setattr(conditioners, "FORM_CHOICES", {})
+    conditioner = randomize_(GlowConditioner(3, 6, hidden_channels=60), 0.1)
+    x = torch.randn(2, 3, 7, 7)
+    conditioner(x)  # ActNorm's initialisation
+    chosen = []
+    monkeypatch.setattr(conditioners, "fastest", lambda calls, rounds: chosen.append(list(calls)) or (
+        "matrix products", dict.fromkeys(calls, 1.0)))
+    with torch.set_grad_enabled(grad):
+        out = conditioner(x)
+        assert conditioner(x).equal(out)  # measured once: the second call takes the choice
+    assert chosen == [list(GlowConditioner.FORMS)]
+    (key, (form, seconds)), = conditioners.FORM_CHOICES.items()
+    assert key[-1] is grad and form == "matrix products" and set(seconds) == set(GlowConditioner.FORMS)
+    assert all(p.grad is None for p in conditioner.parameters())
+    first, hidden, last = conditioner
+    expected = conditioners.glow_conditioner_by_convolutions(x, *first.folded(), *hidden.folded(), last.weight,
+                                                             last.bias)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    conditioners.FORM_CHOICES[key] = ("convolutions", seconds)
+    with torch.set_grad_enabled(grad):
+        assert not conditioner.by_matmul(x)
 
 
 def test_compiled_conditioners_keep_their_convolutions():
@@ -99,7 +136,11 @@ def test_compiled_conditioners_keep_their_convolutions():
 
     x = torch.rand(4, 3, 8, 8) - 0.5
     model = initialize(flowkern.Glow(3, 8, levels=2, steps=1, hidden_channels=128), x).train()
-    assert any(m.by_matmul(x) for m in model.modules() if isinstance(m, GlowConditioner))  # eagerly
+    conditioners = [m for m in model.modules() if isinstance(m, GlowConditioner)]
+    for conditioner in conditioners:
+        conditioner.form = "matrix products"
+    condition = torch.randn(4, 6, 4, 4)  # the first level's conditioner input
+    assert conditioners[0].by_matmul(condition)  # eagerly
     explanation = dynamo.explain(model.log_prob)(x)
     targets = {node.target for graph in explanation.graphs for node in graph.graph.nodes}
     assert torch.nn.functional.fold not in targets and torch.conv2d in targets

@@ -16,6 +16,7 @@ not flip choices between runs.
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import importlib
 import statistics
 import threading
@@ -269,14 +270,24 @@ def _measure(device, op, described) -> AutoChoice:
             times[name] = []
         except Exception as exc:
             seconds[name] = f"{type(exc).__name__}: {exc}"
-    for _ in range(AUTO_ROUNDS):  # round-robin, so a slow moment of the machine hits every candidate
-        for name in times:
+    best, timed = fastest({name: functools.partial(call, getattr(_loaded[name], op)) for name in times})
+    return AutoChoice(best or "reference", {**seconds, **timed}, bool(inputs))
+
+
+def fastest(calls: dict, rounds: int = AUTO_ROUNDS):
+    """``(name, seconds)``: the fastest of ``calls`` (``{name: fn}``, in order of preference, warmed up and
+    synchronising), by the median of ``rounds`` calls each, round-robin so that a slow moment of the machine
+    hits every candidate; a later candidate must take under ``AUTO_MARGIN`` of an earlier one's time.
+    ``name`` is None when ``calls`` is empty."""
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
             start = time.perf_counter()
-            call(getattr(_loaded[name], op))
+            fn()
             times[name].append(time.perf_counter() - start)
-    best = None
-    for name in times:
-        seconds[name] = statistics.median(times[name])
+    best, seconds = None, {}
+    for name, series in times.items():
+        seconds[name] = statistics.median(series)
         if best is None or seconds[name] < AUTO_MARGIN * seconds[best]:
             best = name
-    return AutoChoice(best or "reference", seconds, bool(inputs))
+    return best, seconds

@@ -3,11 +3,14 @@
 Each ends in a zero-initialised layer, so a fresh coupling is the identity (Glow's initialisation) and
 its scale starts at ``s(0)``.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import check_count
+from .._validation import check_choice, check_count
+from ..backends import fastest
 from .actnorm import ActNorm
 
 
@@ -61,16 +64,20 @@ def zero_conv(in_channels, out_channels, kernel_size=3):
 class GlowConditioner(nn.Sequential):
     """conv3×3 → ActNorm → ReLU → conv1×1 → ActNorm → ReLU → zero-initialised conv3×3.
 
-    On the devices in :attr:`MATMUL_DEVICES`, once both ActNorms fold, the last two convolutions run as
-    matrix products over (pixels, channels) instead (:func:`glow_conditioner_by_matmul`): the same map,
-    faster there (the benchmark case ``glow_conditioner_forward_backward`` measures both ways).
+    On the devices in :attr:`MATMUL_DEVICES`, once both ActNorms fold, the last two convolutions may run as
+    matrix products over (pixels, channels) instead (:func:`glow_conditioner_by_matmul`): the same map, which
+    one CPU runs faster and another slower than its convolutions. :attr:`form` picks one; by default the
+    first call of each shape times both (forward, and backward where a gradient is recorded) and keeps the
+    faster for the process (:data:`FORM_CHOICES`; the benchmark case ``glow_conditioner_forward_backward``
+    measures both).
 
     Shapes: (N, in_channels, H, W) → (N, out_channels, H, W).
     """
 
-    #: where the matrix-product form is taken: on the CPU oneDNN runs the 3×3 convolution with few output
-    #: channels well below its matrix-product speed; on CUDA cuDNN's convolutions are kept
+    #: where the matrix-product form is a candidate: oneDNN's 3×3 convolutions with few output channels run
+    #: below its matrix-product speed on some CPUs; on CUDA cuDNN's convolutions are kept
     MATMUL_DEVICES = ("cpu",)
+    FORMS = ("convolutions", "matrix products")
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 512):
         _check_widths(in_channels=in_channels, out_channels=out_channels, hidden_channels=hidden_channels)
@@ -79,15 +86,24 @@ class GlowConditioner(nn.Sequential):
             ConvActNorm(hidden_channels, hidden_channels, 1),
             zero_conv(hidden_channels, out_channels),
         )
+        #: one of :attr:`FORMS`, or None: the faster, measured on the first call of each shape
+        self.form = None
 
     def by_matmul(self, x) -> bool:
-        """Whether this call takes :func:`glow_conditioner_by_matmul`: on a device of :attr:`MATMUL_DEVICES`,
-        with both ActNorms folded, and where its per-tap products, (N·H·W, 9·C_out), are no larger than a
-        hidden activation (Glow's conditioners at 256 channels and more: a small one keeps its convolutions).
-        Compiled code keeps the convolutions: inductor's ``fold`` made the compiled step slower than eager."""
+        """Whether a call on ``x`` (the conditioner's input, or any tensor of its batch and image size, such as
+        the coupling's input) takes :func:`glow_conditioner_by_matmul`: on a device of :attr:`MATMUL_DEVICES`,
+        with both ActNorms folded, where its per-tap products, (N·H·W, 9·C_out), are no larger than a hidden
+        activation (Glow's conditioners at 256 channels and more: a small one keeps its convolutions), and
+        where :attr:`form` asks for it or, unset, it was measured faster. Compiled code keeps the
+        convolutions: inductor's ``fold`` made the compiled step slower than eager."""
         first, hidden, last = self
-        return (x.device.type in self.MATMUL_DEVICES and not torch.compiler.is_compiling()
-                and first.folds() and hidden.folds() and 9 * last.out_channels <= last.in_channels)
+        if not (x.device.type in self.MATMUL_DEVICES and not torch.compiler.is_compiling()
+                and first.folds() and hidden.folds() and 9 * last.out_channels <= last.in_channels):
+            return False
+        if self.form is not None:
+            check_choice(self.form, self.FORMS, "form")
+            return self.form == "matrix products"
+        return _faster_form(self, x) == "matrix products"
 
     def runs_as_one_node(self, x) -> bool:
         """Whether a coupling runs this conditioner inside its one autograd node
@@ -106,6 +122,50 @@ class GlowConditioner(nn.Sequential):
             return super().forward(x)
         first, hidden, last = self
         return glow_conditioner_by_matmul(x, *first.folded(), *hidden.folded(), last.weight, last.bias)
+
+
+#: {(device, dtype, input shape, hidden and output widths, records a gradient): (form, {form: seconds})}: what
+#: :class:`GlowConditioner` measured faster in this process, where its :attr:`~GlowConditioner.form` is unset
+FORM_CHOICES: dict = {}
+
+
+def _faster_form(conditioner, x):
+    """The faster of :attr:`GlowConditioner.FORMS` for ``conditioner`` on inputs of ``x``'s batch, image size,
+    dtype and device, measured on the first call for each: forward, and backward to the folded weights where
+    a gradient is recorded, on a random input and detached copies of the weights (the parameters and their
+    gradients are not touched)."""
+    first, hidden, last = conditioner
+    grad = torch.is_grad_enabled()
+    n, _, height, width = x.shape
+    key = (str(x.device), x.dtype, (n, first.conv.in_channels, height, width), last.in_channels,
+           last.out_channels, grad)
+    if key not in FORM_CHOICES:
+        weights = [t.detach().requires_grad_(grad) for t in (*first.folded(), *hidden.folded(), last.weight,
+                                                             last.bias)]
+        x = torch.randn(key[2], dtype=x.dtype, device=x.device)
+
+        def call(form):
+            out = form(x, *weights)
+            if grad:
+                torch.autograd.grad(out, weights, torch.ones_like(out))
+
+        calls = {"convolutions": functools.partial(call, glow_conditioner_by_convolutions),
+                 "matrix products": functools.partial(call, glow_conditioner_by_matmul)}
+        for fn in calls.values():  # warm-up
+            fn()
+        FORM_CHOICES[key] = fastest(calls, rounds=3)
+    return FORM_CHOICES[key][0]
+
+
+def glow_conditioner_by_convolutions(x, w1, b1, w2, b2, w3, b3):
+    """``conv3×3(w1, b1) → ReLU → conv1×1(w2, b2) → ReLU → conv3×3(w3, b3)`` (padding 1) as three convolutions:
+    the folded conditioner's map, which :func:`glow_conditioner_by_matmul` computes another way.
+
+    Shapes: as :func:`glow_conditioner_by_matmul`.
+    """
+    h = F.conv2d(x, w1, b1, padding=1).relu_()
+    h = F.conv2d(h, w2, b2).relu_()
+    return F.conv2d(h, w3, b3, padding=1)
 
 
 def glow_conditioner_by_matmul(x, w1, b1, w2, b2, w3, b3):
@@ -158,6 +218,8 @@ class ResNetConditioner(nn.Sequential):
             nn.ReLU(),
             zero_conv(hidden_channels, out_channels),
         )
+        #: one of :attr:`FORMS`, or None: the faster, measured on the first call of each shape
+        self.form = None
 
 
 class MLPConditioner(nn.Module):
