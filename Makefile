@@ -17,7 +17,7 @@ CSRC := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 # the fused backends that must load, so that none of their tests is skipped
 REQUIRE_BACKENDS ?= triton,native
 
-.PHONY: setup test test-gpu ctest gpu-check bench clean
+.PHONY: setup test test-gpu ctest gpu-check gpu-check-update bench bench-full clean
 
 setup: $(STAMP)
 
@@ -36,9 +36,13 @@ test: setup ctest gpu-check
 	FLOWKERN_REQUIRE_BACKENDS=$(REQUIRE_BACKENDS) $(PY) -m pytest tests
 
 # every Triton kernel compiled for the H100 (sm_90) without a GPU, and the CUDA kernels' resources; fails on a
-# compile error, a spill at a Glow shape or too much shared memory; tables in benchmarks/results/sm90-static/
+# compile error, a spill at a Glow shape, too much shared memory, or tables that differ from the committed ones
+# in benchmarks/results/sm90-static/ (tables in build/sm90-static/; gpu-check-update rewrites the committed ones)
 gpu-check: setup
 	env -u TRITON_INTERPRET $(PY) -m benchmarks.gpu_check
+
+gpu-check-update: setup
+	env -u TRITON_INTERPRET $(PY) -m benchmarks.gpu_check --update
 
 # only the tests that need a CUDA device (bfloat16 kernels, ...); `make test` on a GPU machine runs them too
 test-gpu: setup
@@ -55,9 +59,14 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet $(PEERS)
 	touch $@
 
+# the headline benchmarks (about 10 minutes on a 2-core CPU); bench-full: every case (about half an hour)
 bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
-	$(PY) -m benchmarks.report --readme README.md
+	$(PY) -m benchmarks.report
+
+bench-full: $(BENCH_STAMP)
+	$(PY) -m benchmarks.run --full $(BENCH_ARGS)
+	$(PY) -m benchmarks.report
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache flowkern/_C*.so

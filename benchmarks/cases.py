@@ -218,23 +218,22 @@ def flow_step_cases(n, c, size, hidden, dtype, device):
             Case("flow_step_forward_backward", params, make(True))]
 
 
-CONDITIONER_PROVIDERS = ("convolutions", "matrix products")
+CONDITIONER_PROVIDERS = flowkern.nn.GlowConditioner.FORMS
 
 
 def conditioner_cases(n, c, size, hidden, dtype, device):
     """A Glow coupling's conditioner (ActNorms folded), forward and backward, run as three convolutions or
-    as :func:`~flowkern.nn.conditioners.glow_conditioner_by_matmul`: what ``GlowConditioner`` takes on
-    each device."""
+    as :func:`~flowkern.nn.conditioners.glow_conditioner_by_matmul`: the two forms ``GlowConditioner``
+    chooses between on the CPU."""
     x = torch.randn(n, c, size, size, dtype=dtype, device=device)
     torch.manual_seed(0)
     conditioner = flowkern.nn.GlowConditioner(c, 2 * c, hidden).to(device, dtype)
     conditioner(x)  # ActNorm's initialisation
+    conditioner.MATMUL_DEVICES = (device.type,)  # a candidate on this device, whichever it is
 
     def build(provider):
-        devices = (device.type,) if provider == "matrix products" else ()
-
         def run(v):
-            conditioner.MATMUL_DEVICES = devices
+            conditioner.form = provider
             return (conditioner(v),)
         return _flow_step(run, (x,), backward=True)
     return [Case("glow_conditioner_forward_backward", _params(n, c, size, dtype, hidden=hidden), build,
@@ -373,15 +372,33 @@ def inversion_cases(n, c, size, levels, hidden, depths, dtype, device, eager=Fal
                  baseline=make(steps, False)) for steps in depths]
 
 
-def all_cases(device, full=False):
-    """The suite. Default sizes fit a 2-core CPU in minutes; ``full`` adds the real Glow shapes."""
+def _glow_shape(device, real_shapes):
+    """(N, C, size, L, K, hidden) of the whole-model Glow: the CIFAR Glow on a GPU or with ``real_shapes``,
+    one a 2-core CPU times in minutes otherwise."""
+    return (64, 3, 32, 3, 32, 512) if device.type == "cuda" or real_shapes else (16, 3, 32, 3, 8, 256)
+
+
+def headline_cases(device, real_shapes=False):
+    """What ``make bench`` runs: the whole-model Glow's training step and sampling, and one op table (the
+    coupling's forward and backward at a Glow's first level, float32)."""
+    n, c, size = (64, 12, 32)
+    coupling = [case for case in coupling_cases(n, c, size, torch.float32, device)
+                if case.name == "coupling_forward_backward"]
+    return glow_cases(*_glow_shape(device, real_shapes), torch.float32, device) + coupling
+
+
+def all_cases(device, real_shapes=False):
+    """The full suite (``make bench-full``). Default sizes fit a 2-core CPU in about half an hour;
+    ``real_shapes`` (the default on a GPU) takes Glow's real shapes."""
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
-    if device.type == "cuda" or full:
+    full = device.type == "cuda" or real_shapes
+    glow_shape = _glow_shape(device, real_shapes)
+    if full:
         op_shapes = [(64, 12, 32), (64, 24, 16), (64, 48, 8), (64, 12, 64), (64, 48, 64)]
-        step_shape, glow_shape, realnvp_shape = (64, 48, 8, 512), (64, 3, 32, 3, 32, 512), (64, 3, 32, 3, 32)
+        step_shape, realnvp_shape = (64, 48, 8, 512), (64, 3, 32, 3, 32)
     else:  # the op shapes: Glow's first level at batch 64, and a deep level
         op_shapes = [(64, 12, 32), (16, 48, 8)]
-        step_shape, glow_shape, realnvp_shape = (16, 12, 16, 64), (16, 3, 32, 3, 8, 256), (16, 3, 16, 2, 8)
+        step_shape, realnvp_shape = (16, 12, 16, 64), (16, 3, 16, 2, 8)
     cases = glow_cases(*glow_shape, torch.float32, device)
     # the default run of `python -m flowkern.train`: a Glow of digits' shape (L=2, K=8, 64 hidden), batch 64
     cases += glow_cases(64, 1, 8, 2, 8, 64, torch.float32, device)
@@ -397,8 +414,8 @@ def all_cases(device, full=False):
     for level in range(1, 4):  # the conditioners of the whole-model Glow's three levels
         cases += conditioner_cases(n, c * 2 ** level, size // 2 ** level, hidden, torch.float32, device)
     cases += realnvp_cases(*realnvp_shape, torch.float32, device)
-    depth_shape = (64, 3, 32, 3, 512) if device.type == "cuda" or full else (16, 3, 32, 3, 256)
+    depth_shape = (64, 3, 32, 3, 512) if full else (16, 3, 32, 3, 256)
     cases += inversion_cases(*depth_shape, (4, 8, 16, 32), torch.float32, device)
-    if device.type == "cpu" and not full:  # a narrow Glow, whose step on a CPU is mostly per-op overhead
+    if not full:  # a narrow Glow, whose step on a CPU is mostly per-op overhead
         cases += inversion_cases(16, 3, 32, 3, 64, (32,), torch.float32, device, eager=True)
     return cases

@@ -1,6 +1,7 @@
 """Every kernel compiled for the H100 (sm_90) on a machine without a GPU, and the resources each one uses.
 
     python -m benchmarks.gpu_check [--out DIR]   # compile all, write DIR/resources.{json,md}, exit 1 on a problem
+    python -m benchmarks.gpu_check --update      # also rewrite the committed tables in results/sm90-static/
 
 Triton: a stand-in driver answers that the current device is an sm_90 GPU, and each kernel launch inside the
 Triton ops compiles the kernel (Triton's warm-up mode) instead of running it. The ops themselves are called,
@@ -49,7 +50,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 COUPLING_DTYPES = [(d, d) for d in DTYPES] + [(torch.float32, torch.bfloat16), (torch.float32, torch.float16)]
 BATCH = 2  # the batch only sizes the grid, which compiling does not see
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results", "sm90-static")
+RESULTS = os.path.join(os.path.dirname(__file__), "results", "sm90-static")  # the committed tables
+BUILD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "sm90-static")
 
 
 def _triton_modules():
@@ -323,9 +325,24 @@ def markdown(report):
     return "\n".join(lines) + "\n"
 
 
+def drift(table):
+    """The problem, if any, of the committed ``resources.md`` no longer being what this compile gives."""
+    try:
+        with open(os.path.join(RESULTS, "resources.md")) as f:
+            committed = f.read()
+    except OSError:
+        committed = None
+    if committed == table:
+        return []
+    return [f"{os.path.relpath(RESULTS)}/resources.md differs from this compile's: run `make gpu-check-update` "
+            "and commit the tables it writes"]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=RESULTS, help="folder for resources.json and resources.md")
+    parser.add_argument("--out", default=BUILD, help="folder for resources.json and resources.md (default build/)")
+    parser.add_argument("--update", action="store_true", help="also rewrite the committed tables in "
+                        "benchmarks/results/sm90-static/ (without it, a difference from them is a problem)")
     parser.add_argument("--ops", default="", help="comma-separated substrings of the ops to compile (default: all)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -333,11 +350,14 @@ def main(argv=None):
     cuda_rows, cuda_problems, cuda_skipped = check_cuda()
     report = dict(triton=triton_version, triton_kernels=triton_rows, cuda_kernels=cuda_rows,
                   cuda_skipped=cuda_skipped, problems=triton_problems + cuda_problems)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "resources.json"), "w") as f:
-        json.dump(report, f)
-    with open(os.path.join(args.out, "resources.md"), "w") as f:
-        f.write(markdown(report))
+    for folder in [args.out] + ([RESULTS] if args.update else []):
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "resources.json"), "w") as f:
+            json.dump(report, f)
+        with open(os.path.join(folder, "resources.md"), "w") as f:
+            f.write(markdown(report))
+    if not args.update and not args.ops:
+        report["problems"] += drift(markdown(report))
     print(f"{len(triton_rows)} Triton kernels compiled for sm_90, {len(cuda_rows)} CUDA kernels read"
           + (f" (CUDA not checked: {cuda_skipped})" if cuda_skipped else "") + f"; tables in {args.out}")
     for problem in report["problems"]:

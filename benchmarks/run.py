@@ -1,11 +1,16 @@
-"""Run the benchmark suite: one table per case, results under ``benchmarks/results/<device>/``.
+"""Run the benchmarks: one table per case, results under ``benchmarks/results/<device>/``.
 
-    python -m benchmarks.run              # default sizes (minutes on a 2-core CPU); every provider on a GPU
-    python -m benchmarks.run --full       # the real Glow shapes
-    python -m benchmarks.run --cases coupling --providers eager,compile
+    python -m benchmarks.run                  # the headline cases (about 10 minutes on a 2-core CPU)
+    python -m benchmarks.run --full           # every case (about half an hour on a 2-core CPU)
+    python -m benchmarks.run --real-shapes    # the real Glow shapes (the default on a GPU)
+    python -m benchmarks.run --full --cases coupling --providers eager,compile
+
+It prints the cases it will run with an estimate of the time they take (from the last run on this device,
+where there is one) and a progress bar through them.
 """
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -16,6 +21,7 @@ import warnings
 
 import torch
 import torch._inductor.config
+import tqdm
 
 import flowkern
 
@@ -52,8 +58,15 @@ def cpu_description():
 
 
 def device_slug(device):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{os.cpu_count()}core"
-    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name.lower()).strip("-")
+    """The results folder's name: the GPU's name, or the CPU's core count and model."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu-{os.cpu_count()}core-{cpu_description().split(',')[0]}"
+    slug = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name.lower())
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return slug.strip("-")
 
 
 def git_commit():
@@ -92,11 +105,14 @@ def _build(case, provider, device):
     return fn, baseline, first
 
 
-def measure_case(case, providers, device, bandwidth, min_time):
+def measure_case(case, providers, device, bandwidth, min_time, built=lambda provider: None):
     """One row per provider. The providers' calls (and their baselines') are timed in turn, round-robin,
-    so that drift in the machine's speed affects them alike."""
+    so that drift in the machine's speed affects them alike. ``built(provider)`` is called as each provider's
+    first call (its compilation) is done."""
     rows, timed = [], []
     for provider in providers:
+        if rows:
+            built(rows[-1]["provider"])
         row = {"provider": provider}
         try:
             fn, baseline, first = _build(case, provider, device)
@@ -108,6 +124,8 @@ def measure_case(case, providers, device, bandwidth, min_time):
             row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
             traceback.print_exc(file=sys.stderr)
         rows.append(row)
+    if rows:
+        built(rows[-1]["provider"])
 
     def backend(row):
         return lambda: flowkern.use_backend(suite.backend_of(row["provider"]))
@@ -167,9 +185,30 @@ def format_table(case, rows):
     return "\n".join(lines)
 
 
+def _previous_rows(folder):
+    """{(case label, provider): row} of the results already in ``folder`` (none if it holds none)."""
+    try:
+        with open(os.path.join(folder, "results.json")) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {(result["label"], row["provider"]): row for result in report.get("results", [])
+            for row in result["rows"] if "median_ms" in row}
+
+
+def _estimate(row, provider, min_time):
+    """Seconds one provider of a case takes: its first call, then warm-up, timed calls, the profiled and the
+    counted call, from its row of the last run, or a guess without one (compilation is most of it)."""
+    if row is None:
+        return 60.0 if provider.endswith("compile") else 10.0
+    call = row["median_ms"] / 1e3
+    return row.get("first_call_s", call) + max(min_time, 10 * call) + 6 * call
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full", action="store_true", help="real Glow shapes (default on a GPU)")
+    parser.add_argument("--full", action="store_true", help="every case, not only the headline ones")
+    parser.add_argument("--real-shapes", action="store_true", help="real Glow shapes (default on a GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cases", default="", help="comma-separated substrings of the labels of the cases to run "
                         "(a case's name and parameters, as its table's title shows them)")
@@ -185,27 +224,52 @@ def main(argv=None):
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch")
     providers = suite.providers()
     chosen = args.providers.split(",") if args.providers else None
-    cases = suite.all_cases(device, full=args.full)
+    cases = (suite.all_cases if args.full else suite.headline_cases)(device, real_shapes=args.real_shapes)
     if args.cases:
         cases = [c for c in cases if any(s in c.label for s in args.cases.split(","))]
     min_time = args.min_time if args.min_time is not None else (1.0 if device.type == "cuda" else 0.3)
+    out = args.out or os.path.join(RESULTS, device_slug(device))
+    plan = [(case, [p for p in case.providers or providers if chosen is None or p in chosen]) for case in cases]
+    plan = [(case, own) for case, own in plan if own]  # --providers may name none of a case's
 
     bandwidth = copy_bandwidth(device)
     env = environment(device, bandwidth)
-    print(f"flowkern benchmarks on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
-          f"commit {env['commit']}, copy bandwidth {bandwidth:.1f} GB/s")
-    print(f"providers: {', '.join(providers)}; whole-model cases: {', '.join(suite.MODEL_PROVIDERS)}\n")
-    results = []
-    for case in cases:
-        own = case.providers or providers
-        rows = measure_case(case, [p for p in own if chosen is None or p in chosen], device, bandwidth, min_time)
-        results.append({"case": case.name, "label": case.label, "params": case.params,
-                        "bytes_moved": case.bytes_moved, "versus": list(case.versus), "rows": rows})
-        print(format_table(case, rows), "\n", flush=True)
+    log = []
 
-    out = args.out or os.path.join(RESULTS, device_slug(device))
+    def say(text=""):  # printed, and kept for the run's log
+        print(text, flush=True)
+        log.append(text)
+
+    say(f"flowkern benchmarks on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
+          f"commit {env['commit']}, copy bandwidth {bandwidth:.1f} GB/s")
+    say(f"providers: {', '.join(providers)}; whole-model cases: {', '.join(suite.MODEL_PROVIDERS)}\n")
+    previous = _previous_rows(out)
+    estimates = [sum(_estimate(previous.get((case.label, p)), p, min_time) for p in own) for case, own in plan]
+    say(f"{len(plan)} cases, about {sum(estimates) / 60:.1f} min" + (" (from the last run on this device)"
+                                                                       if previous else "") + ":")
+    for (case, own), estimate in zip(plan, estimates):
+        say(f"  {case.label}: {len(own)} providers, ~{estimate:.0f} s")
+    say()
+    results = []
+    with tqdm.tqdm(total=round(sum(estimates)), unit="s", file=sys.stderr, dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {elapsed} of ~{total} s estimated") as progress:
+        done = 0.0
+        for (case, own), estimate in zip(plan, estimates):
+            progress.set_description(case.name)
+            rows = measure_case(case, own, device, bandwidth, min_time,
+                                built=lambda provider: progress.update(round(0.5 * estimate / len(own))))
+            results.append({"case": case.name, "label": case.label, "params": case.params,
+                            "bytes_moved": case.bytes_moved, "versus": list(case.versus), "rows": rows})
+            done += estimate
+            progress.update(round(done) - progress.n)  # the rest of the case's share: its timed calls
+            with tqdm.tqdm.external_write_mode(file=sys.stderr):
+                say(format_table(case, rows) + "\n")
+
     command = " ".join(["python -m benchmarks.run", *(argv or sys.argv[1:])])
     paths = write_reports({"environment": env, "command": command, "results": results}, out)
+    paths.append(os.path.join(out, "run.log"))
+    with open(paths[-1], "w") as f:
+        f.write("\n".join([f"$ {command}", *log]) + "\n")
     print("wrote", ", ".join(paths))
 
 

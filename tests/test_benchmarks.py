@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import flowkern
 from benchmarks import cases as suite
 from benchmarks import measure, report, run
 
@@ -201,6 +202,36 @@ def test_the_model_is_checked_against_a_device_by_one_command(tmp_path):
     for backend in gpu_validate.MODEL_BACKENDS.values():
         for row in rows:
             assert (backend, row["op"], row["dtype"], row["C"], row["HW"]) in model
+
+
+def test_the_graphed_training_step_script_runs_its_eager_providers_on_the_cpu(tmp_path):
+    """benchmarks.gpu_step (a step of tools/gpu_session.sh) times the plain and flowkern Glow's training steps;
+    on the CPU the CUDA graph is skipped, which checks the script's models, steps and report."""
+    from benchmarks import gpu_step
+
+    stats, checks = gpu_step.main(["--device", "cpu", "--levels", "2", "--steps", "1", "--hidden", "8", "--batch",
+                                   "2", "--size", "8", "--min-time", "0.001", "--out", str(tmp_path)])
+    assert list(stats) == ["plain eager", "flowkern eager"] and checks == {}
+    assert all(s["median_ms"] > 0 and s["reps"] >= 5 for s in stats.values())
+    assert (tmp_path / "step.md").read_text().count("| flowkern eager |") == 1
+
+
+def test_the_step_projection_counts_each_providers_ops_and_bounds_the_step():
+    """benchmarks.gpu_projection counts the ops a step dispatches (flowkern's fewer than the plain Glow's,
+    training by inversion more than backprop) and sets their host time beside the device floor."""
+    from benchmarks import gpu_projection
+
+    if "native" not in flowkern.available_backends():
+        pytest.skip("the native backend is not built")
+    rows = {(r["provider"], r["mode"]): r for r in gpu_projection.project(2, 2, 512, 64)}
+    assert list(rows) == [("plain eager", "train"), ("plain eager", "sample"), ("flowkern", "train"),
+                          ("flowkern", "sample"), ("flowkern by inversion", "train")]
+    assert rows["flowkern", "train"]["ops"] < rows["plain eager", "train"]["ops"]
+    assert rows["flowkern", "train"]["ops"] < rows["flowkern by inversion", "train"]["ops"]
+    assert rows["flowkern", "sample"]["ops"] < rows["plain eager", "sample"]["ops"]
+    train, inversion = rows["flowkern", "train"], rows["flowkern by inversion", "train"]
+    assert 0 < train["device_s"] < inversion["device_s"] and train["host_s"][0] < train["host_s"][1]
+    assert "| flowkern | sample |" in gpu_projection.table(list(rows.values()))
 
 
 def test_the_model_comparison_trains_each_model_by_the_command(tmp_path):

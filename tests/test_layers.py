@@ -191,3 +191,15 @@ def test_actnorm_reads_its_buffer_parameters_copied_in_with_the_flag_set_are_kep
         layer.initialized.fill_(False)  # and cleared again: the next training forward initialises
     y, _ = layer(torch.randn(8, 3, 4, 4) * 9 + 1)
     torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+
+
+def test_flow_step_names_its_layers_and_keeps_its_checkpoint_keys():
+    """``FlowStep.actnorm``, ``.invconv`` and ``.coupling`` are its three layers; its ``state_dict`` keeps the
+    keys of a sequence (``0.``, ``1.``, ``2.``), so checkpoints of either spelling's code load."""
+    step = flowkern.nn.FlowStep(4, hidden_channels=8)
+    assert (step.actnorm, step.invconv, step.coupling) == (step[0], step[1], step[2])
+    keys = list(step.state_dict())
+    assert {k.split(".")[0] for k in keys} == {"0", "1", "2"} and "1.lower" in keys and "0.log_scale" in keys
+    restored = flowkern.nn.FlowStep(4, hidden_channels=8)
+    restored.load_state_dict(step.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), step.state_dict().values()))

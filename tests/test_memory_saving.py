@@ -200,12 +200,13 @@ def test_a_folding_flow_step_is_rebuilt_as_two_units():
     assert [type(u).__name__ for u in step.units()] == ["ActNormConv1x1", "AffineCoupling"]
     assert all(isinstance(u, flowkern.nn.Unit) for u in step.units())
     mixing = next(step.units())
-    assert mixing is step.folded and "folded" not in dict(step.named_modules())  # built once, not a submodule
+    assert mixing is step.actnorm_conv1x1 and "actnorm_conv1x1" not in dict(step.named_modules())  # not a submodule
     assert list(step.state_dict()) == list(flowkern.nn.FlowStep(4, hidden_channels=8).state_dict())
-    assert {id(p) for p in mixing.parameters()} == {id(p) for p in [*step[0].parameters(), *step[1].parameters()]}
+    assert {id(p) for p in mixing.parameters()} == {id(p) for p in [*step.actnorm.parameters(),
+                                                                   *step.invconv.parameters()]}
     y, logdet = mixing(x)
-    u, actnorm_logdet = step[0](x)
-    y_unfolded, conv_logdet = step[1](u)
+    u, actnorm_logdet = step.actnorm(x)
+    y_unfolded, conv_logdet = step.invconv(u)
     torch.testing.assert_close(y, y_unfolded, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logdet, actnorm_logdet + conv_logdet)
     torch.testing.assert_close(mixing.inverse(y), x, rtol=1e-4, atol=1e-4)

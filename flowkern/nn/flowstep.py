@@ -92,32 +92,45 @@ class FlowStep(FlowSequential):
             coupling_layer = AdditiveCoupling(channels, hidden_channels)
         else:
             raise ValueError(f"coupling must be 'affine' or 'additive', got {coupling!r}")
+        # a sequence, so that its state_dict keys are 0., 1., 2.; the layers are named below
         super().__init__(ActNorm(channels), InvConv1x1(channels, lu=lu), coupling_layer)
         self.fold_actnorm = fold_actnorm
-        self.folded = ActNormConv1x1(self[0], self[1])  # a plain attribute: not a submodule
+        self.actnorm_conv1x1 = ActNormConv1x1(self.actnorm, self.invconv)  # a plain attribute: not a submodule
+
+    @property
+    def actnorm(self) -> ActNorm:
+        return self[0]
+
+    @property
+    def invconv(self) -> InvConv1x1:
+        return self[1]
+
+    @property
+    def coupling(self) -> AffineCoupling:
+        return self[2]
 
     def _folds(self):
         # ActNorm's data-dependent initialisation needs its own forward on the first training batch
-        return self.fold_actnorm and not self[0].will_initialize()
+        return self.fold_actnorm and not self.actnorm.will_initialize()
 
     def units(self) -> Iterator[Unit]:
         if self._folds():
-            yield self.folded
-            yield self[2]
+            yield self.actnorm_conv1x1
+            yield self.coupling
         else:
             yield from super().units()
 
     def forward(self, x):
         if not self._folds():
             return self.run(x)
-        y, logdet = self.folded(x)
-        y, coupling_logdet = self[2](y)
+        y, logdet = self.actnorm_conv1x1(x)
+        y, coupling_logdet = self.coupling(y)
         return y, logdet + coupling_logdet
 
     def inverse(self, y):
         if not self.fold_actnorm:
             return super().inverse(y)
-        return self.folded.inverse(self[2].inverse(y))
+        return self.actnorm_conv1x1.inverse(self.coupling.inverse(y))
 
 
 class ActNormConv1x1:
