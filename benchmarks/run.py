@@ -5,8 +5,8 @@
     python -m benchmarks.run --real-shapes    # the real Glow shapes (the default on a GPU)
     python -m benchmarks.run --full --cases coupling --providers eager,compile
 
-It prints the cases it will run with an estimate of the time they take (from the last run on this device,
-where there is one) and a progress bar through them.
+It prints the cases it will run with an estimate of the time they take (each case as long as in the last run
+on this device, where there is one) and a progress bar through them.
 """
 import argparse
 import datetime
@@ -16,6 +16,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 import traceback
 import warnings
 
@@ -185,24 +186,25 @@ def format_table(case, rows):
     return "\n".join(lines)
 
 
-def _previous_rows(folder):
-    """{(case label, provider): row} of the results already in ``folder`` (none if it holds none)."""
+def _previous_seconds(folder):
+    """{case label: (seconds its measurement took, its providers)} in the last run whose results are in
+    ``folder``."""
     try:
         with open(os.path.join(folder, "results.json")) as f:
             report = json.load(f)
     except (OSError, ValueError):
         return {}
-    return {(result["label"], row["provider"]): row for result in report.get("results", [])
-            for row in result["rows"] if "median_ms" in row}
+    return {result["label"]: (result["seconds"], [row["provider"] for row in result["rows"]])
+            for result in report.get("results", []) if "seconds" in result}
 
 
-def _estimate(row, provider, min_time):
-    """Seconds one provider of a case takes: its first call, then warm-up, timed calls, the profiled and the
-    counted call, from its row of the last run, or a guess without one (compilation is most of it)."""
-    if row is None:
-        return 60.0 if provider.endswith("compile") else 10.0
-    call = row["median_ms"] / 1e3
-    return row.get("first_call_s", call) + max(min_time, 10 * call) + 6 * call
+def _estimate(case, providers, previous):
+    """Seconds ``case`` takes with ``providers``: as long as in the last run with as many providers, or a guess
+    (compilation is most of it)."""
+    seconds, measured = previous.get(case.label, (None, None))
+    if seconds is not None and measured == list(providers):
+        return seconds
+    return sum(90.0 if p.endswith("compile") else 15.0 for p in providers)
 
 
 def main(argv=None):
@@ -243,8 +245,8 @@ def main(argv=None):
     say(f"flowkern benchmarks on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
           f"commit {env['commit']}, copy bandwidth {bandwidth:.1f} GB/s")
     say(f"providers: {', '.join(providers)}; whole-model cases: {', '.join(suite.MODEL_PROVIDERS)}\n")
-    previous = _previous_rows(out)
-    estimates = [sum(_estimate(previous.get((case.label, p)), p, min_time) for p in own) for case, own in plan]
+    previous = _previous_seconds(out)
+    estimates = [_estimate(case, own, previous) for case, own in plan]
     say(f"{len(plan)} cases, about {sum(estimates) / 60:.1f} min" + (" (from the last run on this device)"
                                                                        if previous else "") + ":")
     for (case, own), estimate in zip(plan, estimates):
@@ -256,10 +258,12 @@ def main(argv=None):
         done = 0.0
         for (case, own), estimate in zip(plan, estimates):
             progress.set_description(case.name)
+            start = time.perf_counter()
             rows = measure_case(case, own, device, bandwidth, min_time,
                                 built=lambda provider: progress.update(round(0.5 * estimate / len(own))))
             results.append({"case": case.name, "label": case.label, "params": case.params,
-                            "bytes_moved": case.bytes_moved, "versus": list(case.versus), "rows": rows})
+                            "bytes_moved": case.bytes_moved, "versus": list(case.versus), "rows": rows,
+                            "seconds": time.perf_counter() - start})
             done += estimate
             progress.update(round(done) - progress.n)  # the rest of the case's share: its timed calls
             with tqdm.tqdm.external_write_mode(file=sys.stderr):

@@ -10,7 +10,7 @@ import torch
 import flowkern
 from helpers import initialize, randomize_
 from flowkern.reference._dtypes import LOWER_PRECISION
-from kernels import FUSED_BACKENDS, LOGDET_TOLERANCE, TOLERANCE, load_backend, make, value_and_grads
+from fused_backends import FUSED_BACKENDS, LOGDET_TOLERANCE, TOLERANCE, load_backend, make, value_and_grads
 
 # How far a model under autocast may be from the same model in float32: two units in the last place of the
 # conditioner's dtype (bfloat16: 2⁻⁶), relative for log-densities and gradients, absolute for a round trip

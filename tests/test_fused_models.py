@@ -8,7 +8,7 @@ import torch
 import flowkern
 from flowkern import backends
 from helpers import flatten_output, initialize, randomize_
-from kernels import FUSED_BACKENDS, load_backend
+from fused_backends import FUSED_BACKENDS, load_backend, whole_model_backends
 
 MODELS = [
     ("glow", lambda: flowkern.Glow(3, 8, levels=2, steps=2, hidden_channels=16), (4, 3, 8, 8)),
@@ -38,7 +38,7 @@ def _run(model, x):
     return flatten_output(latents).detach(), log_prob.detach(), reconstruction, grads
 
 
-@pytest.mark.parametrize("name", FUSED_BACKENDS)
+@pytest.mark.parametrize("name", whole_model_backends(FUSED_BACKENDS))
 @pytest.mark.parametrize("model_name,factory,shape", MODELS, ids=[m[0] for m in MODELS])
 def test_model_matches_reference_backend(name, model_name, factory, shape, monkeypatch):
     load_backend(name, monkeypatch)
@@ -60,7 +60,7 @@ def test_model_matches_reference_backend(name, model_name, factory, shape, monke
         assert_relative_error(g, e, 1e-4, f"gradient of parameter {i}")
 
 
-@pytest.mark.parametrize("name", FUSED_BACKENDS)
+@pytest.mark.parametrize("name", whole_model_backends(FUSED_BACKENDS))
 def test_glow_compiles_into_one_graph(name, monkeypatch):
     import torch._dynamo as dynamo
 

@@ -5,7 +5,7 @@ import torch
 from flowkern import reference
 from flowkern.backends._ops import SCHEMAS
 from flowkern import backends
-from kernels import DEVICE, FUSED_BACKENDS, LAYOUTS, assert_close, load_backend, make, value_and_grads
+from fused_backends import DEVICE, FUSED_BACKENDS, LAYOUTS, assert_close, load_backend, make, value_and_grads
 
 
 @pytest.fixture(params=FUSED_BACKENDS)

@@ -8,7 +8,7 @@ from benchmarks.measure import profile_call
 from flowkern.nn import ReconstructionWarning, memory_saving
 from flowkern.nn.memory_saving import rebuild
 from helpers import fake_backend, initialize, randomize_
-from kernels import DEVICE
+from fused_backends import DEVICE, whole_model_backends
 
 BACKENDS = [name for name, reason in flowkern.available_backends(with_reasons=True).items()
             if reason is None and name != "auto"]
@@ -43,7 +43,7 @@ def _glow(steps, levels, size, dtype, backend):
     return model, x
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", whole_model_backends(BACKENDS))
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.float64, 1e-8)])
 def test_glow_gradients_equal_backprop(backend, dtype, bound):
     if backend == "triton" and dtype == torch.float64:

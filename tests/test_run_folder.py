@@ -44,6 +44,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path, capsys):
     assert run(tmp_path, "--steps", "4", "--resume", "--no-sample") == 0  # each run released the folder
 
 
+@pytest.mark.slow
 def test_two_runs_started_at_once_on_one_folder(tmp_path):
     """Two processes race for one --out: one trains, the other is refused with one line; the folder holds one
     consistent run."""

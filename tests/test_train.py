@@ -147,6 +147,7 @@ def test_bad_configurations_are_refused_with_a_message(tmp_path, capsys, monkeyp
     assert expected in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [[], ["--memory-saving"]], ids=["backprop", "memory-saving"])
 def test_two_processes_stay_identical_and_learn(tmp_path, mode):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}

@@ -9,7 +9,7 @@ import flowkern
 from benchmarks.plain_glow import PlainGlow
 from flowkern.nn.conditioners import ConvActNorm, GlowConditioner, glow_conditioner_by_matmul
 from helpers import initialize, randomize_
-from kernels import FUSED_BACKENDS, load_backend
+from fused_backends import FUSED_BACKENDS, load_backend, whole_model_backends
 
 CHECKPOINT = os.path.join(os.path.dirname(__file__), "data", "glow_checkpoint.pt")
 
@@ -17,9 +17,7 @@ CHECKPOINT = os.path.join(os.path.dirname(__file__), "data", "glow_checkpoint.pt
 def set_folding(model, fold):
     """Fold ActNorm into the conditioners' convolutions (and into the 1×1 convs of the flow steps), or not."""
     for module in model.modules():
-        if isinstance(module, ConvActNorm):
-            module.fold = fold
-        if isinstance(module, flowkern.nn.FlowStep):
+        if isinstance(module, (ConvActNorm, flowkern.nn.FlowStep)):
             module.fold_actnorm = fold
 
 
@@ -30,7 +28,7 @@ def log_prob_and_grads(model, x):
     return log_prob.detach(), [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("backend", ["reference", *FUSED_BACKENDS])
+@pytest.mark.parametrize("backend", whole_model_backends(["reference", *FUSED_BACKENDS]))
 def test_folded_conditioners_equal_unfolded_ones(backend, monkeypatch):
     if backend != "reference":
         load_backend(backend, monkeypatch)

@@ -37,7 +37,7 @@ if step build 240 env FLOWKERN_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$
   step validate 90 "$PY" -m benchmarks.gpu_validate --out "$OUT"
   # the CIFAR Glow's training step eager and replayed as one CUDA graph, against the plain-PyTorch Glow
   step step-graph 90 "$PY" -m benchmarks.gpu_step --out "$OUT"
-  # the fused backends' tests run on the GPU where there is one (tests/kernels.py DEVICE)
+  # the fused backends' tests run on the GPU where there is one (tests/fused_backends.py DEVICE)
   step gpu-tests 110 "$PY" -m pytest tests/test_kernels.py tests/test_autocast.py -q -x
   step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 3 \
     "$PY" -m pytest tests/test_kernels.py -q -x -k "native and (coupling or actnorm or conv1x1)"

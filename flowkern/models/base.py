@@ -19,6 +19,13 @@ class FlowModel(nn.Module):
     #: its error estimate at every solver step), and its backward cannot take a non-finite loss (an adjoint
     #: solve would fail): the training loop then checks the loss before the backward
     checks_loss_before_backward = False
+    #: the divergence the last evaluation used (``"exact"`` or ``"hutchinson"``), for models that solve an ODE
+    last_divergence = None
+
+    @property
+    def evaluations(self):
+        """Network evaluations of a solver since the model was built (None: the model solves nothing)."""
+        return None
 
     def latent_shapes(self) -> list:
         """Per-sample shapes of the latents that :meth:`sample` draws, in the order of ``zs``."""

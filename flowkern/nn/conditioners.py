@@ -31,11 +31,11 @@ class ConvActNorm(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
         nn.init.normal_(self.conv.weight, 0.0, 0.05)
         self.norm = ActNorm(out_channels)
-        self.fold = True
+        self.fold_actnorm = True  # as FlowStep.fold_actnorm: fold once initialised
 
     def folds(self):
         """Whether ActNorm is folded into the convolution on this call."""
-        return self.fold and not self.norm.will_initialize()
+        return self.fold_actnorm and not self.norm.will_initialize()
 
     def folded(self):
         """``(W·e^log_scale, bias)``: the weight (out, in, k, k) and bias (out,) of the folded convolution."""

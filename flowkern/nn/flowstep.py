@@ -109,19 +109,20 @@ class FlowStep(FlowSequential):
     def coupling(self) -> AffineCoupling:
         return self[2]
 
-    def _folds(self):
-        # ActNorm's data-dependent initialisation needs its own forward on the first training batch
+    def folds(self):
+        """Whether ActNorm is folded into the 1×1 conv on this call (not on the first training batch: ActNorm's
+        data-dependent initialisation needs its own forward)."""
         return self.fold_actnorm and not self.actnorm.will_initialize()
 
     def units(self) -> Iterator[Unit]:
-        if self._folds():
+        if self.folds():
             yield self.actnorm_conv1x1
             yield self.coupling
         else:
             yield from super().units()
 
     def forward(self, x):
-        if not self._folds():
+        if not self.folds():
             return self.run(x)
         y, logdet = self.actnorm_conv1x1(x)
         y, coupling_logdet = self.coupling(y)

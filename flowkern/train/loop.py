@@ -155,7 +155,7 @@ class Run:
                            train_bits_per_dim=float(np.mean(self.recent)))
         if self.lead:
             metrics["test_bits_per_dim"] = self._evaluate()
-            if getattr(self.model, "last_divergence", None) is not None:  # a continuous flow's trace and solve
+            if self.model.last_divergence is not None:  # a continuous flow's trace and solve
                 metrics.update(test_divergence=self.model.last_divergence, test_nfe=self.model.nfe)
             if self.data.images:
                 metrics["uniform_bits_per_dim"] = math.log2(self.data.n_bins)
@@ -264,7 +264,7 @@ class Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x = self._batch(step)
-        evaluations = getattr(self.model, "evaluations", None)  # a continuous flow's count of its network's calls
+        evaluations = self.model.evaluations  # a continuous flow's count of its network's calls
         with self._autocast():
             loss = batch_loss(self.objective, x, step)
         regularization = self.model.regularization()

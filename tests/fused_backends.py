@@ -1,4 +1,5 @@
-"""Shared pieces of the fused-backend tests: the backend fixture, inputs in several layouts, tolerances."""
+"""What the fused-backend tests share: the backends and their device, the backend fixture, inputs in several
+layouts, tolerances."""
 import pytest
 import torch
 
@@ -9,6 +10,12 @@ FUSED_BACKENDS = [name for name in backends._MODULES if name != "reference"]
 # Fused backends are tested on the GPU where there is one, on the CPU (Triton's interpreter) otherwise.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LAYOUTS = ("contiguous", "channel-slice", "channels-last")
+
+
+def whole_model_backends(names):
+    """``names`` as pytest parameters for tests of whole models, Triton's marked ``slow`` where it runs in its
+    interpreter (a whole model there takes seconds)."""
+    return [pytest.param(n, marks=pytest.mark.slow) if n == "triton" and DEVICE == "cpu" else n for n in names]
 
 # float32 ~1e-5 relative; float16 one rounding of the float32 result; float64 near machine precision.
 TOLERANCE = {
