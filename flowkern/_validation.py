@@ -45,6 +45,13 @@ def check_module_input(module, x, name="x"):
         check_like(x, param, name, x_name=f"the parameters of {type(module).__name__}")
 
 
+def check_layer_input(layer, x, name="x"):
+    """``x`` must be an image (N, ``layer.channels``, H, W) on the device and in the dtype of ``layer``'s
+    parameters."""
+    check_image(x, name, layer.channels)
+    check_module_input(layer, x, name)
+
+
 def check_choice(value, choices, name):
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")

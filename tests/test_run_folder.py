@@ -14,7 +14,7 @@ from PIL import Image
 import flowkern
 import flowkern.train as train
 from flowkern.train.folder import FolderLock
-from test_train import ROOT, TINY, read_log, read_metrics, run
+from test_train import ROOT, TINY, read_log, run
 
 
 def strict_json(path):

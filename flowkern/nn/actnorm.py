@@ -3,7 +3,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import functional
-from .._validation import check_count, check_image, check_module_input, check_number
+from .._validation import check_count, check_layer_input, check_number
 
 
 class ActNorm(nn.Module):
@@ -72,18 +72,14 @@ class ActNorm(nn.Module):
         that forward must run ActNorm as its own pass, not folded into a neighbouring layer."""
         return self.training and not self.is_initialized()
 
-    def _check(self, x, name):
-        check_image(x, name, self.channels)
-        check_module_input(self, x, name)
-
     def forward(self, x):
-        self._check(x, "x")
+        check_layer_input(self, x, "x")
         if self.will_initialize():
             self.initialize(x)
         return functional.actnorm_forward(x, self.log_scale, self.bias)
 
     def inverse(self, y):
-        self._check(y, "y")
+        check_layer_input(self, y, "y")
         return functional.actnorm_inverse(y, self.log_scale, self.bias)[0]
 
     def extra_repr(self):

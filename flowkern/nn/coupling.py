@@ -3,7 +3,7 @@ from torch import nn
 
 from .. import functional
 from ..reference import conditioner_channels, coupling_condition
-from .._validation import check_choice, check_count, check_image, check_module_input, check_number
+from .._validation import check_choice, check_count, check_layer_input, check_number
 from ..reference import MASKS, SCALES
 from .actnorm import ActNorm
 from ..backends import get_backend
@@ -49,8 +49,7 @@ class AffineCoupling(nn.Module):
         self.conditioner = conditioner
 
     def _conditioner_output(self, x, name):
-        check_image(x, name, self.channels)
-        check_module_input(self, x, name)
+        check_layer_input(self, x, name)
         return self.conditioner(coupling_condition(x, self.mask, self.parity))
 
     def _options(self):
@@ -65,8 +64,7 @@ class AffineCoupling(nn.Module):
 
     def forward(self, x):
         if self._one_node(x):
-            check_image(x, "x", self.channels)
-            check_module_input(self, x, "x")
+            check_layer_input(self, x, "x")
             return GlowCoupling.apply(x, *conditioner_weights(self.conditioner), self, None)
         return functional.coupling_forward(x, self._conditioner_output(x, "x"), **self._options())
 
@@ -92,8 +90,7 @@ class AffineCoupling(nn.Module):
         carries ``x``'s values with an identity Jacobian into the transform.
         """
         if self._one_node(y):  # the conditioner runs once, to invert; the node then reuses its activations
-            check_image(y, "y", self.channels)
-            check_module_input(self, y, "y")
+            check_layer_input(self, y, "y")
             weights = conditioner_weights(self.conditioner)
             with torch.no_grad():
                 activations = conditioner_activations(coupling_condition(y, self.mask, self.parity), weights,

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from .. import functional
-from .._validation import check_actnorm
+from .._validation import check_actnorm, check_layer_input
 from ..reference._dtypes import compute_dtype, full_precision
 from .actnorm import ActNorm
 from .coupling import AdditiveCoupling, AffineCoupling
@@ -164,14 +164,14 @@ class ActNormConv1x1:
         return weight * actnorm.log_scale.exp(), weight @ actnorm.bias, per_pixel
 
     def __call__(self, x):
-        self.conv._check(x, "x")
+        check_layer_input(self.conv, x, "x")
         check_actnorm(x, self.actnorm.log_scale, self.actnorm.bias)
         weight, bias, per_pixel = self.folded()
         logdet = (per_pixel.to(compute_dtype(x.dtype)) * (x.shape[2] * x.shape[3])).expand(x.shape[0])
         return functional.conv1x1(x, weight, bias), logdet
 
     def inverse(self, y):
-        self.conv._check(y, "y")
+        check_layer_input(self.conv, y, "y")
         actnorm, conv = self.actnorm, self.conv
         if not conv.lu:
             return functional.actnorm_conv1x1_inverse(y, actnorm.log_scale, actnorm.bias, conv.inverse_weight_matrix())

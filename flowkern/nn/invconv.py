@@ -3,7 +3,7 @@ from torch import nn
 
 from .. import functional
 from ..reference import conv1x1_logdet, lu_weight, lu_weight_inverse
-from .._validation import check_count, check_flag, check_image, check_module_input
+from .._validation import check_count, check_flag, check_layer_input
 from ..reference._dtypes import compute_dtype
 
 
@@ -79,16 +79,12 @@ class InvConv1x1(nn.Module):
         per_pixel = torch.linalg.slogdet(self.weight.double())[1]
         return (per_pixel * (x.shape[2] * x.shape[3])).to(compute_dtype(x.dtype)).expand(x.shape[0])
 
-    def _check(self, x, name):
-        check_image(x, name, self.channels)
-        check_module_input(self, x, name)
-
     def forward(self, x):
-        self._check(x, "x")
+        check_layer_input(self, x, "x")
         return functional.conv1x1(x, self.weight_matrix()), self.logdet(x)
 
     def inverse(self, y):
-        self._check(y, "y")
+        check_layer_input(self, y, "y")
         return functional.conv1x1(y, self.inverse_weight_matrix())
 
     def extra_repr(self):
