@@ -142,11 +142,12 @@ def triton_launches(modules):
                     where = dict(C=c, HW=f"{size}x{size}", dtype=_name(x_dtype), h_dtype=_name(h_dtype), mask=mask,
                                  scale=scale)
                     for inverse in (False, True):
-                        run = coupling.coupling_inverse if inverse else coupling.coupling_forward
-                        yield run.__name__, where, functools.partial(run, x, h, mask, 0, scale, 2.0)
+                        op = "coupling_inverse" if inverse else "coupling_forward"
+                        run = coupling.launch_coupling_inverse if inverse else coupling.launch_coupling_forward
+                        yield op, where, functools.partial(run, x, h, mask, 0, scale, 2.0)
                         yield "coupling_backward", {**where, "inverse": inverse}, functools.partial(
-                            coupling.coupling_backward, torch.randn_like(x), torch.randn(BATCH).to(x_dtype), x, h,
-                            mask, 0, scale, 2.0, inverse)
+                            coupling.launch_coupling_backward, torch.randn_like(x), torch.randn(BATCH).to(x_dtype),
+                            x, h, mask, 0, scale, 2.0, inverse)
     for c, size in SHAPES:
         for dtype in DTYPES:
             x, g = _image(c, size, dtype), _image(c, size, dtype)
@@ -154,27 +155,27 @@ def triton_launches(modules):
             where = dict(C=c, HW=f"{size}x{size}", dtype=_name(dtype))
             for inverse in (False, True):
                 yield "actnorm", {**where, "inverse": inverse}, functools.partial(
-                    actnorm.actnorm, x, vector, vector, inverse)
+                    actnorm.launch_actnorm, x, vector, vector, inverse)
                 yield "actnorm_backward", {**where, "inverse": inverse}, functools.partial(
-                    actnorm.actnorm_backward, g, x, vector, vector, inverse)
+                    actnorm.launch_actnorm_backward, g, x, vector, vector, inverse)
             # the 1×1 conv: forward with bias, its input gradient (by Wᵀ), its weight gradient; a lower-precision
             # x also meets a float32 weight
             for w_dtype in sorted({dtype, torch.float32}, key=str):
                 weight = torch.randn(c, c).to(w_dtype)
                 where_w = {**where, "weight_dtype": _name(w_dtype)}
-                yield "conv1x1", where_w, functools.partial(conv.conv1x1, x, weight, vector.to(w_dtype))
-                yield "conv1x1 by W^T", where_w, functools.partial(conv.conv1x1, x, weight.t(), None)
-            yield "conv1x1_weight_grad", where, functools.partial(conv.conv1x1_weight_grad, g, x)
+                yield "conv1x1", where_w, functools.partial(conv.launch_conv1x1, x, weight, vector.to(w_dtype))
+                yield "conv1x1 by W^T", where_w, functools.partial(conv.launch_conv1x1, x, weight.t(), None)
+            yield "conv1x1_weight_grad", where, functools.partial(conv.launch_conv1x1_weight_grad, g, x)
     lu_weight = modules["lu_weight"]
     for c in sorted({c for c, _ in SHAPES}):
         # the (C, C) algebra runs in the factors' float32, whatever the activations' dtype
         perm, square, vector = torch.eye(c)[torch.randperm(c)], torch.randn(c, c), torch.randn(c)
         factors = (perm, square, square, vector.sign(), vector, vector, vector)
         where = dict(C=c, dtype="float32")
-        yield "folded_lu_weight", where, functools.partial(lu_weight.folded_lu_weight, *factors)
+        yield "folded_lu_weight", where, functools.partial(lu_weight.launch_folded_lu_weight, *factors)
         yield "folded_lu_weight_backward", where, functools.partial(
-            lu_weight.folded_lu_weight_backward, square, vector, torch.randn(()), *factors, square)
-        yield "folded_lu_weight_inverse", where, functools.partial(lu_weight.folded_lu_weight_inverse, *factors)
+            lu_weight.launch_folded_lu_weight_backward, square, vector, torch.randn(()), *factors, square)
+        yield "folded_lu_weight_inverse", where, functools.partial(lu_weight.launch_folded_lu_weight_inverse, *factors)
 
 
 def _name(dtype):

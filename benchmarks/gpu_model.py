@@ -94,9 +94,9 @@ def triton_ops(modules):
     """The Triton launchers behind the ops (:func:`benchmarks.gpu_check._triton_modules`), by the ops' names."""
     coupling, actnorm, conv = modules["coupling"], modules["actnorm"], modules["conv1x1"]
     return types.SimpleNamespace(
-        coupling_forward=coupling.coupling_forward, coupling_backward=coupling.coupling_backward,
-        actnorm=actnorm.actnorm, actnorm_backward=actnorm.actnorm_backward,
-        conv1x1=conv.conv1x1, conv1x1_weight_grad=conv.conv1x1_weight_grad)
+        coupling_forward=coupling.launch_coupling_forward, coupling_backward=coupling.launch_coupling_backward,
+        actnorm=actnorm.launch_actnorm, actnorm_backward=actnorm.launch_actnorm_backward,
+        conv1x1=conv.launch_conv1x1, conv1x1_weight_grad=conv.launch_conv1x1_weight_grad)
 
 
 def op_calls(ops, batch, c, size, dtype, device="cpu"):

@@ -127,7 +127,7 @@ modules, compiled = gpu_check._triton_modules(), []
 with gpu_check.compiling_for_sm90(modules, compiled):
     for dtype in (torch.float64, torch.float32):
         x, h = torch.randn(2, 4, 8, 8, dtype=dtype), torch.randn(2, 8, 8, 8, dtype=dtype)
-        modules["coupling"].coupling_forward(x, h, "checkerboard", 0, "exp", 0.3)
+        modules["coupling"].launch_coupling_forward(x, h, "checkerboard", 0, "exp", 0.3)
 for name, constexprs, grid, kernel in compiled:
     ptx = kernel.asm["ptx"]
     print(constexprs["ACC"], ".param .f64" in ptx, "cvt.rn.f32.f64" in ptx, gpu_check.ptxas_resources(ptx)[1])

@@ -16,21 +16,21 @@ if not (torch.cuda.is_available() or interpreting()):
 from . import actnorm, conv1x1, coupling, lu_weight  # noqa: E402
 
 PREFIX = "triton_"
-_KERNELS = {
-    "coupling_forward": coupling.coupling_forward,
-    "coupling_inverse": coupling.coupling_inverse,
-    "coupling_backward": coupling.coupling_backward,
-    "actnorm": actnorm.actnorm,
-    "actnorm_backward": actnorm.actnorm_backward,
-    "conv1x1": conv1x1.conv1x1,
-    "conv1x1_weight_grad": conv1x1.conv1x1_weight_grad,
-    "folded_lu_weight": lu_weight.folded_lu_weight,
-    "folded_lu_weight_backward": lu_weight.folded_lu_weight_backward,
-    "folded_lu_weight_inverse": lu_weight.folded_lu_weight_inverse,
+_KERNELS = {  # torch.ops.flowkern.<name>: its launcher
+    "triton_coupling_forward": coupling.launch_coupling_forward,
+    "triton_coupling_inverse": coupling.launch_coupling_inverse,
+    "triton_coupling_backward": coupling.launch_coupling_backward,
+    "triton_actnorm": actnorm.launch_actnorm,
+    "triton_actnorm_backward": actnorm.launch_actnorm_backward,
+    "triton_conv1x1": conv1x1.launch_conv1x1,
+    "triton_conv1x1_weight_grad": conv1x1.launch_conv1x1_weight_grad,
+    "triton_folded_lu_weight": lu_weight.launch_folded_lu_weight,
+    "triton_folded_lu_weight_backward": lu_weight.launch_folded_lu_weight_backward,
+    "triton_folded_lu_weight_inverse": lu_weight.launch_folded_lu_weight_inverse,
 }
-for _name, _kernel in _KERNELS.items():
-    torch.library.define(f"{NAMESPACE}::{PREFIX}{_name}", SCHEMAS[_name])
-    torch.library.impl(f"{NAMESPACE}::{PREFIX}{_name}", ("cpu", "cuda"), _kernel)
+for _name, _launch in _KERNELS.items():
+    torch.library.define(f"{NAMESPACE}::{_name}", SCHEMAS[_name.removeprefix(PREFIX)])
+    torch.library.impl(f"{NAMESPACE}::{_name}", ("cpu", "cuda"), _launch)
 
 ops = FusedOps(PREFIX).register_fakes_and_autograd()
 

@@ -88,7 +88,7 @@ def _launch_shape(x):
     return (n, c, triton.cdiv(hw, block)), hw, block, warps_for(block, max(4, 16 // x.element_size()))
 
 
-def actnorm(x, log_scale, bias, inverse):
+def launch_actnorm(x, log_scale, bias, inverse):
     """ActNorm or its inverse of x (N, C, H, W) → (N, C, H, W) contiguous."""
     check_actnorm(x, log_scale, bias, "input")
     check_launchable(x, "actnorm")
@@ -102,7 +102,7 @@ def actnorm(x, log_scale, bias, inverse):
     return out
 
 
-def actnorm_backward(grad_out, inp, log_scale, bias, inverse):
+def launch_actnorm_backward(grad_out, inp, log_scale, bias, inverse):
     check_actnorm(inp, log_scale, bias, "input")
     check_grad_out(grad_out, inp)
     check_launchable(inp, "actnorm backward")

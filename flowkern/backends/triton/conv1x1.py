@@ -123,7 +123,7 @@ def _programs_per_device(device):
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def conv1x1(x, weight, bias):
+def launch_conv1x1(x, weight, bias):
     """x (N, C_in, H, W), weight (C_out, C_in), bias (C_out,) or None → (N, C_out, H, W)."""
     check_conv1x1(x, weight, bias, "input")
     check_launchable(x, "conv1x1")
@@ -143,7 +143,7 @@ def conv1x1(x, weight, bias):
     return out
 
 
-def conv1x1_weight_grad(grad_out, x):
+def launch_conv1x1_weight_grad(grad_out, x):
     """(Σ_pixels ∂y·xᵀ (C_out, C_in), Σ_pixels ∂y (C_out,)), both in float32 (float64 for float64)."""
     check_image(x, "input")
     check_image(grad_out, "grad_out")

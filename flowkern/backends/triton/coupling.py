@@ -195,7 +195,7 @@ def _run(x, h, mask, parity, scale, bound, inverse):
     return out, partial.view(n, -1).sum(dim=1)  # in a fixed order: deterministic
 
 
-def coupling_backward(grad_out, grad_logdet, inp, h, mask, parity, scale, bound, inverse):
+def launch_coupling_backward(grad_out, grad_logdet, inp, h, mask, parity, scale, bound, inverse):
     check_coupling(inp, h, mask, parity, scale, "input")
     check_grad_out(grad_out, inp)
     check_grad_out(grad_logdet, inp, what=(inp.shape[0],), name="grad_logdet")
@@ -217,9 +217,9 @@ def coupling_backward(grad_out, grad_logdet, inp, h, mask, parity, scale, bound,
     return grad_in, grad_h
 
 
-def coupling_forward(x, h, mask, parity, scale, bound):
+def launch_coupling_forward(x, h, mask, parity, scale, bound):
     return _run(x, h, mask, parity, scale, bound, inverse=False)
 
 
-def coupling_inverse(y, h, mask, parity, scale, bound):
+def launch_coupling_inverse(y, h, mask, parity, scale, bound):
     return _run(y, h, mask, parity, scale, bound, inverse=True)

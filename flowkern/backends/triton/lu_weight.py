@@ -138,7 +138,7 @@ def _check(perm, *factors):
                         f"{', '.join(str(t.dtype) for t in (perm, *factors))}")
 
 
-def folded_lu_weight(perm, lower, upper, sign, log_s, log_scale, bias):
+def launch_folded_lu_weight(perm, lower, upper, sign, log_s, log_scale, bias):
     """(perm, lower, upper (C, C), sign, log_s, log_scale, bias (C,)) → (weight (C, C), bias (C,), per pixel (0-d))."""
     _check(perm, lower, upper, sign, log_s, log_scale, bias)
     inputs = _dense(perm, lower, upper, sign, log_s, log_scale, bias)
@@ -148,7 +148,7 @@ def folded_lu_weight(perm, lower, upper, sign, log_s, log_scale, bias):
     return weight, bias_out, per_pixel
 
 
-def folded_lu_weight_backward(grad_weight, grad_bias, grad_per_pixel, perm, lower, upper, sign, log_s, log_scale,
+def launch_folded_lu_weight_backward(grad_weight, grad_bias, grad_per_pixel, perm, lower, upper, sign, log_s, log_scale,
                               bias, weight):
     """The gradients of :func:`folded_lu_weight`'s outputs → those of (lower, upper, log_s, log_scale, bias)."""
     _check(perm, lower, upper, sign, log_s, log_scale, bias)
@@ -172,7 +172,7 @@ def folded_lu_weight_backward(grad_weight, grad_bias, grad_per_pixel, perm, lowe
     return grad_lower, grad_upper, grad_log_s, grad_log_scale, grad_bias_in
 
 
-def folded_lu_weight_inverse(perm, lower, upper, sign, log_s, log_scale, bias):
+def launch_folded_lu_weight_inverse(perm, lower, upper, sign, log_s, log_scale, bias):
     """The factors as :func:`folded_lu_weight` takes them → (inverse weight (C, C), inverse bias (C,)) of its map."""
     _check(perm, lower, upper, sign, log_s, log_scale, bias)
     c = perm.shape[0]
