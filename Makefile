@@ -4,13 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.flowkern-deps
 STAMP := $(VENV)/.flowkern-installed
-BENCH_STAMP := $(VENV)/.flowkern-peers
+PEERS_STAMP := $(VENV)/.flowkern-peers
 CMAKE_BUILD := build/cmake
 
 # torch resolves to the local CUDA build here (it runs on the CPU and lets csrc/*.cu compile);
 # triton ships with it on Linux and is listed for platforms where it does not.
 DEPS := torch numpy triton pybind11 ninja cmake pytest pytest-benchmark scikit-learn tqdm pillow matplotlib torchdiffeq
-# peer flow libraries, measured beside flowkern by the benchmark suite
+# peer flow libraries: flowkern.accelerate's conformance tests run against them, the benchmark suite measures them
 PEERS := normflows FrEIA
 CSRC := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 
@@ -32,8 +32,8 @@ $(STAMP): $(DEPS_STAMP) setup.py tools/cuda_toolkit.py $(CSRC)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
-test: setup ctest gpu-check
-	FLOWKERN_REQUIRE_BACKENDS=$(REQUIRE_BACKENDS) $(PY) -m pytest tests
+test: setup $(PEERS_STAMP) ctest gpu-check
+	FLOWKERN_REQUIRE_BACKENDS=$(REQUIRE_BACKENDS) FLOWKERN_REQUIRE_PEERS=normflows,FrEIA $(PY) -m pytest tests
 
 # every Triton kernel compiled for the H100 (sm_90) without a GPU, and the CUDA kernels' resources; fails on a
 # compile error, a spill at a Glow shape, too much shared memory, or tables that differ from the committed ones
@@ -55,16 +55,16 @@ ctest: $(DEPS_STAMP)
 	$(VENV)/bin/cmake --build $(CMAKE_BUILD) -j 2
 	$(VENV)/bin/ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
-$(BENCH_STAMP): $(STAMP)
+$(PEERS_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet $(PEERS)
 	touch $@
 
 # the headline benchmarks (about 10 minutes on a 2-core CPU); bench-full: every case (about half an hour)
-bench: $(BENCH_STAMP)
+bench: $(PEERS_STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 	$(PY) -m benchmarks.report
 
-bench-full: $(BENCH_STAMP)
+bench-full: $(PEERS_STAMP)
 	$(PY) -m benchmarks.run --full $(BENCH_ARGS)
 	$(PY) -m benchmarks.report
 

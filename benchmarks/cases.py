@@ -14,6 +14,7 @@ A case's ``build(provider)`` returns a zero-argument callable to time, or None w
 counterpart of the case.
 """
 import importlib.util
+import math
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,8 @@ def backend_of(provider):
     """The flowkern backend a provider runs under (the reference for eager, compile and peers)."""
     if provider in MODEL_BACKENDS:
         return MODEL_BACKENDS[provider]
+    if "accelerated" in provider:  # a peer's model after flowkern.accelerate
+        return "auto"
     return provider if provider in flowkern.available_backends() else "reference"
 
 
@@ -57,6 +60,7 @@ class Case:
     providers: tuple = None  # the case's own providers (None: the suite's, :func:`providers`)
     versus: tuple = ("eager", "compile")  # the providers that the speed-up columns divide by
     flow_steps: int = 0  # flow steps of a whole-model case: its rows count the ops per flow step and host syncs
+    graph_breaks: object = None  # graph_breaks(provider) -> int or None: torch.compile's graph breaks in its loss
 
     @property
     def label(self):
@@ -285,17 +289,18 @@ def realnvp_cases(n, c, size, levels, hidden, dtype, device):
     return [Case("realnvp_train_step", _params(n, c, size, dtype, L=levels, hidden=hidden, blocks=2), train)]
 
 
-def _normflows_glow(c, size, levels, steps, hidden):
-    """normflows' Glow as its documentation builds it, at flowkern's widths: GlowBlocks with ActNorm in
-    the conditioner (sigmoid scale, LU 1×1 conv), but per-level learned Gaussians (``GlowBase``) instead of
-    Glow's conditional priors at the splits, which its API has no counterpart of."""
+def _normflows_glow(c, size, levels, steps, hidden, net_actnorm=True):
+    """normflows' Glow as its documentation builds it, at flowkern's widths: GlowBlocks (sigmoid scale, LU 1×1
+    conv; with ``net_actnorm`` ActNorm in the conditioner, as flowkern's Glow has), but per-level learned
+    Gaussians (``GlowBase``) instead of Glow's conditional priors at the splits, which its API has no
+    counterpart of."""
     import normflows as nf
 
     q0, flows, merges = [], [], []
     for i in range(levels):  # in normflows' order: from the top level down, in the sampling direction
         channels = c * 2 ** (levels + 1 - i)
-        flows.append([nf.flows.GlowBlock(channels, hidden, split_mode="channel", scale=True, net_actnorm=True)
-                      for _ in range(steps)] + [nf.flows.Squeeze()])
+        flows.append([nf.flows.GlowBlock(channels, hidden, split_mode="channel", scale=True,
+                                         net_actnorm=net_actnorm) for _ in range(steps)] + [nf.flows.Squeeze()])
         if i == 0:
             latent = (c * 2 ** (levels + 1), size // 2 ** levels, size // 2 ** levels)
         else:
@@ -346,6 +351,108 @@ def glow_cases(n, c, size, levels, steps, hidden, dtype, device, autocast=None):
                  flow_steps=flow_steps),
             Case("glow_sample", {**params, "T": 0.7}, sample, providers=case_providers, versus=PLAIN_BASELINES,
                  flow_steps=flow_steps)]
+
+
+def _freia_glow(c, size, levels, steps, hidden):
+    """A multi-scale Glow written with FrEIA's ``SequenceINN`` at the suite's widths: per step ActNorm, a
+    ``GLOWCouplingBlock`` (its default ATAN clamp) with Glow's conv3×3 → ReLU → conv1×1 → ReLU → conv3×3
+    subnetworks, and a random permutation; ``IRevNetDownsampling`` between levels. Without factoring out half
+    of the channels (``SequenceINN`` keeps one tensor), its deeper levels carry all of them."""
+    import FrEIA.framework as Ff
+    import FrEIA.modules as Fm
+
+    def subnet(c_in, c_out):
+        last = nn.Conv2d(hidden, c_out, 3, padding=1)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        return nn.Sequential(nn.Conv2d(c_in, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, hidden, 1),
+                             nn.ReLU(), last)
+
+    inn = Ff.SequenceINN(c, size, size)
+    for _ in range(levels):
+        inn.append(Fm.IRevNetDownsampling)
+        for _ in range(steps):
+            inn.append(Fm.ActNorm)
+            inn.append(Fm.GLOWCouplingBlock, subnet_constructor=subnet)
+            inn.append(Fm.PermuteRandom)
+    return inn
+
+
+class _FrEIALikelihood(nn.Module):
+    """Bits/dim of a FrEIA INN under a standard normal prior, and sampling by its inverse."""
+
+    def __init__(self, inn, shape):
+        super().__init__()
+        self.inn, self.shape = inn, shape
+
+    def bits_per_dim(self, x):
+        z, log_jac = self.inn(x)
+        dims = x[0].numel()
+        log_p = -0.5 * (z.flatten(1) ** 2).sum(1) - 0.5 * dims * math.log(2 * math.pi) + log_jac
+        return -(log_p / dims - math.log(256)) / math.log(2)
+
+    def sample(self, n, temperature=1.0):
+        z = temperature * torch.randn(n, *self.inn(torch.zeros(1, *self.shape, device=self.device))[0].shape[1:],
+                                      device=self.device)
+        return self.inn(z, rev=True)[0]
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+
+DROPIN_PEERS = tuple(p for p in ("normflows", "FrEIA") if p in PEERS)
+
+
+def dropin_cases(n, c, size, levels, steps, hidden, dtype, device):
+    """"Your model, accelerated": a peer library's Glow as its users write it, original and after
+    ``flowkern.accelerate``, eager and compiled: training step and sampling at T = 0.7. normflows' is its
+    documentation's (no ActNorm in the conditioner); FrEIA's a SequenceINN of ActNorm, GLOWCouplingBlock and
+    permutations."""
+    x = _data(n, c, size, dtype, device)
+    cases = []
+    for peer in DROPIN_PEERS:
+        own = (peer, f"{peer} accelerated", f"{peer} compile", f"{peer} accelerated compile")
+
+        def model(provider, train, peer=peer):
+            torch.manual_seed(0)
+            if peer == "normflows":
+                m = _normflows_glow(c, size, levels, steps, hidden, net_actnorm=False)
+            else:
+                m = _FrEIALikelihood(_freia_glow(c, size, levels, steps, hidden), (c, size, size))
+            m = m.to(device, dtype)
+            with torch.no_grad():  # ActNorm's data-dependent initialisation
+                m.forward_kld(x) if peer == "normflows" else m.bits_per_dim(x)
+            if "accelerated" in provider:
+                flowkern.accelerate(m)
+            return m.train(train)
+
+        def loss_of(m, peer=peer):
+            return m.forward_kld if peer == "normflows" else (lambda v: m.bits_per_dim(v).mean())
+
+        def train(provider, model=model, loss_of=loss_of):
+            m = model(provider, train=True)
+            return _train_step(m, x, loss_of(m), compile=provider.endswith("compile"))
+
+        def sample(provider, model=model):
+            m = model(provider, train=False)
+            run = (lambda: m.sample(n, temperature=0.7)) if peer == "normflows" else (lambda: m.sample(n, 0.7))
+            return _compiled(run) if provider.endswith("compile") else run
+
+        def graph_breaks(provider, model=model, loss_of=loss_of):
+            if not provider.endswith("compile"):
+                return None
+            m = model(provider, train=True)
+            torch._dynamo.reset()
+            return torch._dynamo.explain(loss_of(m))(x).graph_break_count
+
+        params = _params(n, c, size, dtype, K=steps, L=levels, hidden=hidden)
+        versus = (peer, f"{peer} compile")
+        cases += [Case(f"{peer}_glow_train_step", params, train, providers=own, versus=versus,
+                       flow_steps=levels * steps, graph_breaks=graph_breaks),
+                  Case(f"{peer}_glow_sample", {**params, "T": 0.7}, sample, providers=own, versus=versus,
+                       flow_steps=levels * steps)]
+    return cases
 
 
 INVERSION_CASE = "glow_train_by_inversion"
@@ -413,6 +520,7 @@ def all_cases(device, real_shapes=False):
     n, c, size, hidden = glow_shape[0], glow_shape[1], glow_shape[2], glow_shape[-1]
     for level in range(1, 4):  # the conditioners of the whole-model Glow's three levels
         cases += conditioner_cases(n, c * 2 ** level, size // 2 ** level, hidden, torch.float32, device)
+    cases += dropin_cases(*glow_shape, torch.float32, device)
     cases += realnvp_cases(*realnvp_shape, torch.float32, device)
     depth_shape = (64, 3, 32, 3, 512) if full else (16, 3, 32, 3, 256)
     cases += inversion_cases(*depth_shape, (4, 8, 16, 32), torch.float32, device)

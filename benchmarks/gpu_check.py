@@ -46,6 +46,11 @@ SHAPES = [(3, 64), (12, 64), (12, 32), (24, 16), (24, 32), (48, 8), (48, 32), (9
 # counts, multiples of 16): one shape per block size, an odd C, and the widest
 COUPLING_SHAPES = [(3, 64), (12, 64), (24, 16), (48, 8), (96, 16), (384, 4)]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# (scale, h layout) of the couplings: every scale in flowkern's layout, and normflows' interleaved layout (a
+# stride of 2 between h's planes, which Triton specialises differently from 1) with its scales
+COUPLING_VARIANTS = [*((scale, "halves") for scale in ("sigmoid", "reciprocal_sigmoid", "exp", "plain_exp", "atan",
+                                                      "additive")),
+                     *((scale, "interleaved") for scale in ("sigmoid", "reciprocal_sigmoid", "plain_exp"))]
 # (x dtype, h dtype) of the couplings: each dtype alone, and a float32 flow under autocast
 COUPLING_DTYPES = [(d, d) for d in DTYPES] + [(torch.float32, torch.bfloat16), (torch.float32, torch.float16)]
 BATCH = 2  # the batch only sizes the grid, which compiling does not see
@@ -136,18 +141,18 @@ def triton_launches(modules):
     for c, size in COUPLING_SHAPES:
         for x_dtype, h_dtype in COUPLING_DTYPES:
             for mask in ("channel", "checkerboard"):
-                for scale in ("sigmoid", "exp", "additive"):
+                for scale, layout in COUPLING_VARIANTS:
                     x = _image(c, size, x_dtype)
                     h = _image(conditioner_channels(c, mask, 0, scale)[1], size, h_dtype)
                     where = dict(C=c, HW=f"{size}x{size}", dtype=_name(x_dtype), h_dtype=_name(h_dtype), mask=mask,
-                                 scale=scale)
+                                 scale=scale, layout=layout)
                     for inverse in (False, True):
                         op = "coupling_inverse" if inverse else "coupling_forward"
                         run = coupling.launch_coupling_inverse if inverse else coupling.launch_coupling_forward
-                        yield op, where, functools.partial(run, x, h, mask, 0, scale, 2.0)
+                        yield op, where, functools.partial(run, x, h, mask, 0, scale, 2.0, layout)
                         yield "coupling_backward", {**where, "inverse": inverse}, functools.partial(
                             coupling.launch_coupling_backward, torch.randn_like(x), torch.randn(BATCH).to(x_dtype),
-                            x, h, mask, 0, scale, 2.0, inverse)
+                            x, h, mask, 0, scale, 2.0, layout, inverse)
     for c, size in SHAPES:
         for dtype in DTYPES:
             x, g = _image(c, size, dtype), _image(c, size, dtype)

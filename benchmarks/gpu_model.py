@@ -107,9 +107,10 @@ def op_calls(ops, batch, c, size, dtype, device="cpu"):
     vector, weight = torch.randn(c, device=device).to(dtype), torch.randn(c, c, device=device).to(dtype)
     g, g_logdet = torch.randn_like(x), torch.randn(batch, device=device).to(dtype)
     return [
-        ("coupling_forward", (x, h), functools.partial(ops.coupling_forward, x, h, "channel", 0, "sigmoid", 2.0)),
+        ("coupling_forward", (x, h), functools.partial(ops.coupling_forward, x, h, "channel", 0, "sigmoid", 2.0,
+                                                          "halves")),
         ("coupling_backward", (g, g_logdet, x, h), functools.partial(
-            ops.coupling_backward, g, g_logdet, x, h, "channel", 0, "sigmoid", 2.0, False)),
+            ops.coupling_backward, g, g_logdet, x, h, "channel", 0, "sigmoid", 2.0, "halves", False)),
         ("actnorm", (x, vector, vector), functools.partial(ops.actnorm, x, vector, vector, False)),
         ("actnorm_backward", (g, x, vector, vector), functools.partial(
             ops.actnorm_backward, g, x, vector, vector, False)),

@@ -141,6 +141,8 @@ def measure_case(case, providers, device, bandwidth, min_time, built=lambda prov
             if case.flow_steps and not row["provider"].endswith("compile"):  # eager dispatches: what a GPU launches
                 counts = count_dispatches(fn)
                 row.update(ops_per_flow_step=counts["ops"] / case.flow_steps, host_syncs=counts["host_syncs"])
+            if case.graph_breaks is not None and (breaks := case.graph_breaks(row["provider"])) is not None:
+                row["graph_breaks"] = breaks
             if baseline is not None:
                 base = next(times)
                 row["baseline"] = {**summarize(base), **profile_call(baseline, device)}
@@ -166,7 +168,8 @@ def format_table(case, rows):
     versus = [f"vs {name}" for name in case.versus]
     lines = [header, f"  {'provider':<{width}}{'median ms':>11}{'p10..p90 ms':>19}{versus[0]:>15}{versus[1]:>15}"
                      f"{'GB/s':>7}{'of copy':>9}{'peak MiB':>10}{count:>10}{'conv':>6}{'first s':>9}"
-                     + (f"{'ops/step':>10}{'syncs':>7}" if case.flow_steps else "")]
+                     + (f"{'ops/step':>10}{'syncs':>7}" if case.flow_steps else "")
+                     + (f"{'breaks':>8}" if case.graph_breaks else "")]
     for r in rows:
         if "error" in r:
             lines.append(f"  {r['provider']:<{width}}failed: {r['error']}")
@@ -177,7 +180,8 @@ def format_table(case, rows):
             f"{opt('speedup_vs_eager', '.2f', 'x'):>15}{opt('speedup_vs_compile', '.2f', 'x'):>15}"
             f"{opt('bandwidth_gbs', '.1f'):>7}{opt('fraction_of_copy', '.0%'):>9}"
             f"{r['peak_mb']:>10.1f}{r.get(count, '-'):>10}{opt('conv_share', '.0%'):>6}{opt('first_call_s', '.2f'):>9}"
-            + (f"{opt('ops_per_flow_step', '.1f'):>10}{opt('host_syncs', 'd'):>7}" if case.flow_steps else ""))
+            + (f"{opt('ops_per_flow_step', '.1f'):>10}{opt('host_syncs', 'd'):>7}" if case.flow_steps else "")
+            + (f"{opt('graph_breaks', 'd'):>8}" if case.graph_breaks else ""))
         if "baseline" in r:
             b = r["baseline"]
             lines.append(f"    its baseline: {b['median_ms']:.3f} ms ({b['p10_ms']:.3f}..{b['p90_ms']:.3f}), "

@@ -2,6 +2,10 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <iterator>
+#include <utility>
+
 namespace flowkern {
 
 void check_image(const at::Tensor& t, const char* name, const char* op) {
@@ -100,7 +104,7 @@ void check_grad_out(const at::Tensor& grad_out, const at::Tensor& input, const c
 }
 
 CouplingOptions coupling_options(const at::Tensor& x, const at::Tensor& h, c10::string_view mask, int64_t parity,
-                                 c10::string_view scale, double bound, const char* op) {
+                                 c10::string_view scale, double bound, c10::string_view layout, const char* op) {
   check_image(x, "input", op);
   check_image(h, "h", op);
   TORCH_CHECK(h.device() == x.device(), op, ": expected h on ", x.device(), ", got ", h.device());
@@ -113,20 +117,29 @@ CouplingOptions coupling_options(const at::Tensor& x, const at::Tensor& h, c10::
   TORCH_CHECK(mask == "channel" || mask == "checkerboard", op, ": mask must be 'channel' or 'checkerboard', got '",
               std::string(mask), "'");
   TORCH_CHECK(parity == 0 || parity == 1, op, ": parity must be 0 or 1, got ", parity);
-  Scale s;
-  if (scale == "sigmoid") {
-    s = Scale::Sigmoid;
-  } else if (scale == "exp") {
-    s = Scale::Exp;
-  } else if (scale == "additive") {
-    s = Scale::Additive;
-  } else {
-    TORCH_CHECK(false, op, ": scale must be 'sigmoid', 'exp' or 'additive', got '", std::string(scale), "'");
-  }
+  static const std::pair<const char*, Scale> scales[] = {
+      {"sigmoid", Scale::Sigmoid}, {"reciprocal_sigmoid", Scale::ReciprocalSigmoid}, {"exp", Scale::Exp},
+      {"plain_exp", Scale::PlainExp}, {"atan", Scale::Atan}, {"additive", Scale::Additive}};
+  const auto found = std::find_if(std::begin(scales), std::end(scales), [&](const auto& e) { return scale == e.first; });
+  TORCH_CHECK(found != std::end(scales), op,
+              ": scale must be 'sigmoid', 'reciprocal_sigmoid', 'exp', 'plain_exp', 'atan' or 'additive', got '",
+              std::string(scale), "'");
+  const Scale s = found->second;
+  TORCH_CHECK(layout == "halves" || layout == "shift_halves" || layout == "interleaved", op,
+              ": layout must be 'halves', 'shift_halves' or 'interleaved', got '", std::string(layout), "'");
   const bool checkerboard = mask == "checkerboard";
   TORCH_CHECK(checkerboard || x.size(1) >= 2, op, ": a channel-mask coupling needs at least 2 channels, got ",
               x.sizes());
-  const CouplingChannels channels = coupling_channels(x.size(1), checkerboard, parity);
+  // the transformed channels (as flowkern/reference/coupling.py's transformed_range) and h's planes (h_planes)
+  const int64_t first = (x.size(1) + 1) / 2;
+  const int64_t t_start = checkerboard || parity == 1 ? 0 : first;
+  const int64_t n_t = checkerboard ? x.size(1) : parity == 0 ? x.size(1) - first : first;
+  CouplingChannels channels{t_start, n_t, 0, 0, 1};
+  if (s != Scale::Additive) {
+    if (layout == "halves") channels.shift_first = n_t;
+    if (layout == "shift_halves") channels.raw_first = n_t;
+    if (layout == "interleaved") channels = {t_start, n_t, 1, 0, 2};
+  }
   const int64_t h_channels = s == Scale::Additive ? channels.n_t : 2 * channels.n_t;
   TORCH_CHECK(h.size(0) == x.size(0) && h.size(1) == h_channels && h.size(2) == x.size(2) && h.size(3) == x.size(3),
               op, ": expected h of shape (", x.size(0), ", ", h_channels, ", ", x.size(2), ", ", x.size(3),

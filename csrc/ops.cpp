@@ -41,10 +41,12 @@ std::vector<int64_t> cuda_launch(c10::string_view kernel, int64_t n, int64_t c, 
 }  // namespace
 
 TORCH_LIBRARY(flowkern, m) {
-  m.def("coupling_forward(Tensor x, Tensor h, str mask, int parity, str scale, float bound) -> (Tensor, Tensor)");
-  m.def("coupling_inverse(Tensor x, Tensor h, str mask, int parity, str scale, float bound) -> (Tensor, Tensor)");
+  m.def("coupling_forward(Tensor x, Tensor h, str mask, int parity, str scale, float bound, str layout) -> "
+        "(Tensor, Tensor)");
+  m.def("coupling_inverse(Tensor x, Tensor h, str mask, int parity, str scale, float bound, str layout) -> "
+        "(Tensor, Tensor)");
   m.def("coupling_backward(Tensor grad_out, Tensor grad_logdet, Tensor input, Tensor h, str mask, int parity, "
-        "str scale, float bound, bool inverse) -> (Tensor, Tensor)");
+        "str scale, float bound, str layout, bool inverse) -> (Tensor, Tensor)");
   m.def("actnorm(Tensor x, Tensor log_scale, Tensor bias, bool inverse) -> Tensor");
   m.def("actnorm_backward(Tensor grad_out, Tensor input, Tensor log_scale, Tensor bias, bool inverse) "
         "-> (Tensor, Tensor, Tensor)");

@@ -2,9 +2,11 @@
 
 Layers and models call :mod:`flowkern.functional`, which runs each fused op on the active backend:
 ``set_backend(name)``, ``get_backend()``, ``use_backend(name)`` and ``available_backends()``.
+``accelerate(model)`` runs the layers of a normflows or FrEIA model on the same ops.
 """
 from . import data, functional, nn, reference
 from .backends import BackendUnavailable, available_backends, get_backend, set_backend, use_backend
+from .dropin import accelerate, acceleration_report
 from .models import FFJORD, Glow, RealNVP, RealNVP2d
 
 __version__ = "0.1.0"
@@ -19,6 +21,7 @@ def load_run(path, device="cpu"):
 
 
 __all__ = [
-    "BackendUnavailable", "FFJORD", "Glow", "RealNVP", "RealNVP2d", "available_backends", "data", "functional",
+    "BackendUnavailable", "FFJORD", "Glow", "RealNVP", "RealNVP2d", "accelerate", "acceleration_report",
+    "available_backends", "data", "functional",
     "get_backend", "load_run", "nn", "reference", "set_backend", "use_backend",
 ]

@@ -6,7 +6,7 @@ import operator
 import torch
 
 from .reference._dtypes import LOWER_PRECISION
-from .reference.coupling import MASKS, SCALES, conditioner_channels
+from .reference.coupling import LAYOUTS, MASKS, SCALES, conditioner_channels
 
 
 def check_tensor(x, name, ndim=None, floating=True):
@@ -97,13 +97,14 @@ def check_temperature(value) -> float:
         raise ValueError(f"temperature must be a finite number >= 0, got {value!r}") from None
 
 
-def check_coupling(x, h, mask, parity, scale, x_name="x"):
+def check_coupling(x, h, mask, parity, scale, layout, x_name="x"):
     """The inputs of a coupling: ``x`` (N, C, H, W), its options, and ``h`` of the shape the options need, in
     ``x``'s dtype or a lower precision (a conditioner under autocast)."""
     check_image(x, x_name)
     check_choice(mask, MASKS, "mask")
     check_choice(parity, (0, 1), "parity")
     check_choice(scale, SCALES, "scale")
+    check_choice(layout, LAYOUTS, "layout")
     check_image(h, "h")
     if h.device != x.device:
         raise ValueError(f"expected h on the device of {x_name} ({x.device}), got {h.device}")

@@ -13,17 +13,18 @@ from .reference._dtypes import compute_dtype, full_precision
 
 
 @full_precision
-def coupling_forward(x, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
-    """Coupling ``x`` (N, C, H, W) given conditioner output ``h`` → ``(y, logdet (N,))``."""
-    check_coupling(x, h, mask, parity, scale, "x")
-    return backends.dispatch("coupling_forward", x, h, mask, parity, scale, float(bound))
+def coupling_forward(x, h, mask="channel", parity=0, scale="sigmoid", bound=2.0, layout="halves"):
+    """Coupling ``x`` (N, C, H, W) given conditioner output ``h`` (its ``raw`` and ``shift`` in ``layout``'s
+    order) → ``(y, logdet (N,))``."""
+    check_coupling(x, h, mask, parity, scale, layout, "x")
+    return backends.dispatch("coupling_forward", x, h, mask, parity, scale, float(bound), layout)
 
 
 @full_precision
-def coupling_inverse(y, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
+def coupling_inverse(y, h, mask="channel", parity=0, scale="sigmoid", bound=2.0, layout="halves"):
     """Inverse coupling of ``y`` (N, C, H, W) → ``(x, logdet (N,) of the forward map)``."""
-    check_coupling(y, h, mask, parity, scale, "y")
-    return backends.dispatch("coupling_inverse", y, h, mask, parity, scale, float(bound))
+    check_coupling(y, h, mask, parity, scale, layout, "y")
+    return backends.dispatch("coupling_inverse", y, h, mask, parity, scale, float(bound), layout)
 
 
 @full_precision
@@ -71,12 +72,13 @@ def folded_lu_weight_inverse(perm, lower, upper, sign, log_s, log_scale, bias):
 
 
 @full_precision
-def coupling_backward(grad_y, grad_logdet, x, h, mask, parity, scale, bound, backend):
+def coupling_backward(grad_y, grad_logdet, x, h, mask, parity, scale, bound, layout, backend):
     """``(∂x, ∂h)`` of :func:`coupling_forward` at ``(x, h)`` from ``grad_y`` (N, C, H, W) and ``grad_logdet``
     (N,) (either ``None`` for zero), as backend ``backend`` computes them (the one
     ``backends.choose("coupling_forward", ...)`` named for the forward): for autograd nodes that hold a coupling
     inside them and differentiate it by hand (:class:`flowkern.nn.glow_coupling.GlowCoupling`)."""
-    return backends.run(backend, "coupling_backward", grad_y, grad_logdet, x, h, mask, parity, scale, float(bound))
+    return backends.run(backend, "coupling_backward", grad_y, grad_logdet, x, h, mask, parity, scale, float(bound),
+                        layout)
 
 
 @full_precision

@@ -127,7 +127,7 @@ modules, compiled = gpu_check._triton_modules(), []
 with gpu_check.compiling_for_sm90(modules, compiled):
     for dtype in (torch.float64, torch.float32):
         x, h = torch.randn(2, 4, 8, 8, dtype=dtype), torch.randn(2, 8, 8, 8, dtype=dtype)
-        modules["coupling"].launch_coupling_forward(x, h, "checkerboard", 0, "exp", 0.3)
+        modules["coupling"].launch_coupling_forward(x, h, "checkerboard", 0, "exp", 0.3, "halves")
 for name, constexprs, grid, kernel in compiled:
     ptx = kernel.asm["ptx"]
     print(constexprs["ACC"], ".param .f64" in ptx, "cvt.rn.f32.f64" in ptx, gpu_check.ptxas_resources(ptx)[1])
@@ -247,3 +247,9 @@ def test_the_model_comparison_trains_each_model_by_the_command(tmp_path):
     compare_models.plot_densities("moons", [(r["model"], m) for r, m in compared], torch.randn(100, 2),
                                   str(tmp_path / "density.png"), grid=8)
     assert (tmp_path / "density.png").stat().st_size > 0
+
+
+def test_the_sm90_check_compiles_every_coupling_scale():
+    from benchmarks import gpu_check
+
+    assert {scale for scale, _ in gpu_check.COUPLING_VARIANTS} == set(flowkern.reference.SCALES)

@@ -30,12 +30,23 @@ def test_coupling_matches_reference(fused, mask, parity, scale, direction, dtype
     check_coupling_against_reference(fused, f"coupling_{direction}", x, h, mask, parity, scale)
 
 
-def check_coupling_against_reference(fused, op, x, h, mask, parity, scale):
+@pytest.mark.parametrize("h_layout", ["shift_halves", "interleaved"])
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+@pytest.mark.parametrize("scale", ["sigmoid", "reciprocal_sigmoid", "plain_exp", "atan"])
+@pytest.mark.parametrize("mask,parity", [("channel", 1), ("checkerboard", 0)])
+def test_coupling_h_layouts_match_reference(fused, mask, parity, scale, direction, h_layout):
+    """The orders of raw and shift in h other than flowkern's halves: nflows' and normflows'."""
+    x, h = coupling_inputs(mask, parity, scale, torch.float32, "channel-slice")
+    check_coupling_against_reference(fused, f"coupling_{direction}", x, h, mask, parity, scale, h_layout)
+
+
+def check_coupling_against_reference(fused, op, x, h, mask, parity, scale, h_layout="halves"):
     """Outputs, log-det and the gradients of x and h from random upstream gradients, fused vs reference."""
     upstream = (torch.randn(x.shape), torch.randn(x.shape[0]))
 
     def run(module):
-        return value_and_grads(lambda a, b: getattr(module, op)(a, b, mask, parity, scale, 2.0), (x, h), upstream)
+        return value_and_grads(lambda a, b: getattr(module, op)(a, b, mask, parity, scale, 2.0, h_layout), (x, h),
+                               upstream)
 
     got, got_grads = run(fused)
     expected, expected_grads = run(reference)
@@ -67,7 +78,7 @@ def test_coupling_log_det_is_exact_on_large_scales(fused):
     # raw far into both tails of the sigmoid and of tanh: the fused log-sigmoid and tanh stay accurate
     x, h = coupling_inputs("channel", 0, "sigmoid", torch.float64, "contiguous", (2, 4, 3, 3))
     h = h * 30
-    for scale in ("sigmoid", "exp"):
+    for scale in ("sigmoid", "reciprocal_sigmoid", "exp", "plain_exp", "atan"):
         got = fused.coupling_forward(x, h, "channel", 0, scale, 2.0)
         expected = reference.coupling_forward(x, h, "channel", 0, scale, 2.0)
         assert_close(got, expected, torch.float64, scale)
@@ -293,11 +304,16 @@ def _opcheck_samples(ops):
     weight, bias7 = torch.randn(7, 5, requires_grad=True), torch.randn(7, requires_grad=True)
     grad_y, grad_logdet = torch.randn(2, 5, 3, 5), torch.randn(2)
     return [
-        (ops.coupling_forward, (x, h, "channel", 0, "sigmoid", 2.0)),
-        (ops.coupling_forward, (x, h.detach().half().requires_grad_(), "channel", 0, "sigmoid", 2.0)),
-        (ops.coupling_forward, (x, h[:, :2], "channel", 0, "additive", 2.0)),
-        (ops.coupling_inverse, (x, h_board, "checkerboard", 1, "exp", 1.5)),
-        (ops.coupling_backward, (grad_y, grad_logdet, x.detach(), h_odd.detach(), "channel", 1, "sigmoid", 2.0, True)),
+        (ops.coupling_forward, (x, h, "channel", 0, "sigmoid", 2.0, "halves")),
+        (ops.coupling_forward, (x, h, "channel", 0, "atan", 2.0, "interleaved")),
+        (ops.coupling_forward, (x, h.detach().half().requires_grad_(), "channel", 0, "sigmoid", 2.0, "halves")),
+        (ops.coupling_forward, (x, h[:, :2], "channel", 0, "additive", 2.0, "halves")),
+        (ops.coupling_inverse, (x, h_board, "checkerboard", 1, "exp", 1.5, "halves")),
+        (ops.coupling_inverse, (x, h_board, "checkerboard", 1, "reciprocal_sigmoid", 1.5, "shift_halves")),
+        (ops.coupling_backward, (grad_y, grad_logdet, x.detach(), h_odd.detach(), "channel", 1, "sigmoid", 2.0, "halves",
+                                  True)),
+        (ops.coupling_backward, (grad_y, grad_logdet, x.detach(), h_odd.detach(), "channel", 1, "plain_exp", 2.0,
+                                  "interleaved", False)),
         (ops.actnorm, (x, log_scale, bias, False)),
         (ops.actnorm_backward, (grad_y, x.detach(), log_scale.detach(), bias.detach(), True)),
         (ops.conv1x1, (x, weight, bias7)),
@@ -364,10 +380,10 @@ TRITON_BAD_INPUT = [
      ValueError, r"bias must have shape \(4,\)"),
     (lambda ops: ops.actnorm_backward(make((2, 4, 3, 2)), make((2, 4, 3, 3)), torch.zeros(4), torch.zeros(4), True),
      ValueError, r"expected grad_out of shape \(2, 4, 3, 3\), got \(2, 4, 3, 2\)"),
-    (lambda ops: ops.coupling_forward(make((2, 4, 3, 3)), make((2, 4, 3, 3)), "stripes", 0, "sigmoid", 2.0),
+    (lambda ops: ops.coupling_forward(make((2, 4, 3, 3)), make((2, 4, 3, 3)), "stripes", 0, "sigmoid", 2.0, "halves"),
      ValueError, r"mask must be one of 'channel', 'checkerboard', got 'stripes'"),
     (lambda ops: ops.coupling_backward(make((2, 4, 3, 3)), torch.zeros(3), make((2, 4, 3, 3)), make((2, 4, 3, 3)),
-                                       "channel", 0, "sigmoid", 2.0, False),
+                                       "channel", 0, "sigmoid", 2.0, "halves", False),
      ValueError, r"expected grad_logdet of shape \(2,\), got \(3,\)"),
     (lambda ops: ops.conv1x1(make((2, 4, 3, 3)), torch.randn(4, 5), None),
      ValueError, r"weight must have shape \(C_out, 4\) for input of shape \(2, 4, 3, 3\), got \(4, 5\)"),

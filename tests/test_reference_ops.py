@@ -62,6 +62,37 @@ def test_checkerboard_coupling_formula(parity):
     assert torch.all(cond[..., moved] == 0) and torch.equal(cond[..., ~moved], x[..., ~moved])
 
 
+@pytest.mark.parametrize("scale,log_s", [
+    ("sigmoid", lambda raw, b: torch.log(torch.sigmoid(raw + 2))),
+    ("reciprocal_sigmoid", lambda raw, b: -torch.log(torch.sigmoid(raw + 2))),
+    ("exp", lambda raw, b: b * torch.tanh(raw)),
+    ("plain_exp", lambda raw, b: raw),
+    ("atan", lambda raw, b: 0.636 * b * torch.atan(raw)),
+])
+def test_coupling_scale_formulas(scale, log_s):
+    x, h = coupling_inputs((2, 4, 3, 3), "channel", 0, scale)
+    y, logdet = R.coupling_forward(x, h, "channel", 0, scale, 1.7)
+    raw, shift = h.chunk(2, dim=1)
+    torch.testing.assert_close(y[:, 2:], x[:, 2:] * log_s(raw, 1.7).exp() + shift, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logdet, log_s(raw, 1.7).sum(dim=(1, 2, 3)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", ["sigmoid", "additive"])
+@pytest.mark.parametrize("mask,parity", [("channel", 0), ("checkerboard", 1)])
+def test_coupling_h_layouts_reorder_raw_and_shift(mask, parity, scale):
+    """``shift_halves`` is ``shift, raw = h.chunk(2)`` and ``interleaved`` ``shift, raw = h[:, 0::2], h[:, 1::2]``:
+    the same coupling as the halves ``raw, shift`` with h's planes reordered (additive h is the shift alone)."""
+    x, h = coupling_inputs((2, 5, 3, 4), mask, parity, scale)
+    raw, shift = (None, h) if scale == "additive" else h.chunk(2, dim=1)
+    reordered = {"halves": h, "shift_halves": h if raw is None else torch.cat((shift, raw), dim=1),
+                 "interleaved": h if raw is None else torch.stack((shift, raw), dim=2).flatten(1, 2)}
+    expected = R.coupling_forward(x, h, mask, parity, scale)
+    for layout, h_in_layout in reordered.items():
+        assert R.split_h(h_in_layout, scale, layout)[1].equal(shift)
+        for got, want in zip(R.coupling_forward(x, h_in_layout, mask, parity, scale, layout=layout), expected):
+            assert torch.equal(got, want), layout
+
+
 @pytest.mark.parametrize("mask,parity,scale", COUPLINGS)
 def test_coupling_gradcheck(mask, parity, scale):
     x, h = coupling_inputs((2, 3, 3, 2), mask, parity, scale)

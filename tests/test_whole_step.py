@@ -7,6 +7,7 @@ import torch
 
 import flowkern
 from benchmarks.plain_glow import PlainGlow
+from flowkern.nn import conditioners
 from flowkern.nn.conditioners import ConvActNorm, GlowConditioner, glow_conditioner_by_matmul
 from helpers import initialize, randomize_
 from fused_backends import FUSED_BACKENDS, load_backend, whole_model_backends
@@ -337,3 +338,16 @@ def test_ops_per_flow_step_and_host_syncs(mode):
     assert counts["ops"] <= OPS[mode], counts["by_op"]
     # nothing is read back: the flow steps' inverse weights come from their factors in one op, uncached
     assert counts["host_syncs"] == 0
+
+
+def test_measuring_on_the_first_call_leaves_the_random_stream_alone(monkeypatch):
+    """The first sampling call measures the conditioners' form and the ``auto`` backend's choices on random
+    inputs of their own: sampling with a seed gives the same images on the first call as on the next."""
+    monkeypatch.setattr(conditioners, "FORM_CHOICES", {})
+    monkeypatch.setattr(flowkern.backends, "_choices", {})
+    model = flowkern.Glow(3, 16, levels=2, steps=1, hidden_channels=128).eval()
+    torch.manual_seed(5)
+    first = model.sample(2)
+    assert conditioners.FORM_CHOICES and flowkern.backends.auto_choices(), "the first call measured"
+    torch.manual_seed(5)
+    assert torch.equal(model.sample(2), first)

@@ -73,9 +73,9 @@ acc_t transform_checkerboard_plane(const scalar_t* x, const h_t* raw, const h_t*
 template <bool Inverse>
 std::tuple<at::Tensor, at::Tensor> coupling_cpu(const at::Tensor& x_in, const at::Tensor& h_in,
                                                 c10::string_view mask, int64_t parity, c10::string_view scale,
-                                                double bound) {
+                                                double bound, c10::string_view layout) {
   const char* op = Inverse ? "flowkern::coupling_inverse" : "flowkern::coupling_forward";
-  const CouplingOptions o = coupling_options(x_in, h_in, mask, parity, scale, bound, op);
+  const CouplingOptions o = coupling_options(x_in, h_in, mask, parity, scale, bound, layout, op);
   const at::Tensor x = inner_dense(x_in), h = inner_dense(h_in);
   const int64_t n = x.size(0), c = x.size(1), height = x.size(2), width = x.size(3), hw = height * width;
   const CouplingChannels ch = o.channels;
@@ -105,8 +105,8 @@ std::tuple<at::Tensor, at::Tensor> coupling_cpu(const at::Tensor& x_in, const at
               std::copy(x_row, x_row + hw, out_row);
               continue;
             }
-            const h_t* raw = hp + s * hsn + k * hsc;
-            const h_t* shift = S == Scale::Additive ? raw : hp + s * hsn + (ch.n_t + k) * hsc;
+            const h_t* raw = hp + s * hsn + ch.raw_plane(k) * hsc;
+            const h_t* shift = hp + s * hsn + ch.shift_plane(k) * hsc;
             part[s * ch.n_t + k] =
                 o.checkerboard
                     ? transform_checkerboard_plane<S, Inverse>(x_row, raw, shift, out_row, height, width, parity,
@@ -167,9 +167,9 @@ std::tuple<at::Tensor, at::Tensor> coupling_backward_cpu(const at::Tensor& grad_
                                                          const at::Tensor& grad_logdet, const at::Tensor& input_in,
                                                          const at::Tensor& h_in, c10::string_view mask,
                                                          int64_t parity, c10::string_view scale, double bound,
-                                                         bool inverse) {
+                                                         c10::string_view layout, bool inverse) {
   const char* op = "flowkern::coupling_backward";
-  const CouplingOptions o = coupling_options(input_in, h_in, mask, parity, scale, bound, op);
+  const CouplingOptions o = coupling_options(input_in, h_in, mask, parity, scale, bound, layout, op);
   check_grad_out(grad_out_in, input_in, op);
   check_vector(grad_logdet, input_in.size(0), input_in, "grad_logdet", op);
   const at::Tensor g = grad_out_in.contiguous(), v = input_in.contiguous();
@@ -201,8 +201,8 @@ std::tuple<at::Tensor, at::Tensor> coupling_backward_cpu(const at::Tensor& grad_
                 std::copy(gp + row * hw, gp + (row + 1) * hw, gin + row * hw);
                 continue;
               }
-              const int64_t raw_row = (s * h_channels + k) * hw;
-              const int64_t shift_row = S == Scale::Additive ? raw_row : (s * h_channels + ch.n_t + k) * hw;
+              const int64_t raw_row = (s * h_channels + ch.raw_plane(k)) * hw;
+              const int64_t shift_row = (s * h_channels + ch.shift_plane(k)) * hw;
               backward_plane<S, Inverse>(gp + row * hw, gldp[s], vp + row * hw, hp + raw_row, hp + shift_row,
                                          gin + row * hw, gh + raw_row, gh + shift_row, height, width, o.checkerboard,
                                          parity, acc_t(bound));

@@ -37,6 +37,7 @@ struct VecMath {
     return V::blendv(t, V(0) - t, a < V(0));
   }
 
+  template <typename V> static V atan(const V& v) { return v.atan(); }
   template <typename V> static V abs(const V& v) { return v.abs(); }
   template <typename V> static V min(const V& a, const V& b) { return at::vec::minimum(a, b); }
   template <typename V> static V select_nonnegative(const V& z, const V& if_nonnegative, const V& if_negative) {

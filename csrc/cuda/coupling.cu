@@ -13,7 +13,7 @@ namespace cuda {
 namespace {
 
 // The block's place: sample n, channel c, the first pixel p0 of its tile, and k = c − t_start (the channel's
-// index in h's raw and shift halves, valid when 0 ≤ k < n_t).
+// index among the transformed ones, which places its raw and shift in h; valid when 0 ≤ k < n_t).
 struct CouplingBlock {
   int64_t n, c, p0, k;
   bool transformed;
@@ -59,8 +59,8 @@ __global__ void coupling_kernel(const scalar_t* __restrict__ x, const h_t* __res
     if (threadIdx.x == 0) partial[blockIdx.x] = acc_t(0);
     return;  // the whole block takes this branch: no block_sum below is left waiting
   }
-  const h_t* shift_plane = h + b.n * hsn + (S == Scale::Additive ? b.k : ch.n_t + b.k) * hsc;
-  const h_t* raw_plane = h + b.n * hsn + b.k * hsc;
+  const h_t* shift_plane = h + b.n * hsn + ch.shift_plane(b.k) * hsc;
+  const h_t* raw_plane = h + b.n * hsn + ch.raw_plane(b.k) * hsc;
   acc_t v[kPerThread], raw[kPerThread], shift[kPerThread];
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
@@ -104,8 +104,8 @@ __global__ void coupling_backward_kernel(const scalar_t* __restrict__ g, const a
     copy_tile(g_plane, grad_in_plane, b.p0, hw);
     return;
   }
-  const int64_t raw_plane = (b.n * h_channels + b.k) * hw;
-  const int64_t shift_plane = S == Scale::Additive ? raw_plane : (b.n * h_channels + ch.n_t + b.k) * hw;
+  const int64_t raw_plane = (b.n * h_channels + ch.raw_plane(b.k)) * hw;
+  const int64_t shift_plane = (b.n * h_channels + ch.shift_plane(b.k)) * hw;
   const scalar_t* v_plane = v + plane;
   const acc_t gl = gld[b.n];
   acc_t gv[kPerThread], vv[kPerThread], raw[kPerThread], shift[kPerThread];
@@ -134,9 +134,9 @@ __global__ void coupling_backward_kernel(const scalar_t* __restrict__ g, const a
 template <bool Inverse>
 std::tuple<at::Tensor, at::Tensor> coupling_cuda(const at::Tensor& x_in, const at::Tensor& h_in,
                                                  c10::string_view mask, int64_t parity, c10::string_view scale,
-                                                 double bound) {
+                                                 double bound, c10::string_view layout) {
   const char* op = Inverse ? "flowkern::coupling_inverse" : "flowkern::coupling_forward";
-  const CouplingOptions o = coupling_options(x_in, h_in, mask, parity, scale, bound, op);
+  const CouplingOptions o = coupling_options(x_in, h_in, mask, parity, scale, bound, layout, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = inner_dense(x_in), h = inner_dense(h_in);
   const int64_t n = x.size(0), c = x.size(1), height = x.size(2), width = x.size(3), hw = height * width;
@@ -171,9 +171,10 @@ std::tuple<at::Tensor, at::Tensor> coupling_cuda(const at::Tensor& x_in, const a
 std::tuple<at::Tensor, at::Tensor> coupling_backward_cuda(const at::Tensor& grad_out, const at::Tensor& grad_logdet,
                                                           const at::Tensor& input, const at::Tensor& h_in,
                                                           c10::string_view mask, int64_t parity,
-                                                          c10::string_view scale, double bound, bool inverse) {
+                                                          c10::string_view scale, double bound,
+                                                          c10::string_view layout, bool inverse) {
   const char* op = "flowkern::coupling_backward";
-  const CouplingOptions o = coupling_options(input, h_in, mask, parity, scale, bound, op);
+  const CouplingOptions o = coupling_options(input, h_in, mask, parity, scale, bound, layout, op);
   check_grad_out(grad_out, input, op);
   check_vector(grad_logdet, input.size(0), input, "grad_logdet", op);
   const c10::cuda::CUDAGuard guard(input.device());

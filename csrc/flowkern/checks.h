@@ -18,10 +18,10 @@ struct CouplingOptions {
   CouplingChannels channels;
 };
 
-// Validates mask/parity/scale and the shapes of x (N, C, H, W) and h; op names the caller in messages. h has
-// x's dtype or a lower precision (a conditioner run under autocast): see dispatch_h_type.
+// Validates mask/parity/scale/layout and the shapes of x (N, C, H, W) and h; op names the caller in messages.
+// h has x's dtype or a lower precision (a conditioner run under autocast): see dispatch_h_type.
 CouplingOptions coupling_options(const at::Tensor& x, const at::Tensor& h, c10::string_view mask, int64_t parity,
-                                 c10::string_view scale, double bound, const char* op);
+                                 c10::string_view scale, double bound, c10::string_view layout, const char* op);
 
 // x, unless its (H, W) planes are not dense: then a contiguous copy. Kernels take N and C strides.
 at::Tensor inner_dense(const at::Tensor& t);
@@ -55,6 +55,9 @@ void dispatch_scale(Scale scale, F&& f) {
     case Scale::Sigmoid: return f(std::integral_constant<Scale, Scale::Sigmoid>{});
     case Scale::Exp: return f(std::integral_constant<Scale, Scale::Exp>{});
     case Scale::Additive: return f(std::integral_constant<Scale, Scale::Additive>{});
+    case Scale::ReciprocalSigmoid: return f(std::integral_constant<Scale, Scale::ReciprocalSigmoid>{});
+    case Scale::PlainExp: return f(std::integral_constant<Scale, Scale::PlainExp>{});
+    case Scale::Atan: return f(std::integral_constant<Scale, Scale::Atan>{});
   }
 }
 

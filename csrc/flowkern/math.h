@@ -11,7 +11,10 @@
 
 namespace flowkern {
 
-enum class Scale : int { Sigmoid = 0, Exp = 1, Additive = 2 };
+enum class Scale : int { Sigmoid = 0, Exp = 1, Additive = 2, ReciprocalSigmoid = 3, PlainExp = 4, Atan = 5 };
+
+// FrEIA's factor before atan in its "ATAN" clamp (for 2/π): log s = kAtanGain · bound · atan(raw).
+constexpr double kAtanGain = 0.636;
 
 // On the device the CUDA math library's overloads, on the host std::.
 #ifdef __CUDA_ARCH__
@@ -24,6 +27,7 @@ struct ScalarMath {
   template <typename T> C10_HOST_DEVICE static T exp(T v) { return FLOWKERN_MATH(exp)(v); }
   template <typename T> C10_HOST_DEVICE static T log1p(T v) { return FLOWKERN_MATH(log1p)(v); }
   template <typename T> C10_HOST_DEVICE static T tanh(T v) { return FLOWKERN_MATH(tanh)(v); }
+  template <typename T> C10_HOST_DEVICE static T atan(T v) { return FLOWKERN_MATH(atan)(v); }
   template <typename T> C10_HOST_DEVICE static T abs(T v) { return v < T(0) ? -v : v; }
   template <typename T> C10_HOST_DEVICE static T min(T a, T b) { return b < a ? b : a; }
   template <typename T> C10_HOST_DEVICE static T select_nonnegative(T z, T if_nonnegative, T if_negative) {
@@ -44,32 +48,61 @@ C10_HOST_DEVICE inline void sigmoid_terms(T raw, T& z, T& e, T& r, T& s) {
 }
 
 // The coupling's scale at raw, for the forward and inverse maps: s and log s.
-//   Sigmoid (Glow):  s as above, log s = min(z, 0) − log1p(e). One exp and one log1p.
-//   Exp (RealNVP):   log s = bound · tanh(raw), s = e^{log s}.
+//   Sigmoid (Glow):      s as above, log s = min(z, 0) − log1p(e). One exp and one log1p.
+//   ReciprocalSigmoid:   s = 1/sigmoid(z), log s = log1p(e) − min(z, 0).
+//   Exp (RealNVP):       log s = bound · tanh(raw), s = e^{log s}.
+//   PlainExp:            log s = raw.
+//   Atan (FrEIA):        log s = kAtanGain · bound · atan(raw).
 template <Scale S, typename M, typename T>
 C10_HOST_DEVICE inline void scale_and_log(T raw, T bound, T& s, T& logs) {
-  if constexpr (S == Scale::Sigmoid) {
-    T z, e, r;
-    sigmoid_terms<M>(raw, z, e, r, s);
+  if constexpr (S == Scale::Sigmoid || S == Scale::ReciprocalSigmoid) {
+    T z, e, r, sig;
+    sigmoid_terms<M>(raw, z, e, r, sig);
     logs = M::min(z, T(0)) - M::log1p(e);
+    if constexpr (S == Scale::ReciprocalSigmoid) {
+      logs = T(0) - logs;
+      s = T(1) / sig;
+    } else {
+      s = sig;
+    }
   } else {
-    logs = bound * M::tanh(raw);
+    if constexpr (S == Scale::Exp) {
+      logs = bound * M::tanh(raw);
+    } else if constexpr (S == Scale::PlainExp) {
+      logs = raw;
+    } else {
+      logs = T(kAtanGain) * bound * M::atan(raw);
+    }
     s = M::exp(logs);
   }
 }
 
 // The scale at raw for the backward: s and d(log s)/d(raw), without a logarithm.
-//   Sigmoid: d log s/d raw = 1 − s = e/(1+e) or 1/(1+e).   Exp: bound · (1 − tanh²(raw)).
+//   Sigmoid: d log s/d raw = 1 − sigmoid = e/(1+e) or 1/(1+e); ReciprocalSigmoid its negative.
+//   Exp: bound · (1 − tanh²(raw)).   PlainExp: 1.   Atan: kAtanGain · bound / (1 + raw²).
 template <Scale S, typename M, typename T>
 C10_HOST_DEVICE inline void scale_and_slope(T raw, T bound, T& s, T& dlogs) {
-  if constexpr (S == Scale::Sigmoid) {
-    T z, e, r;
-    sigmoid_terms<M>(raw, z, e, r, s);
+  if constexpr (S == Scale::Sigmoid || S == Scale::ReciprocalSigmoid) {
+    T z, e, r, sig;
+    sigmoid_terms<M>(raw, z, e, r, sig);
     dlogs = M::select_nonnegative(z, e * r, r);
-  } else {
+    if constexpr (S == Scale::ReciprocalSigmoid) {
+      dlogs = T(0) - dlogs;
+      s = T(1) / sig;
+    } else {
+      s = sig;
+    }
+  } else if constexpr (S == Scale::Exp) {
     const T t = M::tanh(raw);
     s = M::exp(bound * t);
     dlogs = bound * (T(1) - t * t);
+  } else if constexpr (S == Scale::PlainExp) {
+    s = M::exp(raw);
+    dlogs = T(1);
+  } else {
+    const T gain = T(kAtanGain) * bound;
+    s = M::exp(gain * M::atan(raw));
+    dlogs = gain / (T(1) + raw * raw);
   }
 }
 
@@ -138,16 +171,13 @@ C10_HOST_DEVICE inline void actnorm_backward(T g, T v, T scale, T bias, T& grad_
   }
 }
 
-// The channel ranges of a coupling: which channels pass through, which are transformed.
+// The channels of a coupling: the n_t transformed ones from t_start, and where transformed channel k finds its
+// terms in h: raw in plane raw_first + step·k, shift in plane shift_first + step·k (the layout).
 struct CouplingChannels {
-  int64_t pass_start, n_pass, t_start, n_t;
+  int64_t t_start, n_t, raw_first, shift_first, step;
+  C10_HOST_DEVICE int64_t raw_plane(int64_t k) const { return raw_first + step * k; }
+  C10_HOST_DEVICE int64_t shift_plane(int64_t k) const { return shift_first + step * k; }
 };
-
-C10_HOST_DEVICE inline CouplingChannels coupling_channels(int64_t channels, bool checkerboard, int64_t parity) {
-  if (checkerboard) return {0, 0, 0, channels};
-  const int64_t first = (channels + 1) / 2, second = channels - first;
-  return parity == 0 ? CouplingChannels{0, first, first, second} : CouplingChannels{first, second, 0, first};
-}
 
 C10_HOST_DEVICE inline bool checkerboard_active(int64_t i, int64_t j, int64_t parity) {
   return (i + j + parity) % 2 == 1;

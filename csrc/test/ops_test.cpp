@@ -33,12 +33,21 @@ auto op(const char* name) {
 }
 
 using Coupling = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, c10::string_view, int64_t,
-                                                    c10::string_view, double);
+                                                    c10::string_view, double, c10::string_view);
+
+// log s of each scale at raw
+at::Tensor reference_log_scale(const at::Tensor& raw, const std::string& scale, double bound) {
+  if (scale == "sigmoid") return at::log_sigmoid(raw + 2);
+  if (scale == "reciprocal_sigmoid") return -at::log_sigmoid(raw + 2);
+  if (scale == "plain_exp") return raw;
+  if (scale == "atan") return 0.636 * bound * at::atan(raw);
+  return bound * at::tanh(raw);
+}
 
 // y = x·s + shift on the transformed elements, log s from the scale; returns (y or x, log-det).
 std::tuple<at::Tensor, at::Tensor> reference_coupling(const at::Tensor& x, const at::Tensor& h_in, bool checkerboard,
                                                       int64_t parity, const std::string& scale, double bound,
-                                                      bool inverse) {
+                                                      const std::string& layout, bool inverse) {
   const at::Tensor h = h_in.to(x.scalar_type());  // a lower-precision h is exact in x's dtype
   const int64_t c = x.size(1), first = (c + 1) / 2;
   at::Tensor t, mask;
@@ -55,9 +64,16 @@ std::tuple<at::Tensor, at::Tensor> reference_coupling(const at::Tensor& x, const
   if (scale == "additive") {
     shift = h;
   } else {
-    const at::Tensor raw = h.narrow(1, 0, n_t);
-    shift = h.narrow(1, n_t, n_t);
-    logs = scale == "sigmoid" ? at::log_sigmoid(raw + 2) : bound * at::tanh(raw);
+    at::Tensor raw;
+    if (layout == "interleaved") {  // shift, raw = h[:, 0::2], h[:, 1::2]
+      shift = h.slice(1, 0, 2 * n_t, 2);
+      raw = h.slice(1, 1, 2 * n_t, 2);
+    } else {
+      const bool shift_first = layout == "shift_halves";
+      raw = h.narrow(1, shift_first ? n_t : 0, n_t);
+      shift = h.narrow(1, shift_first ? 0 : n_t, n_t);
+    }
+    logs = reference_log_scale(raw, scale, bound);
   }
   logs = logs * mask;
   shift = shift * mask;
@@ -85,7 +101,7 @@ std::string dtype_name(at::ScalarType dtype) { return std::string(" ") + c10::to
 
 using CouplingBackward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                             const at::Tensor&, c10::string_view, int64_t,
-                                                            c10::string_view, double, bool);
+                                                            c10::string_view, double, c10::string_view, bool);
 
 // x of dtype, h of h_dtype (dtype or a lower precision, as under autocast).
 void test_coupling(at::ScalarType dtype, at::ScalarType h_dtype) {
@@ -94,34 +110,39 @@ void test_coupling(at::ScalarType dtype, at::ScalarType h_dtype) {
   auto backward = op<CouplingBackward>("flowkern::coupling_backward");
   for (const bool checkerboard : {false, true}) {
     for (const int64_t parity : {0, 1}) {
-      for (const std::string scale : {"sigmoid", "exp", "additive"}) {
-        const int64_t c = 5, first = 3, n_t = checkerboard ? c : (parity == 0 ? c - first : first);
-        const at::Tensor x = at::randn({3, c, 7, 5}, dtype);
-        const at::Tensor h = at::randn({3, scale == "additive" ? n_t : 2 * n_t, 7, 5}, h_dtype);
-        const char* mask = checkerboard ? "checkerboard" : "channel";
-        const std::string name = std::string(mask) + " parity " + std::to_string(parity) + " " + scale +
-                                 dtype_name(dtype) + (h_dtype == dtype ? "" : ", h" + dtype_name(h_dtype));
-        for (const bool inv : {false, true}) {
-          const std::string kind = inv ? "inverse " : "forward ";
-          const auto [out, logdet] = (inv ? inverse : forward).call(x, h, mask, parity, scale, 1.5);
-          const auto [ref_out, ref_logdet] = reference_coupling(x, h, checkerboard, parity, scale, 1.5, inv);
-          expect_close(out, ref_out, "coupling_" + kind + name, tolerance(dtype));
-          expect_close(logdet, ref_logdet, "coupling log-det " + kind + name, tolerance(dtype, true));
+      for (const std::string scale : {"sigmoid", "reciprocal_sigmoid", "exp", "plain_exp", "atan", "additive"}) {
+        for (const std::string layout : {"halves", "shift_halves", "interleaved"}) {
+          if (scale == "additive" && layout != "halves") continue;  // additive h is the shift alone
+          const int64_t c = 5, first = 3, n_t = checkerboard ? c : (parity == 0 ? c - first : first);
+          const at::Tensor x = at::randn({3, c, 7, 5}, dtype);
+          const at::Tensor h = at::randn({3, scale == "additive" ? n_t : 2 * n_t, 7, 5}, h_dtype);
+          const char* mask = checkerboard ? "checkerboard" : "channel";
+          const std::string name = std::string(mask) + " parity " + std::to_string(parity) + " " + scale + " " + layout +
+                                   dtype_name(dtype) + (h_dtype == dtype ? "" : ", h" + dtype_name(h_dtype));
+          for (const bool inv : {false, true}) {
+            const std::string kind = inv ? "inverse " : "forward ";
+            const auto [out, logdet] = (inv ? inverse : forward).call(x, h, mask, parity, scale, 1.5, layout);
+            const auto [ref_out, ref_logdet] = reference_coupling(x, h, checkerboard, parity, scale, 1.5, layout, inv);
+            expect_close(out, ref_out, "coupling_" + kind + name, tolerance(dtype));
+            expect_close(logdet, ref_logdet, "coupling log-det " + kind + name, tolerance(dtype, true));
 
-          const at::Tensor input = x.detach().requires_grad_(), cond = h.detach().requires_grad_();
-          const auto [r_out, r_logdet] = reference_coupling(input, cond, checkerboard, parity, scale, 1.5, inv);
-          const at::Tensor grad_out = at::randn_like(x), grad_logdet = at::randn({3}, dtype);
-          const bool has_logdet = r_logdet.requires_grad();  // additive coupling: a constant zero log-det
-          const auto ref_grads = has_logdet
-                                     ? torch::autograd::grad({r_out, r_logdet}, {input, cond}, {grad_out, grad_logdet})
-                                     : torch::autograd::grad({r_out}, {input, cond}, {grad_out});
-          const auto [grad_x, grad_h] = backward.call(grad_out, grad_logdet, x, h, mask, parity, scale, 1.5, inv);
-          expect_close(grad_x, ref_grads[0], "coupling_backward " + kind + "∂input " + name, tolerance(dtype, true));
-          const bool grad_h_dtype = grad_h.scalar_type() == h_dtype;
-          failures += grad_h_dtype ? 0 : 1;
-          if (!grad_h_dtype) std::printf("FAIL ∂h of dtype %s, not h's\n", c10::toString(grad_h.scalar_type()));
-          expect_close(grad_h, ref_grads[1], "coupling_backward " + kind + "∂h " + name,
-                       h_dtype == dtype ? tolerance(dtype, true) : tolerance(h_dtype));
+            const at::Tensor input = x.detach().requires_grad_(), cond = h.detach().requires_grad_();
+            const auto [r_out, r_logdet] =
+                reference_coupling(input, cond, checkerboard, parity, scale, 1.5, layout, inv);
+            const at::Tensor grad_out = at::randn_like(x), grad_logdet = at::randn({3}, dtype);
+            const bool has_logdet = r_logdet.requires_grad();  // additive coupling: a constant zero log-det
+            const auto ref_grads = has_logdet
+                                       ? torch::autograd::grad({r_out, r_logdet}, {input, cond}, {grad_out, grad_logdet})
+                                       : torch::autograd::grad({r_out}, {input, cond}, {grad_out});
+            const auto [grad_x, grad_h] =
+                backward.call(grad_out, grad_logdet, x, h, mask, parity, scale, 1.5, layout, inv);
+            expect_close(grad_x, ref_grads[0], "coupling_backward " + kind + "∂input " + name, tolerance(dtype, true));
+            const bool grad_h_dtype = grad_h.scalar_type() == h_dtype;
+            failures += grad_h_dtype ? 0 : 1;
+            if (!grad_h_dtype) std::printf("FAIL ∂h of dtype %s, not h's\n", c10::toString(grad_h.scalar_type()));
+            expect_close(grad_h, ref_grads[1], "coupling_backward " + kind + "∂h " + name,
+                         h_dtype == dtype ? tolerance(dtype, true) : tolerance(h_dtype));
+          }
         }
       }
     }
@@ -221,7 +242,7 @@ void test_folded_lu_weight(at::ScalarType dtype) {
 void test_bad_input_is_refused() {
   auto forward = op<Coupling>("flowkern::coupling_forward");
   try {
-    forward.call(at::randn({2, 4, 3, 3}), at::randn({2, 3, 3, 3}), "channel", 0, "sigmoid", 2.0);
+    forward.call(at::randn({2, 4, 3, 3}), at::randn({2, 3, 3, 3}), "channel", 0, "sigmoid", 2.0, "halves");
     ++failures;
     std::printf("FAIL a wrongly shaped h was accepted\n");
   } catch (const c10::Error& e) {

@@ -211,26 +211,28 @@ def _describe(args):
 
 def _problem(op, described, device):
     """Random arguments of ``op`` at the sizes of ``PROBLEM``, with the dtypes, gradient flags and string
-    options of the call ``described``."""
+    options of the call ``described``, drawn from a generator of their own (the caller's random stream does not
+    move)."""
     n, c, height, width = PROBLEM
     if op.startswith("coupling"):
-        mask, scale = described[2], described[4]
+        mask, scale, layout = described[2], described[4], described[6]
         h_channels = reference.conditioner_channels(c, mask, 0, scale)[1]
-        shapes, options = [PROBLEM, (n, h_channels, height, width)], [mask, 0, scale, 2.0]
+        shapes, options = [PROBLEM, (n, h_channels, height, width)], [mask, 0, scale, 2.0, layout]
     elif op.startswith("actnorm"):
         shapes, options = [PROBLEM, (c,), (c,)], []
     elif op.startswith("folded_lu_weight"):
         shapes, options = [(c, c)] * 3 + [(c,)] * 4, []
     else:
         shapes, options = [PROBLEM, (c, c), (c,)], []
+    generator = torch.Generator().manual_seed(0)  # drawn on the CPU, for every device
     args = []
     for shape, a in zip(shapes, described):
         if a is not None:
             _, dtype, requires_grad = a
-            a = torch.randn(shape, dtype=dtype, device=device).requires_grad_(requires_grad)
+            a = torch.randn(shape, generator=generator).to(device, dtype).requires_grad_(requires_grad)
         args.append(a)
     if op.startswith("folded_lu_weight"):  # P is a permutation matrix
-        args[0] = torch.eye(c, dtype=args[0].dtype, device=device)[torch.randperm(c)]
+        args[0] = torch.eye(c, dtype=args[0].dtype, device=device)[torch.randperm(c, generator=generator).to(device)]
     return args + options
 
 

@@ -27,12 +27,12 @@ from ..reference._dtypes import compute_dtype
 
 NAMESPACE = "flowkern"
 
-_COUPLING = "(Tensor x, Tensor h, str mask, int parity, str scale, float bound) -> (Tensor, Tensor)"
+_COUPLING = "(Tensor x, Tensor h, str mask, int parity, str scale, float bound, str layout) -> (Tensor, Tensor)"
 SCHEMAS = {
     "coupling_forward": _COUPLING,
     "coupling_inverse": _COUPLING,
     "coupling_backward": "(Tensor grad_out, Tensor grad_logdet, Tensor input, Tensor h, str mask, int parity, "
-                         "str scale, float bound, bool inverse) -> (Tensor, Tensor)",
+                         "str scale, float bound, str layout, bool inverse) -> (Tensor, Tensor)",
     "actnorm": "(Tensor x, Tensor log_scale, Tensor bias, bool inverse) -> Tensor",
     "actnorm_backward": "(Tensor grad_out, Tensor input, Tensor log_scale, Tensor bias, bool inverse) "
                         "-> (Tensor, Tensor, Tensor)",
@@ -52,11 +52,11 @@ def _dense_like(t):
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-def _coupling_fake(x, h, mask, parity, scale, bound):
+def _coupling_fake(x, h, mask, parity, scale, bound, layout):
     return _dense_like(x), x.new_empty(x.shape[0], dtype=compute_dtype(x.dtype))
 
 
-def _coupling_backward_fake(grad_out, grad_logdet, inp, h, mask, parity, scale, bound, inverse):
+def _coupling_backward_fake(grad_out, grad_logdet, inp, h, mask, parity, scale, bound, layout, inverse):
     return _dense_like(inp), _dense_like(h)
 
 
@@ -102,16 +102,16 @@ _FAKES = {
 
 def _coupling_autograd(ops, inverse):
     def setup_context(ctx, inputs, output):
-        x, h, mask, parity, scale, bound = inputs
+        x, h, *options = inputs
         ctx.save_for_backward(x, h)
-        ctx.options = (mask, parity, scale, bound)
+        ctx.options = options
 
     def backward(ctx, grad_out, grad_logdet):
         x, h = ctx.saved_tensors
         if grad_logdet is None:
             grad_logdet = x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype))
         grad_x, grad_h = ops.coupling_backward(grad_out, grad_logdet, x, h, *ctx.options, inverse)
-        return grad_x, grad_h, None, None, None, None
+        return grad_x, grad_h, *(None for _ in ctx.options)
     return backward, setup_context
 
 

@@ -6,6 +6,23 @@ from .. import functional
 from .._validation import check_count, check_layer_input, check_number
 
 
+class BufferFlag:
+    """A flag buffer's truth value, read from the device again only when the buffer has been written or
+    replaced since the last read (its version or storage changed), so a forward does not wait on the device.
+    Compiled code gets the value of the last eager read."""
+
+    def __init__(self):
+        self.value, self._seen = False, None
+
+    def __call__(self, buffer: torch.Tensor) -> bool:
+        if torch.compiler.is_compiling():
+            return self.value
+        seen = (buffer.data_ptr(), buffer._version)
+        if seen != self._seen:
+            self.value, self._seen = bool(buffer), seen
+        return self.value
+
+
 class ActNorm(nn.Module):
     """Per-channel affine normalisation ``y = x · exp(log_scale) + bias`` (Kingma & Dhariwal 2018).
 
@@ -27,20 +44,12 @@ class ActNorm(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
-        # The buffer is the truth. Its value is read again only when the buffer has been written or
-        # replaced since (its version or storage changed), so a forward does not wait on the device.
-        self._initialized, self._seen = False, None
+        self._initialized = BufferFlag()  # the buffer is the truth; this reads it without waiting on the device
 
     def is_initialized(self) -> bool:
         """The ``initialized`` buffer's value (compiled code: its value when last read eagerly, initialised
         or loaded from a ``state_dict``)."""
-        if torch.compiler.is_compiling():
-            return self._initialized
-        buffer = self.initialized
-        seen = (buffer.data_ptr(), buffer._version)
-        if seen != self._seen:
-            self._initialized, self._seen = bool(buffer), seen
-        return self._initialized
+        return self._initialized(self.initialized)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -97,13 +97,11 @@ class GlowConditioner(nn.Sequential):
         where :attr:`form` asks for it or, unset, it was measured faster. Compiled code keeps the
         convolutions: inductor's ``fold`` made the compiled step slower than eager."""
         first, hidden, last = self
-        if not (x.device.type in self.MATMUL_DEVICES and not torch.compiler.is_compiling()
-                and first.folds() and hidden.folds() and 9 * last.out_channels <= last.in_channels):
+        if not (first.folds() and hidden.folds()):
             return False
-        if self.form is not None:
-            check_choice(self.form, self.FORMS, "form")
-            return self.form == "matrix products"
-        return _faster_form(self, x) == "matrix products"
+        widths = (first.conv.in_channels, last.in_channels, last.out_channels)
+        return conditioner_form(x, widths, lambda: (*first.folded(), *hidden.folded(), last.weight, last.bias),
+                                self.form) == "matrix products"
 
     def runs_as_one_node(self, x) -> bool:
         """Whether a coupling runs this conditioner inside its one autograd node
@@ -125,24 +123,41 @@ class GlowConditioner(nn.Sequential):
 
 
 #: {(device, dtype, input shape, hidden and output widths, records a gradient): (form, {form: seconds})}: what
-#: :class:`GlowConditioner` measured faster in this process, where its :attr:`~GlowConditioner.form` is unset
+#: :func:`conditioner_form` measured faster in this process, for conditioners whose ``form`` is unset
 FORM_CHOICES: dict = {}
 
 
-def _faster_form(conditioner, x):
-    """The faster of :attr:`GlowConditioner.FORMS` for ``conditioner`` on inputs of ``x``'s batch, image size,
-    dtype and device, measured on the first call for each: forward, and backward to the folded weights where
-    a gradient is recorded, on a random input and detached copies of the weights (the parameters and their
-    gradients are not touched)."""
-    first, hidden, last = conditioner
+def conditioner_form(x, widths, weights, form=None) -> str:
+    """How ``conv3×3 → ReLU → conv1×1 → ReLU → conv3×3`` runs on ``x`` (its input, or any tensor of its batch
+    and image size): one of :attr:`GlowConditioner.FORMS`. ``widths`` is ``(C_in, hidden, C_out)``;
+    ``weights()`` returns ``(w1, b1, w2, b2, w3, b3)``, called only to measure.
+
+    The matrix-product form is a candidate on the devices of :attr:`GlowConditioner.MATMUL_DEVICES`, in eager
+    code (inductor's ``fold`` made the compiled step slower), where its per-tap products, (N·H·W, 9·C_out), are
+    no larger than a hidden activation; then ``form`` decides, or, ``None``, the faster measured on the first
+    call of each shape (:func:`_faster_form`)."""
+    if not (x.device.type in GlowConditioner.MATMUL_DEVICES and not torch.compiler.is_compiling()
+            and 9 * widths[2] <= widths[1]):
+        return "convolutions"
+    if form is not None:
+        check_choice(form, GlowConditioner.FORMS, "form")
+        return form
+    return _faster_form(x, widths, weights)
+
+
+def _faster_form(x, widths, weights):
+    """The faster of :attr:`GlowConditioner.FORMS` with ``weights`` on inputs of ``x``'s batch, image size,
+    dtype and device, measured on the first call for each: forward, and backward to the weights where a
+    gradient is recorded, on a random input and detached copies of ``weights()`` (the parameters, their
+    gradients and the global random state are not touched)."""
     grad = torch.is_grad_enabled()
     n, _, height, width = x.shape
-    key = (str(x.device), x.dtype, (n, first.conv.in_channels, height, width), last.in_channels,
-           last.out_channels, grad)
+    c_in, hidden, c_out = widths
+    key = (str(x.device), x.dtype, (n, c_in, height, width), hidden, c_out, grad)
     if key not in FORM_CHOICES:
-        weights = [t.detach().requires_grad_(grad) for t in (*first.folded(), *hidden.folded(), last.weight,
-                                                             last.bias)]
-        x = torch.randn(key[2], dtype=x.dtype, device=x.device)
+        weights = [t.detach().requires_grad_(grad) for t in weights()]
+        # a generator of its own: measuring must not move the caller's random stream (sampling with a seed)
+        x = torch.randn(key[2], generator=torch.Generator().manual_seed(0)).to(x.device, x.dtype)
 
         def call(form):
             out = form(x, *weights)
@@ -218,8 +233,6 @@ class ResNetConditioner(nn.Sequential):
             nn.ReLU(),
             zero_conv(hidden_channels, out_channels),
         )
-        #: one of :attr:`FORMS`, or None: the faster, measured on the first call of each shape
-        self.form = None
 
 
 class MLPConditioner(nn.Module):

@@ -20,8 +20,9 @@ class AffineCoupling(nn.Module):
         mask: ``"channel"`` (halves of the channels; uneven for odd C) or ``"checkerboard"``.
         parity: 0 or 1, which half or which squares are transformed (see :mod:`flowkern.reference`).
         scale: ``"sigmoid"`` (Glow, ``s = sigmoid(raw + 2)``) or ``"exp"`` (RealNVP,
-            ``s = exp(bound · tanh(raw))``); ``"additive"`` makes ``s = 1``.
-        bound: the ``"exp"`` scale's bound on ``|log s|``.
+            ``s = exp(bound · tanh(raw))``); ``"additive"`` makes ``s = 1``; the others of
+            :data:`flowkern.reference.SCALES` (the peers' conventions) are accepted too.
+        bound: the ``"exp"`` and ``"atan"`` scales' bound on ``|log s|``.
         conditioner: a module mapping (N, C_in, H, W) to (N, C_out, H, W), or a factory
             ``conditioner(C_in, C_out) -> nn.Module``; by default a :class:`GlowConditioner`.
             ``(C_in, C_out)`` is :attr:`conditioner_channels`.
@@ -52,8 +53,10 @@ class AffineCoupling(nn.Module):
         check_layer_input(self, x, name)
         return self.conditioner(coupling_condition(x, self.mask, self.parity))
 
+    layout = "halves"  # h = (raw, shift): the conditioner's output as the coupling op reads it
+
     def _options(self):
-        return dict(mask=self.mask, parity=self.parity, scale=self.scale, bound=self.bound)
+        return dict(mask=self.mask, parity=self.parity, scale=self.scale, bound=self.bound, layout=self.layout)
 
     def _one_node(self, x):
         """Whether this call runs as one :class:`~flowkern.nn.glow_coupling.GlowCoupling` node: a default

@@ -13,17 +13,20 @@ from .conv1x1 import (
     lu_weight_inverse,
 )
 from .coupling import (
+    LAYOUTS,
     MASKS,
     SCALES,
     checkerboard,
-    channel_layout,
     channel_split_sizes,
     conditioner_channels,
     coupling_backward,
     coupling_condition,
     coupling_forward,
     coupling_inverse,
+    h_planes,
+    split_h,
     transformed_channels,
+    transformed_range,
 )
 from .gaussian import standard_normal_log_prob, standardize, unstandardize
 from .squeeze import squeeze, unsqueeze
@@ -35,11 +38,11 @@ OPS = ("coupling_forward", "coupling_inverse", "actnorm_forward", "actnorm_inver
 BACKWARD_OPS = ("coupling_backward",)
 
 __all__ = [
-    "OPS", "BACKWARD_OPS", "MASKS", "SCALES",
+    "OPS", "BACKWARD_OPS", "LAYOUTS", "MASKS", "SCALES",
     "actnorm_forward", "actnorm_inverse", "conv1x1", "coupling_backward", "coupling_forward", "coupling_inverse",
     "folded_lu_weight", "folded_lu_weight_inverse",
-    "actnorm_logdet", "channel_layout", "channel_split_sizes", "checkerboard", "conditioner_channels", "conv1x1_logdet",
-    "coupling_condition",
+    "actnorm_logdet", "channel_split_sizes", "checkerboard", "conditioner_channels", "conv1x1_logdet",
+    "coupling_condition", "h_planes", "split_h",
     "lu_weight", "lu_weight_inverse", "squeeze", "standard_normal_log_prob", "standardize",
-    "transformed_channels", "unsqueeze", "unstandardize",
+    "transformed_channels", "transformed_range", "unsqueeze", "unstandardize",
 ]

@@ -17,15 +17,15 @@ PREFIX = ""
 ops = FusedOps(PREFIX).register_fakes_and_autograd()
 
 
-def coupling_forward(x, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
+def coupling_forward(x, h, mask="channel", parity=0, scale="sigmoid", bound=2.0, layout="halves"):
     """(x (N, C, H, W), h) → (y (N, C, H, W) contiguous, logdet (N,)). ``h`` may be of lower precision than
     ``x`` (a conditioner under autocast): the kernels read it as it is; its gradient comes in its dtype."""
-    return ops.coupling_forward(x, h, mask, parity, scale, bound)
+    return ops.coupling_forward(x, h, mask, parity, scale, bound, layout)
 
 
-def coupling_inverse(y, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
+def coupling_inverse(y, h, mask="channel", parity=0, scale="sigmoid", bound=2.0, layout="halves"):
     """(y (N, C, H, W), h) → (x (N, C, H, W) contiguous, logdet (N,) of the forward map); ``h`` as above."""
-    return ops.coupling_inverse(y, h, mask, parity, scale, bound)
+    return ops.coupling_inverse(y, h, mask, parity, scale, bound, layout)
 
 
 def actnorm_forward(x, log_scale, bias):
@@ -43,13 +43,14 @@ def conv1x1(x, weight, bias=None):
     return ops.conv1x1(x, weight, bias)
 
 
-def coupling_backward(grad_y, grad_logdet, x, h, mask="channel", parity=0, scale="sigmoid", bound=2.0):
+def coupling_backward(grad_y, grad_logdet, x, h, mask="channel", parity=0, scale="sigmoid", bound=2.0,
+                      layout="halves"):
     """(∂x, ∂h) of :func:`coupling_forward` from (∂y, ∂logdet), either ``None`` for zero."""
     if grad_y is None:
         grad_y = torch.zeros_like(x)
     if grad_logdet is None:
         grad_logdet = x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype))
-    return ops.coupling_backward(grad_y, grad_logdet, x, h, mask, parity, scale, bound, False)
+    return ops.coupling_backward(grad_y, grad_logdet, x, h, mask, parity, scale, bound, layout, False)
 
 
 def folded_lu_weight(perm, lower, upper, sign, log_s, log_scale, bias):

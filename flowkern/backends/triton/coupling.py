@@ -9,12 +9,12 @@ import triton
 import triton.language as tl
 
 from ..._validation import check_coupling, check_grad_out
-from ...reference import channel_layout
+from ...reference import h_planes, transformed_range
 from ...reference._dtypes import compute_dtype
 from ._common import accumulator, check_launchable, empty, inner_dense, pixel_block, warps_for
 
 _MASK = {"channel": 0, "checkerboard": 1}
-_SCALE = {"sigmoid": 0, "exp": 1, "additive": 2}
+_SCALE = {"sigmoid": 0, "exp": 1, "additive": 2, "reciprocal_sigmoid": 3, "plain_exp": 4, "atan": 5}
 
 
 @triton.jit
@@ -35,6 +35,37 @@ def _tanh(r):
     small = a * (1.0 - a2 * (1.0 / 3.0 - a2 * (2.0 / 15.0 - a2 * (17.0 / 315.0 - a2 * (62.0 / 2835.0)))))
     t = tl.where(a < 0.05, small, big)
     return tl.where(r < 0, -t, t)
+
+
+@triton.jit
+def _atan(r):
+    """atan(r): 1/|r| above 1 (atan(a) = π/2 − atan(1/a)), then the π/6 shift down to |t| ≤ tan(π/12), where
+    15 terms of the odd series reach float64's precision (``atan`` in math.h; Triton's interpreter has no
+    libdevice)."""
+    a = tl.abs(r)
+    big = a > 1.0
+    t = tl.where(big, 1.0 / tl.where(big, a, 1.0), a)
+    shifted = t > 0.2679491924311227  # tan(π/12)
+    t = tl.where(shifted, (t * 1.7320508075688772 - 1.0) / (t + 1.7320508075688772), t)
+    t2 = t * t
+    p = 1.0 / 29.0
+    p = p * t2 - 1.0 / 27.0
+    p = p * t2 + 1.0 / 25.0
+    p = p * t2 - 1.0 / 23.0
+    p = p * t2 + 1.0 / 21.0
+    p = p * t2 - 1.0 / 19.0
+    p = p * t2 + 1.0 / 17.0
+    p = p * t2 - 1.0 / 15.0
+    p = p * t2 + 1.0 / 13.0
+    p = p * t2 - 1.0 / 11.0
+    p = p * t2 + 1.0 / 9.0
+    p = p * t2 - 1.0 / 7.0
+    p = p * t2 + 1.0 / 5.0
+    p = p * t2 - 1.0 / 3.0
+    v = t + t * t2 * p
+    v = tl.where(shifted, v + 0.5235987755982988, v)  # π/6
+    v = tl.where(big, 1.5707963267948966 - v, v)  # π/2
+    return tl.where(r < 0, -v, v)
 
 
 @triton.jit
@@ -60,12 +91,21 @@ def _sigmoid_terms(raw):
 
 @triton.jit
 def _scale_and_log(raw, bound, SCALE: tl.constexpr):
-    """(s, log s) for the sigmoid (Glow) and exp-tanh (RealNVP) scales (``scale_and_log`` in math.h)."""
+    """(s, log s) of each scale of :data:`_SCALE` but the additive (``scale_and_log`` in math.h)."""
     if SCALE == 0:
         z, e, r, s = _sigmoid_terms(raw)
         logs = tl.minimum(z, 0.0) - _log1p(e)
+    elif SCALE == 3:
+        z, e, r, sig = _sigmoid_terms(raw)
+        logs = _log1p(e) - tl.minimum(z, 0.0)
+        s = 1.0 / sig
     else:
-        logs = bound * _tanh(raw)
+        if SCALE == 1:
+            logs = bound * _tanh(raw)
+        elif SCALE == 4:
+            logs = raw
+        else:
+            logs = (0.636 * bound) * _atan(raw)
         s = tl.exp(logs)
     return s, logs
 
@@ -75,11 +115,21 @@ def _scale_and_slope(raw, bound, SCALE: tl.constexpr):
     """(s, d log s / d raw), without a logarithm (``scale_and_slope`` in math.h)."""
     if SCALE == 0:
         z, e, r, s = _sigmoid_terms(raw)
-        dlogs = tl.where(z >= 0, e * r, r)  # 1 − s
-    else:
+        dlogs = tl.where(z >= 0, e * r, r)  # 1 − sigmoid
+    elif SCALE == 3:
+        z, e, r, sig = _sigmoid_terms(raw)
+        s = 1.0 / sig
+        dlogs = -tl.where(z >= 0, e * r, r)
+    elif SCALE == 1:
         t = _tanh(raw)
         s = tl.exp(bound * t)
         dlogs = bound * (1.0 - t * t)
+    elif SCALE == 4:
+        s = tl.exp(raw)
+        dlogs = tl.full(raw.shape, 1.0, raw.dtype)
+    else:
+        s = tl.exp((0.636 * bound) * _atan(raw))
+        dlogs = (0.636 * bound) / (1.0 + raw * raw)
     return s, dlogs
 
 
@@ -87,11 +137,12 @@ def _scale_and_slope(raw, bound, SCALE: tl.constexpr):
 def _coupling_kernel(
     x_ptr, h_ptr, out_ptr, partial_ptr,
     HW, W, x_sn, x_sc, h_sn, h_sc,
-    t_start, n_t, parity, bound: tl.float64,  # a Python float would pass as float32
+    t_start, n_t, raw_first, shift_first, step, parity, bound: tl.float64,  # a Python float would pass as float32
     MASK: tl.constexpr, SCALE: tl.constexpr, INVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Program (n, c, j): channel c of sample n on pixel block j, transformed if it is one of the n_t from
-    t_start and copied otherwise; its Σ log s goes to partial[n, c, j]."""
+    t_start and copied otherwise; its Σ log s goes to partial[n, c, j]. Transformed channel k reads raw from
+    plane raw_first + step·k of h and shift from plane shift_first + step·k."""
     if ACC == tl.float32:  # float64 kernels keep the bound as given
         bound = tl.cast(bound, ACC)
     n = tl.program_id(0).to(tl.int64)  # sample offsets pass 2³¹ elements in large batches
@@ -105,12 +156,11 @@ def _coupling_kernel(
     v = tl.load(x_ptr + n * x_sn + c * x_sc + pix, mask=inside)
     out = v.to(ACC)
     logs_sum = 0.0
+    shift = tl.load(h_row + (shift_first + step * k) * h_sc, mask=active, other=0.0).to(ACC)
     if SCALE == 2:
-        shift = tl.load(h_row + k * h_sc, mask=active, other=0.0).to(ACC)
         out = out - shift if INVERSE else out + shift
     else:
-        raw = tl.load(h_row + k * h_sc, mask=active, other=0.0).to(ACC)
-        shift = tl.load(h_row + (n_t + k) * h_sc, mask=active, other=0.0).to(ACC)
+        raw = tl.load(h_row + (raw_first + step * k) * h_sc, mask=active, other=0.0).to(ACC)
         s, logs = _scale_and_log(raw, bound, SCALE)
         s = tl.where(active, s, 1.0)
         out = (out - shift) / s if INVERSE else out * s + shift
@@ -124,7 +174,7 @@ def _coupling_kernel(
 def _coupling_backward_kernel(
     g_ptr, gld_ptr, in_ptr, h_ptr, gin_ptr, gh_ptr,
     HW, W, g_sn, g_sc, in_sn, in_sc, h_sn, h_sc, gh_sn,
-    t_start, n_t, parity, bound: tl.float64,  # a Python float would pass as float32
+    t_start, n_t, raw_first, shift_first, step, parity, bound: tl.float64,  # a Python float would pass as float32
     MASK: tl.constexpr, SCALE: tl.constexpr, INVERSE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Gradients of the op's input and of ``h`` from the gradients of its output and log-det; program
@@ -132,7 +182,7 @@ def _coupling_backward_kernel(
 
     Forward ``y = x·s + shift``:  ∂x = g·s,  ∂shift = g,  ∂log s = g·x·s + ∂logdet.
     Inverse ``x = (y − shift)/s``:  ∂y = g/s,  ∂shift = −g/s,  ∂log s = ∂logdet − g·x
-    (``couple_backward`` in math.h).
+    (``couple_backward`` in math.h). h's planes as in the forward kernel.
     """
     if ACC == tl.float32:  # float64 kernels keep the bound as given
         bound = tl.cast(bound, ACC)
@@ -153,11 +203,11 @@ def _coupling_backward_kernel(
     else:
         gld = tl.load(gld_ptr + n).to(ACC)
         v = tl.load(in_ptr + n * in_sn + c * in_sc + pix, mask=active, other=0.0).to(ACC)
-        raw = tl.load(h_row + k * h_sc, mask=active, other=0.0).to(ACC)
+        raw = tl.load(h_row + (raw_first + step * k) * h_sc, mask=active, other=0.0).to(ACC)
         s, dlogs = _scale_and_slope(raw, bound, SCALE)
         s = tl.where(active, s, 1.0)
         if INVERSE:
-            shift = tl.load(h_row + (n_t + k) * h_sc, mask=active, other=0.0).to(ACC)
+            shift = tl.load(h_row + (shift_first + step * k) * h_sc, mask=active, other=0.0).to(ACC)
             gin = g / s
             gshift = -gin
             glogs = gld - gin * (v - shift)
@@ -167,16 +217,21 @@ def _coupling_backward_kernel(
             glogs = gin * v + gld
         gshift = tl.where(active, gshift, 0.0)
         graw = tl.where(active, glogs * dlogs, 0.0)
-        tl.store(gh_row + k * HW, graw.to(gh_ptr.dtype.element_ty), mask=inside & transformed)
-    shift_row = k if SCALE == 2 else n_t + k
-    tl.store(gh_row + shift_row * HW, gshift.to(gh_ptr.dtype.element_ty), mask=inside & transformed)
+        tl.store(gh_row + (raw_first + step * k) * HW, graw.to(gh_ptr.dtype.element_ty), mask=inside & transformed)
+    tl.store(gh_row + (shift_first + step * k) * HW, gshift.to(gh_ptr.dtype.element_ty), mask=inside & transformed)
     gin = tl.where(active, gin.to(gin_ptr.dtype.element_ty), g_in)  # passed elements: ∂in = ∂out
     tl.store(gin_ptr + (n * tl.num_programs(1) + c) * HW + pix, gin, mask=inside)
 
 
-def _run(x, h, mask, parity, scale, bound, inverse):
+def _layout(c, mask, parity, scale, layout):
+    """The kernels' channel arguments: (t_start, n_t, raw_first, shift_first, step)."""
+    t_start, n_t = transformed_range(c, mask, parity)
+    return (t_start, n_t, *h_planes(n_t, scale, layout))
+
+
+def _run(x, h, mask, parity, scale, bound, layout, inverse):
     """Coupling or inverse coupling of x (N, C, H, W) → (out (N, C, H, W) contiguous, logdet (N,))."""
-    check_coupling(x, h, mask, parity, scale, "input")
+    check_coupling(x, h, mask, parity, scale, layout, "input")
     check_launchable(x, "coupling")
     check_launchable(h, "coupling")
     x, h = inner_dense(x), inner_dense(h)
@@ -188,15 +243,15 @@ def _run(x, h, mask, parity, scale, bound, inverse):
     partial = empty(grid, dtype=compute_dtype(x.dtype), device=x.device)
     _coupling_kernel[grid](
         x, h, out, partial, hw, width, x.stride(0), x.stride(1), h.stride(0), h.stride(1),
-        *channel_layout(c, mask, parity)[2:], parity, bound,
+        *_layout(c, mask, parity, scale, layout), parity, bound,
         MASK=_MASK[mask], SCALE=_SCALE[scale], INVERSE=inverse, ACC=accumulator(x.dtype), BLOCK=block,
         num_warps=warps_for(block),
     )
     return out, partial.view(n, -1).sum(dim=1)  # in a fixed order: deterministic
 
 
-def launch_coupling_backward(grad_out, grad_logdet, inp, h, mask, parity, scale, bound, inverse):
-    check_coupling(inp, h, mask, parity, scale, "input")
+def launch_coupling_backward(grad_out, grad_logdet, inp, h, mask, parity, scale, bound, layout, inverse):
+    check_coupling(inp, h, mask, parity, scale, layout, "input")
     check_grad_out(grad_out, inp)
     check_grad_out(grad_logdet, inp, what=(inp.shape[0],), name="grad_logdet")
     check_launchable(inp, "coupling backward")
@@ -210,16 +265,16 @@ def launch_coupling_backward(grad_out, grad_logdet, inp, h, mask, parity, scale,
     _coupling_backward_kernel[(n, c, triton.cdiv(hw, block))](
         grad_out, grad_logdet.contiguous(), inp, h, grad_in, grad_h,
         hw, width, grad_out.stride(0), grad_out.stride(1), inp.stride(0), inp.stride(1),
-        h.stride(0), h.stride(1), grad_h.stride(0), *channel_layout(c, mask, parity)[2:], parity, bound,
+        h.stride(0), h.stride(1), grad_h.stride(0), *_layout(c, mask, parity, scale, layout), parity, bound,
         MASK=_MASK[mask], SCALE=_SCALE[scale], INVERSE=inverse, ACC=accumulator(inp.dtype), BLOCK=block,
         num_warps=warps_for(block),
     )
     return grad_in, grad_h
 
 
-def launch_coupling_forward(x, h, mask, parity, scale, bound):
-    return _run(x, h, mask, parity, scale, bound, inverse=False)
+def launch_coupling_forward(x, h, mask, parity, scale, bound, layout):
+    return _run(x, h, mask, parity, scale, bound, layout, inverse=False)
 
 
-def launch_coupling_inverse(y, h, mask, parity, scale, bound):
-    return _run(y, h, mask, parity, scale, bound, inverse=True)
+def launch_coupling_inverse(y, h, mask, parity, scale, bound, layout):
+    return _run(y, h, mask, parity, scale, bound, layout, inverse=True)

@@ -1,0 +1,411 @@
+"""flowkern.accelerate against the real normflows and FrEIA: every recognised module and option, and whole
+models as their documentation builds them, on perturbed parameters, both directions, in float64 (outputs and
+log-dets to 1e-10 relative, parameter gradients to 1e-8) and float32; checkpoints both ways; what is left
+alone and why; graph breaks under torch.compile."""
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import flowkern
+from flowkern.dropin import acceleration_report
+
+from fused_backends import whole_model_backends
+
+
+def _peer(name):
+    """The installed peer library; ``make test`` requires it (``FLOWKERN_REQUIRE_PEERS``), elsewhere a missing
+    one skips."""
+    if name in os.environ.get("FLOWKERN_REQUIRE_PEERS", "").split(","):
+        return __import__(name)
+    return pytest.importorskip(name)
+
+
+nf = _peer("normflows")
+FrEIA = _peer("FrEIA")
+Fm = pytest.importorskip("FrEIA.modules")
+Ff = pytest.importorskip("FrEIA.framework")
+
+F64 = dict(rtol=1e-10, atol=1e-10)
+GRAD64 = dict(rtol=1e-8, atol=1e-10)
+F32 = dict(rtol=1e-5, atol=1e-5)
+# A parameter's gradient sums thousands of products over the batch and the pixels, whose float32 roundings
+# differ between the fused and the peer's order: compared by the norm of the difference per tensor.
+F32_GRAD = dict(norm=1e-5)
+
+
+def perturb(module, scale=0.1):
+    """Every parameter moved off its initial value (zero-initialised last layers make couplings the identity)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:  # FrEIA keeps its permutations as parameters without gradients
+                p.add_(scale * torch.randn_like(p))
+    return module
+
+
+def accelerated_copy(module):
+    """(original, accelerated deep copy)."""
+    return module, flowkern.accelerate(copy.deepcopy(module))
+
+
+def flat(out):
+    """The tensors of a layer's output, in order (nested tuples and lists flattened, scalars as tensors)."""
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in flat(o)]
+    return [torch.as_tensor(out)]
+
+
+def assert_same_map(original, accelerated, call, inputs, tol=F64, grad_tol=GRAD64):
+    """``call(module, *inputs)`` by both: each output (shape and dtype included) and the gradients of every
+    parameter and input from one random projection of the outputs."""
+    results = []
+    for module in (original, accelerated):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        outs = flat(call(module, *leaves))
+        params = [p for p in module.parameters() if p.requires_grad]
+        torch.manual_seed(1)
+        loss = sum((o * torch.randn_like(o)).sum() for o in outs if o.requires_grad)
+        grads = torch.autograd.grad(loss, params + leaves, allow_unused=True)
+        results.append((outs, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, params + leaves)]))
+    (outs_o, grads_o), (outs_a, grads_a) = results
+    assert [(o.shape, o.dtype) for o in outs_a] == [(o.shape, o.dtype) for o in outs_o]
+    for got, want in zip(outs_a, outs_o):
+        torch.testing.assert_close(got, want, **tol)
+    for got, want in zip(grads_a, grads_o):
+        if "norm" in grad_tol:
+            assert (got - want).norm() <= grad_tol["norm"] * want.norm(), ((got - want).norm() / want.norm()).item()
+        else:
+            torch.testing.assert_close(got, want, **grad_tol)
+
+
+def assert_accelerated(model, count):
+    report = acceleration_report(model)
+    print(report)
+    assert sum(e.accelerated for e in report) == count, str(report)
+
+
+@pytest.fixture(params=whole_model_backends(["reference", "native", "triton"]))
+def backend(request):
+    reason = flowkern.available_backends(with_reasons=True)[request.param]
+    if reason is not None:
+        pytest.skip(reason)
+    with flowkern.use_backend(request.param):
+        yield request.param
+
+
+def directions(module):
+    return [lambda m, z: m(z), lambda m, z: m.inverse(z)]
+
+
+# --- normflows -------------------------------------------------------------------------------------------------
+
+def _normflows_glow(levels=2, steps=2, channels=3, size=8, hidden=16, **block):
+    """A Glow as normflows' documentation builds it (examples/glow.ipynb), unconditional."""
+    q0, flows, merges = [], [], []
+    for i in range(levels):
+        flows.append([nf.flows.GlowBlock(channels * 2 ** (levels + 1 - i), hidden, **block) for _ in range(steps)]
+                     + [nf.flows.Squeeze()])
+        if i > 0:
+            merges.append(nf.flows.Merge())
+            latent = (channels * 2 ** (levels - i), size // 2 ** (levels - i), size // 2 ** (levels - i))
+        else:
+            latent = (channels * 2 ** (levels + 1), size // 2 ** levels, size // 2 ** levels)
+        q0.append(nf.distributions.DiagGaussian(latent))
+    return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
+
+
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+def test_normflows_actnorm(direction):
+    """The data-dependent initialisation of either direction (normflows' estimator), then the map."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        x = torch.randn(4, 5, 3, 6) * 3 + 1
+        original, accelerated = accelerated_copy(nf.flows.ActNorm((5, 1, 1)))
+        first = [getattr(m, direction)(x) for m in (original, accelerated)]
+        for got, want in zip(flat(first[1]), flat(first[0])):
+            torch.testing.assert_close(got, want, **F64)
+        torch.testing.assert_close(accelerated.s, original.s, **F64)
+        torch.testing.assert_close(accelerated.t, original.t, **F64)
+        assert accelerated.data_dep_init_done == 1
+        perturb(original)
+        accelerated.load_state_dict(original.state_dict())
+        for call in directions(original):
+            assert_same_map(original, accelerated, call, [x])
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("use_lu", [True, False])
+def test_normflows_invertible_1x1_conv(use_lu):
+    original, accelerated = accelerated_copy(perturb(nf.flows.Invertible1x1Conv(6, use_lu).double()))
+    x = torch.randn(3, 6, 5, 4, dtype=torch.float64)
+    for call in directions(original):
+        assert_same_map(original, accelerated, call, [x])
+
+
+def _coupling_block(channels, scale, scale_map, split_mode, hidden=8):
+    block = nf.flows.GlowBlock(channels, hidden, scale=scale, scale_map=scale_map, split_mode=split_mode)
+    return perturb(block.flows[0].double())
+
+
+@pytest.mark.parametrize("split_mode", ["channel", "channel_inv"])
+@pytest.mark.parametrize("scale,scale_map", [(True, "sigmoid"), (True, "sigmoid_inv"), (True, "exp"),
+                                             (False, "sigmoid")])
+def test_normflows_affine_coupling_block(backend, scale, scale_map, split_mode):
+    """Every scale map and channel split mode (odd C: the halves differ), on every backend."""
+    original, accelerated = accelerated_copy(_coupling_block(5, scale, scale_map, split_mode))
+    assert_accelerated(accelerated, 2)  # the coupling and its ConvNet2d
+    x = torch.randn(2, 5, 4, 3, dtype=torch.float64)
+    for call in directions(original):
+        assert_same_map(original, accelerated, call, [x])
+
+
+def test_normflows_coupling_block_over_vectors():
+    """An AffineCouplingBlock over (N, D) with an MLP param_map (normflows' RealNVP for vectors)."""
+    mlp = nf.nets.MLP([2, 16, 2 * 3], init_zeros=False)  # channel_inv of 5: passes 2, transforms 3
+    block = nf.flows.AffineCouplingBlock(mlp, scale=True, scale_map="exp", split_mode="channel_inv").double()
+    original, accelerated = accelerated_copy(block)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    for call in directions(original):
+        assert_same_map(original, accelerated, call, [x])
+
+
+def test_normflows_convnet_as_matrix_products():
+    """The ConvNet2d conditioner in its matrix-product form (forced), same map and gradients."""
+    net = perturb(nf.nets.ConvNet2d((3, 32, 32, 4), (3, 1, 3), init_zeros=True).double())
+    original, accelerated = accelerated_copy(net)
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("flowkern.dropin.normflows.conditioner_form", lambda *args: calls.append(1) or "matrix products")
+        assert_same_map(original, accelerated, lambda m, v: m(v), [x])
+    assert calls, "the matrix-product form ran"
+
+
+@pytest.mark.parametrize("backend_name", whole_model_backends(["reference", "native", "triton"]))
+def test_normflows_glow_block(backend_name):
+    """The whole GlowBlock, its ActNorm and 1×1 conv folded into one convolution: both directions."""
+    with flowkern.use_backend(backend_name):
+        torch.manual_seed(0)
+        block = nf.flows.GlowBlock(6, 16).double()
+        x = torch.randn(3, 6, 4, 4, dtype=torch.float64)
+        block.inverse(x)  # ActNorm's initialisation
+        original, accelerated = accelerated_copy(perturb(block))
+        assert accelerated._folds()
+        for call in directions(original):
+            assert_same_map(original, accelerated, call, [x])
+
+
+@pytest.mark.parametrize("scale_map", ["sigmoid", "exp"])
+def test_normflows_glow_whole_model(scale_map):
+    """normflows' documentation Glow: log-likelihood and its gradients, sampling with a seed, in float64."""
+    torch.manual_seed(0)
+    model = _normflows_glow(scale_map=scale_map).double()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    model.log_prob(x, None)  # ActNorm's initialisation
+    original, accelerated = accelerated_copy(perturb(model, 0.05))
+    assert_accelerated(accelerated, 4 * 5)
+    assert_same_map(original, accelerated, lambda m, v: m.log_prob(v, None), [x])
+    samples = []
+    for m in (original, accelerated):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            samples.append(m.sample(5))
+    for got, want in zip(flat(samples[1]), flat(samples[0])):
+        torch.testing.assert_close(got, want, **F64)
+
+
+def test_normflows_glow_float32():
+    """float32: the ActNorm initialisation done by each model on its first batch, then the loss and the
+    gradients of every parameter within float32's tolerances."""
+    torch.manual_seed(0)
+    original = _normflows_glow()
+    accelerated = flowkern.accelerate(copy.deepcopy(original))
+    x = torch.rand(8, 3, 8, 8) - 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(accelerated.forward_kld(x), original.forward_kld(x), **F32)
+    perturb(original, 0.05)
+    accelerated.load_state_dict(original.state_dict())
+    assert_same_map(original, accelerated, lambda m, v: m.forward_kld(v), [x], tol=F32, grad_tol=F32_GRAD)
+
+
+def test_accelerate_keeps_parameters_buffers_and_checkpoints():
+    torch.manual_seed(0)
+    model = _normflows_glow()
+    model.log_prob(torch.randn(2, 3, 8, 8), None)
+    params, buffers = list(model.parameters()), list(model.buffers())
+    keys = list(model.state_dict())
+    optimizer = torch.optim.Adam(model.parameters())
+    assert flowkern.accelerate(model) is model
+    assert all(a is b for a, b in zip(model.parameters(), params)) and len(list(model.parameters())) == len(params)
+    assert all(a is b for a, b in zip(model.buffers(), buffers))
+    assert list(model.state_dict()) == keys
+    assert isinstance(model.flows[0][0], nf.flows.GlowBlock)
+    model.forward_kld(torch.randn(2, 3, 8, 8)).backward()
+    optimizer.step()  # the optimiser built before accelerate still holds the parameters
+    # checkpoints both ways
+    torch.manual_seed(1)
+    fresh = _normflows_glow()
+    fresh.load_state_dict(model.state_dict())
+    fresh_accelerated = flowkern.accelerate(_normflows_glow())
+    fresh_accelerated.load_state_dict(fresh.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(fresh_accelerated.log_prob(x, None), model.log_prob(x, None))
+    torch.testing.assert_close(fresh.log_prob(x, None), model.log_prob(x, None), **F32)
+
+
+def test_accelerate_twice_changes_nothing_and_leaves_unknown_modules():
+    torch.manual_seed(0)
+    inner = _normflows_glow(levels=1, steps=1)
+    model = nn.Sequential(nn.Linear(2, 2), inner)
+    flowkern.accelerate(model)
+    classes = [type(m) for m in model.modules()]
+    flowkern.accelerate(model)
+    assert [type(m) for m in model.modules()] == classes
+    assert type(model[0]) is nn.Linear and type(model) is nn.Sequential
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        flowkern.accelerate("a model")
+
+
+def test_the_report_says_what_is_left_alone_and_why(capsys):
+    class MyActNorm(nf.flows.ActNorm):
+        pass
+
+    checkerboard = nf.flows.GlowBlock(4, 8, split_mode="checkerboard")
+    leaky = nf.flows.GlowBlock(4, 8, leaky=0.1)
+    model = nn.ModuleList([checkerboard, leaky, MyActNorm((4, 1, 1)), nf.flows.ActNorm((4,))])
+    flowkern.accelerate(model, report=True)
+    printed = capsys.readouterr().out
+    report = {e.name: e for e in acceleration_report(model)}
+    assert "checkerboard" in report["0.flows.0"].how and not report["0.flows.0"].accelerated
+    assert "leaky" in report["1.flows.0.flows.1.param_map"].how
+    assert report["1.flows.0"].accelerated  # its coupling runs fused; the conditioner keeps its own layers
+    assert "subclass" in report["2"].how and type(model[2]) is MyActNorm
+    assert "(1, C, 1, 1)" in report["3"].how
+    assert "left alone" in printed and "accelerated" in printed
+
+
+def test_accelerated_normflows_glow_compiles_without_graph_breaks():
+    """The log-likelihood of the accelerated documentation Glow under torch.compile: no graph break, where
+    the original has them (its ActNorm's flag read on the host)."""
+    torch.manual_seed(0)
+    model = _normflows_glow(levels=1, steps=2)
+    x = torch.randn(2, 3, 8, 8)
+    model.log_prob(x, None)
+    accelerated = flowkern.accelerate(copy.deepcopy(model))
+    breaks = {}
+    for name, m in (("normflows", model), ("accelerated", accelerated)):
+        torch._dynamo.reset()
+        breaks[name] = torch._dynamo.explain(lambda v: m.log_prob(v, None))(x).graph_break_count
+    print("graph breaks", breaks)
+    assert breaks["accelerated"] == 0 and breaks["normflows"] > 0
+    compiled = torch.compile(lambda v: accelerated.log_prob(v, None), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), accelerated.log_prob(x, None))
+
+
+# --- FrEIA -----------------------------------------------------------------------------------------------------
+
+def _conv_subnet(c_in, c_out):
+    return nn.Sequential(nn.Conv2d(c_in, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, c_out, 3, padding=1))
+
+
+def _dense_subnet(c_in, c_out):
+    return nn.Sequential(nn.Linear(c_in, 16), nn.ReLU(), nn.Linear(16, c_out))
+
+
+def freia_calls():
+    return [lambda m, v: m([v]), lambda m, v: m([v], rev=True)]
+
+
+@pytest.mark.parametrize("block_class", ["GLOWCouplingBlock", "AffineCouplingOneSided"])
+@pytest.mark.parametrize("clamp_activation", ["ATAN", "TANH"])
+@pytest.mark.parametrize("dims,subnet", [((6, 4, 5), _conv_subnet), ((7,), _dense_subnet)])
+def test_freia_couplings(backend, block_class, clamp_activation, dims, subnet):
+    torch.manual_seed(0)
+    block = getattr(Fm, block_class)([dims], subnet_constructor=subnet, clamp=1.7, clamp_activation=clamp_activation)
+    original, accelerated = accelerated_copy(perturb(block.double()))
+    assert_accelerated(accelerated, 1)
+    x = torch.randn(3, *dims, dtype=torch.float64)
+    for call in freia_calls():
+        assert_same_map(original, accelerated, call, [x])
+
+
+def test_freia_conditional_coupling():
+    """Conditions (dims_c) only feed the subnetworks."""
+    torch.manual_seed(0)
+    block = Fm.GLOWCouplingBlock([(4, 3, 3)], dims_c=[(2, 3, 3)], subnet_constructor=_conv_subnet)
+    original, accelerated = accelerated_copy(perturb(block.double()))
+    x, c = torch.randn(2, 4, 3, 3, dtype=torch.float64), torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    for rev in (False, True):
+        assert_same_map(original, accelerated, lambda m, v, cond: m([v], c=[cond], rev=rev), [x, c])
+
+
+@pytest.mark.parametrize("dims", [(5, 3, 4), (6,)])
+def test_freia_actnorm(dims):
+    torch.manual_seed(0)
+    x = torch.randn(4, *dims, dtype=torch.float64) * 2 + 0.5
+    original, accelerated = accelerated_copy(Fm.ActNorm([dims]).double())
+    for got, want in zip(flat(accelerated([x])), flat(original([x]))):  # the first batch initialises
+        torch.testing.assert_close(got, want, **F64)
+    perturb(original)
+    accelerated.load_state_dict(original.state_dict())
+    for call in freia_calls():
+        assert_same_map(original, accelerated, call, [x])
+
+
+def _freia_image_inn(dims=(4, 8, 8), blocks=3):
+    inn = Ff.SequenceINN(*dims)
+    for _ in range(blocks):
+        inn.append(Fm.ActNorm)
+        inn.append(Fm.GLOWCouplingBlock, subnet_constructor=_conv_subnet, clamp=2.0)
+        inn.append(Fm.PermuteRandom)
+    return inn
+
+
+def _freia_dense_inn(dim=6, blocks=3):
+    inn = Ff.SequenceINN(dim)
+    for _ in range(blocks):
+        inn.append(Fm.GLOWCouplingBlock, subnet_constructor=_dense_subnet, clamp_activation="TANH")
+        inn.append(Fm.PermuteRandom)
+    return inn
+
+
+@pytest.mark.parametrize("build,shape", [(_freia_image_inn, (3, 4, 8, 8)), (_freia_dense_inn, (5, 6))])
+def test_freia_sequence_inn(build, shape):
+    torch.manual_seed(0)
+    inn = build().double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    inn(x)  # ActNorm's initialisation
+    original, accelerated = accelerated_copy(perturb(inn))
+    for rev in (False, True):
+        assert_same_map(original, accelerated, lambda m, v: m(v, rev=rev), [x])
+    state = accelerated.state_dict()
+    assert list(state) == list(original.state_dict())
+    original.load_state_dict(state)
+
+
+def test_freia_left_alone_with_reasons():
+    blocks = nn.ModuleList([
+        Fm.AllInOneBlock([(4, 3, 3)], subnet_constructor=_conv_subnet),
+        Fm.RNVPCouplingBlock([(4, 3, 3)], subnet_constructor=_conv_subnet),
+        Fm.GLOWCouplingBlock([(4, 3, 3)], subnet_constructor=_conv_subnet, clamp_activation="SIGMOID"),
+        Fm.GLOWCouplingBlock([(5, 3, 3)], subnet_constructor=_conv_subnet),  # round(2.5) = 2: not ceil(5/2)
+    ])
+    flowkern.accelerate(blocks)
+    report = acceleration_report(blocks)
+    reasons = {e.name: e.how for e in report if not e.accelerated}
+    assert set(reasons) == {"0", "1", "2", "3"}, str(report)
+    assert "permutation" in reasons["0"] and "separate s and t" in reasons["1"]
+    assert "clamp activation" in reasons["2"] and "2 + 3" in reasons["3"]
+    assert all(type(b) in (Fm.AllInOneBlock, Fm.RNVPCouplingBlock, Fm.GLOWCouplingBlock) for b in blocks)
+
+
+def test_freia_float32_within_tolerance():
+    torch.manual_seed(0)
+    inn = _freia_image_inn()
+    x = torch.randn(3, 4, 8, 8)
+    inn(x)
+    original, accelerated = accelerated_copy(perturb(inn))
+    assert_same_map(original, accelerated, lambda m, v: m(v), [x], tol=F32, grad_tol=F32_GRAD)
