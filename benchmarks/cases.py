@@ -226,9 +226,9 @@ CONDITIONER_PROVIDERS = flowkern.nn.GlowConditioner.FORMS
 
 
 def conditioner_cases(n, c, size, hidden, dtype, device):
-    """A Glow coupling's conditioner (ActNorms folded), forward and backward, run as three convolutions or
-    as :func:`~flowkern.nn.conditioners.glow_conditioner_by_matmul`: the two forms ``GlowConditioner``
-    chooses between on the CPU."""
+    """A Glow coupling's conditioner (ActNorms folded), forward and backward, in each of the forms
+    ``GlowConditioner`` chooses between on the CPU: three convolutions, over NCHW or channels-last activations,
+    and :func:`~flowkern.nn.conditioners.glow_conditioner_by_matmul`."""
     x = torch.randn(n, c, size, size, dtype=dtype, device=device)
     torch.manual_seed(0)
     conditioner = flowkern.nn.GlowConditioner(c, 2 * c, hidden).to(device, dtype)

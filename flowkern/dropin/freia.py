@@ -7,15 +7,16 @@ clamps ``clamp · 0.636 · atan(s)`` → ``"atan"`` and ``clamp · tanh(s)`` →
 ``bound = clamp``; conditions only feed the subnetworks.
 """
 import inspect
+import math
 
 import FrEIA.modules as Fm
-import numpy as np
 import torch
+from torch import nn
 from FrEIA.modules import coupling_layers
 
 from .. import functional
 from . import rule
-from ._common import as_image, like
+from ._common import as_image, glow_convolutions, has_hooks, like, run_glow_conditioner
 
 
 def _clamp_scale(block):
@@ -42,6 +43,13 @@ def _why_not_coupling(block):
     return None
 
 
+def _run_subnet(subnet, condition):
+    """``subnet(condition)``; a subnetwork that is exactly an ``nn.Sequential`` of Glow's conditioner (without
+    hooks) runs in the fastest form measured for its shape, as flowkern's own conditioners do."""
+    convolutions = glow_convolutions(subnet) if type(subnet) is nn.Sequential and not has_hooks(subnet) else None
+    return subnet(condition) if convolutions is None else run_glow_conditioner(convolutions, condition)
+
+
 class _Coupling:
     """One affine half-coupling of a FrEIA block as the fused op: channel ``parity`` 1 transforms the first
     ``split_len1`` channels given the rest, 0 the last ``split_len2`` given the first."""
@@ -52,12 +60,12 @@ class _Coupling:
         condition = like(image.split([self.split_len1, self.split_len2], dim=1)[parity], x)
         if self.conditional:
             condition = torch.cat([condition, *c], 1)
-        h = as_image(subnet(condition))
+        h = as_image(_run_subnet(subnet, condition))
         op = functional.coupling_inverse if rev else functional.coupling_forward
-        return op(image, h, "channel", parity, _clamp_scale(self), self.clamp, "halves")
+        return op(image, h, "channel", parity, self._flowkern_scale, self.clamp, "halves")
 
     def flowkern_adopt(self):
-        pass
+        self._flowkern_scale = _clamp_scale(self)  # read once: torch.compile traces no inspection of code
 
     def flowkern_runs(self):
         return f"fused coupling ops (scale {_clamp_scale(self)!r}, bound {self.clamp})"
@@ -96,6 +104,54 @@ def _coupling_rule(subclass):
     return check
 
 
+class AllInOneBlock(Fm.AllInOneBlock):
+    """``FrEIA.modules.AllInOneBlock`` with a hard or soft fixed permutation: the coupling (``a = 0.1·subnet``,
+    ``log s = clamp·tanh(a_s)``, shift ``a_t``) as one fused coupling op, and the global affine and the
+    permutation as one 1×1 convolution, ``W·(y·scale + offset) = (W·diag(scale))·y + W·offset``. The 0.1 on
+    the subnetwork's output is one multiply, as in FrEIA."""
+
+    def flowkern_adopt(self):
+        pass
+
+    def flowkern_runs(self):
+        return (f"a fused coupling op (scale 'exp', bound {self.clamp}), then the global affine and the "
+                "permutation as one 1×1 convolution")
+
+    def forward(self, x, c=[], rev=False, jac=True):
+        v = x[0]
+        image = as_image(v)
+        channels = image.shape[1]
+        scale = self.global_scale_activation(self.global_scale).view(channels)
+        per_pixel = torch.log(scale).sum()
+        if rev:
+            inverse = self.w_perm_inv.view(channels, channels)
+            image = functional.conv1x1(image, inverse / scale[:, None], -self.global_offset.view(channels) / scale)
+        condition = like(image.split(self.splits, dim=1)[0], v)
+        if self.conditional:
+            condition = torch.cat([condition, *c], 1)
+        h = as_image(_run_subnet(self.subnet, condition)) * 0.1
+        op = functional.coupling_inverse if rev else functional.coupling_forward
+        image, logdet = op(image, h, "channel", 0, "exp", self.clamp, "halves")
+        if not rev:
+            weight = self.w_perm.view(channels, channels)
+            image = functional.conv1x1(image, weight * scale, weight @ self.global_offset.view(channels))
+        logdet = logdet + per_pixel * (image.shape[2] * image.shape[3])
+        return (like(image, v),), -logdet if rev else logdet
+
+
+@rule(AllInOneBlock)
+def _all_in_one(module):
+    if module.householder:
+        return None, "learned Householder reflections: its permutation changes with its parameters"
+    if module.GIN:
+        return None, "a GIN block (volume-preserving): the fused coupling has no mean-subtracted scale"
+    if module.reverse_pre_permute:
+        return None, "reverse_permutation=True: a permutation before the coupling"
+    if not module.clamp > 0:
+        return None, f"affine_clamping {module.clamp}: the fused scale bounds |log s| by a positive clamp"
+    return AllInOneBlock, AllInOneBlock.flowkern_runs(module)
+
+
 class ActNorm(Fm.ActNorm):
     """``FrEIA.modules.ActNorm`` by the fused ActNorm op: x → z ``x·e^scale + bias``, z → x
     ``(z − bias)·e^−scale``, log-det ``±Σ scale·prod(spatial dims)`` per sample; its initialisation (on the
@@ -114,7 +170,7 @@ class ActNorm(Fm.ActNorm):
         image = as_image(v)
         op = functional.actnorm_inverse if rev else functional.actnorm_forward
         out = like(op(image, self.scale.view(-1), self.bias.view(-1))[0], v)
-        logdet = (self.scale.sum() * int(np.prod(self.dims_in[1:]))).repeat(v.shape[0])
+        logdet = (self.scale.sum() * math.prod(self.dims_in[1:])).repeat(v.shape[0])
         return [out], -logdet if rev else logdet
 
 
@@ -129,6 +185,5 @@ RULES = {
     Fm.AffineCouplingOneSided: _coupling_rule(AffineCouplingOneSided),
     Fm.RNVPCouplingBlock: lambda module: (None, "separate s and t subnetworks: the fused coupling reads raw and "
                                                 "shift from one h"),
-    Fm.AllInOneBlock: lambda module: (None, "its global affine, soft permutation and scaled tanh clamp are not "
-                                            "covered by the fused ops yet"),
+    Fm.AllInOneBlock: _all_in_one,
 }

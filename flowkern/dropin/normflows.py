@@ -13,10 +13,9 @@ from torch import nn
 
 from .. import functional
 from ..nn.actnorm import BufferFlag
-from ..nn.conditioners import conditioner_form, glow_conditioner_by_matmul
 from ..reference import coupling_condition, lu_weight, lu_weight_inverse
 from . import rule
-from ._common import as_image, has_hooks, like
+from ._common import as_image, glow_convolutions, has_hooks, like, run_glow_conditioner
 
 SCALES = {"exp": "plain_exp", "sigmoid": "reciprocal_sigmoid", "sigmoid_inv": "sigmoid"}
 PARITIES = {"channel": 0, "channel_inv": 1}  # which chunk normflows' Split passes: the first, the second
@@ -151,38 +150,26 @@ def _coupling_block(module):
 
 
 class ConvNet2d(nf.nets.ConvNet2d):
-    """``normflows.nets.ConvNet2d`` with Glow's shape (conv3×3 → ReLU → conv1×1 → ReLU → conv3×3): on the CPU,
-    where measured faster, its last two convolutions as matrix products
-    (:func:`flowkern.nn.conditioners.glow_conditioner_by_matmul`); elsewhere its own convolutions."""
+    """``normflows.nets.ConvNet2d`` with Glow's shape (conv3×3 → ReLU → conv1×1 → ReLU → conv3×3) in the
+    fastest of :attr:`flowkern.nn.GlowConditioner.FORMS` measured for its shape (on the CPU: over channels-last
+    activations, or its last two convolutions as matrix products; elsewhere its convolutions), the ReLUs in
+    place."""
 
     def flowkern_adopt(self):
         pass
 
     def flowkern_runs(self):
-        return "as matrix products where measured faster (CPU), else its convolutions"
+        return "its convolutions, channels-last or as matrix products where measured faster (CPU)"
 
     def forward(self, x):
-        first, _, hidden, _, last = self.net
-        weights = (first.weight, first.bias, hidden.weight, hidden.bias, last.weight, last.bias)
-        widths = (first.in_channels, last.in_channels, last.out_channels)
-        if conditioner_form(x, widths, lambda: weights) == "matrix products":
-            return glow_conditioner_by_matmul(x, *weights)
-        return self.net(x)
-
-
-def _is_conv(layer, kernel_size):
-    return (type(layer) is nn.Conv2d and layer.kernel_size == (kernel_size, kernel_size) and layer.bias is not None
-            and layer.stride == (1, 1) and layer.dilation == (1, 1) and layer.groups == 1
-            and layer.padding == (kernel_size // 2,) * 2 and layer.padding_mode == "zeros")
+        return run_glow_conditioner(self.net[::2], x)
 
 
 @rule(ConvNet2d)
 def _convnet(module):
-    layers = list(module.net)
-    relu = [type(layer) is nn.LeakyReLU and layer.negative_slope == 0 for layer in layers[1::2]]
-    if not (len(layers) == 5 and all(relu) and all(_is_conv(layer, k) for layer, k in zip(layers[::2], (3, 1, 3)))):
+    if glow_convolutions(module.net, relu_types=(nn.LeakyReLU,)) is None:
         return None, ("not Glow's conv3×3 → ReLU → conv1×1 → ReLU → conv3×3 with biases (leaky slope 0, no "
-                      "ActNorm): its own layers run")
+                      "ActNorm, no hooks): its own layers run")
     return ConvNet2d, ConvNet2d.flowkern_runs(module)
 
 

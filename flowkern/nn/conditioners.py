@@ -64,20 +64,22 @@ def zero_conv(in_channels, out_channels, kernel_size=3):
 class GlowConditioner(nn.Sequential):
     """conv3×3 → ActNorm → ReLU → conv1×1 → ActNorm → ReLU → zero-initialised conv3×3.
 
-    On the devices in :attr:`MATMUL_DEVICES`, once both ActNorms fold, the last two convolutions may run as
-    matrix products over (pixels, channels) instead (:func:`glow_conditioner_by_matmul`): the same map, which
-    one CPU runs faster and another slower than its convolutions. :attr:`form` picks one; by default the
-    first call of each shape times both (forward, and backward where a gradient is recorded) and keeps the
-    faster for the process (:data:`FORM_CHOICES`; the benchmark case ``glow_conditioner_forward_backward``
-    measures both).
+    On the devices in :attr:`MATMUL_DEVICES`, once both ActNorms fold, the same map may run in another of
+    :attr:`FORMS`: its convolutions over channels-last activations (:func:`glow_conditioner_channels_last`),
+    or its last two convolutions as matrix products over (pixels, channels) (:func:`glow_conditioner_by_matmul`),
+    which one CPU runs faster and another slower than the convolutions. :attr:`form` picks one; by default the
+    first call of each shape times each (forward, and backward where a gradient is recorded) and keeps the
+    fastest for the process (:data:`FORM_CHOICES`; the benchmark case ``glow_conditioner_forward_backward``
+    measures them).
 
     Shapes: (N, in_channels, H, W) → (N, out_channels, H, W).
     """
 
-    #: where the matrix-product form is a candidate: oneDNN's 3×3 convolutions with few output channels run
-    #: below its matrix-product speed on some CPUs; on CUDA cuDNN's convolutions are kept
+    #: where the other forms are candidates: oneDNN's convolutions run faster over channels-last activations on
+    #: some CPUs, and its 3×3 convolutions with few output channels below its matrix-product speed; on CUDA
+    #: cuDNN's convolutions are kept
     MATMUL_DEVICES = ("cpu",)
-    FORMS = ("convolutions", "matrix products")
+    FORMS = ("convolutions", "channels-last convolutions", "matrix products")
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 512):
         _check_widths(in_channels=in_channels, out_channels=out_channels, hidden_channels=hidden_channels)
@@ -89,26 +91,24 @@ class GlowConditioner(nn.Sequential):
         #: one of :attr:`FORMS`, or None: the faster, measured on the first call of each shape
         self.form = None
 
-    def by_matmul(self, x) -> bool:
-        """Whether a call on ``x`` (the conditioner's input, or any tensor of its batch and image size, such as
-        the coupling's input) takes :func:`glow_conditioner_by_matmul`: on a device of :attr:`MATMUL_DEVICES`,
-        with both ActNorms folded, where its per-tap products, (N·H·W, 9·C_out), are no larger than a hidden
-        activation (Glow's conditioners at 256 channels and more: a small one keeps its convolutions), and
-        where :attr:`form` asks for it or, unset, it was measured faster. Compiled code keeps the
-        convolutions: inductor's ``fold`` made the compiled step slower than eager."""
+    def form_of(self, x) -> str:
+        """The one of :attr:`FORMS` a call on ``x`` (the conditioner's input, or any tensor of its batch and
+        image size, such as the coupling's input) takes: ``"convolutions"`` until both ActNorms fold, then
+        :func:`conditioner_form`'s choice (``form``, or the fastest measured)."""
         first, hidden, last = self
         if not (first.folds() and hidden.folds()):
-            return False
+            return "convolutions"
         widths = (first.conv.in_channels, last.in_channels, last.out_channels)
         return conditioner_form(x, widths, lambda: (*first.folded(), *hidden.folded(), last.weight, last.bias),
-                                self.form) == "matrix products"
+                                self.form, self.MATMUL_DEVICES)
 
     def runs_as_one_node(self, x) -> bool:
         """Whether a coupling runs this conditioner inside its one autograd node
-        (:class:`~flowkern.nn.glow_coupling.GlowCoupling`): with both ActNorms folded, in eager code, where the
+        (:class:`~flowkern.nn.glow_coupling.GlowCoupling`): with both ActNorms folded, in eager code, where
         convolutions are taken (on the CPU's matrix-product path autograd keeps its ops)."""
         first, hidden, _ = self
-        return first.folds() and hidden.folds() and not torch.compiler.is_compiling() and not self.by_matmul(x)
+        return (first.folds() and hidden.folds() and not torch.compiler.is_compiling()
+                and self.form_of(x) != "matrix products")
 
     def paddings(self):
         """The three convolutions' paddings."""
@@ -116,10 +116,11 @@ class GlowConditioner(nn.Sequential):
         return first.conv.padding, hidden.conv.padding, last.padding
 
     def forward(self, x):
-        if not self.by_matmul(x):
-            return super().forward(x)
-        first, hidden, last = self
-        return glow_conditioner_by_matmul(x, *first.folded(), *hidden.folded(), last.weight, last.bias)
+        form = self.form_of(x)
+        if form == "matrix products":
+            first, hidden, last = self
+            return glow_conditioner_by_matmul(x, *first.folded(), *hidden.folded(), last.weight, last.bias)
+        return super().forward(form_input(x, form))
 
 
 #: {(device, dtype, input shape, hidden and output widths, records a gradient): (form, {form: seconds})}: what
@@ -127,25 +128,33 @@ class GlowConditioner(nn.Sequential):
 FORM_CHOICES: dict = {}
 
 
-def conditioner_form(x, widths, weights, form=None) -> str:
+def conditioner_form(x, widths, weights, form=None, devices=GlowConditioner.MATMUL_DEVICES) -> str:
     """How ``conv3×3 → ReLU → conv1×1 → ReLU → conv3×3`` runs on ``x`` (its input, or any tensor of its batch
     and image size): one of :attr:`GlowConditioner.FORMS`. ``widths`` is ``(C_in, hidden, C_out)``;
     ``weights()`` returns ``(w1, b1, w2, b2, w3, b3)``, called only to measure.
 
-    The matrix-product form is a candidate on the devices of :attr:`GlowConditioner.MATMUL_DEVICES`, in eager
-    code (inductor's ``fold`` made the compiled step slower), where its per-tap products, (N·H·W, 9·C_out), are
-    no larger than a hidden activation; then ``form`` decides, or, ``None``, the faster measured on the first
-    call of each shape (:func:`_faster_form`)."""
-    if not (x.device.type in GlowConditioner.MATMUL_DEVICES and not torch.compiler.is_compiling()
-            and 9 * widths[2] <= widths[1]):
-        return "convolutions"
+    The other forms are candidates on ``devices`` (:attr:`GlowConditioner.MATMUL_DEVICES`), in eager code
+    (compiled code keeps the convolutions: inductor's ``fold`` made the compiled step slower), the matrix
+    products where their per-tap products, (N·H·W, 9·C_out), are no larger than a hidden activation (Glow's
+    conditioners at 256 channels and more); then ``form`` decides, or, ``None``, the fastest candidate measured
+    on the first call of each shape (:func:`_faster_form`). A form asked for that is not a candidate falls back
+    to the convolutions."""
     if form is not None:
         check_choice(form, GlowConditioner.FORMS, "form")
-        return form
-    return _faster_form(x, widths, weights)
+    if x.device.type not in devices or torch.compiler.is_compiling():
+        return "convolutions"
+    candidates = [f for f in GlowConditioner.FORMS if f != "matrix products" or 9 * widths[2] <= widths[1]]
+    if form is not None:
+        return form if form in candidates else "convolutions"
+    return _faster_form(x, widths, weights, candidates)
 
 
-def _faster_form(x, widths, weights):
+def form_input(x, form):
+    """``x`` in the memory format ``form`` convolves it in: channels-last for ``"channels-last convolutions"``."""
+    return x.contiguous(memory_format=torch.channels_last) if form == "channels-last convolutions" else x
+
+
+def _faster_form(x, widths, weights, candidates):
     """The faster of :attr:`GlowConditioner.FORMS` with ``weights`` on inputs of ``x``'s batch, image size,
     dtype and device, measured on the first call for each: forward, and backward to the weights where a
     gradient is recorded, on a random input and detached copies of ``weights()`` (the parameters, their
@@ -164,8 +173,7 @@ def _faster_form(x, widths, weights):
             if grad:
                 torch.autograd.grad(out, weights, torch.ones_like(out))
 
-        calls = {"convolutions": functools.partial(call, glow_conditioner_by_convolutions),
-                 "matrix products": functools.partial(call, glow_conditioner_by_matmul)}
+        calls = {form: functools.partial(call, FORM_FUNCTIONS[form]) for form in candidates}
         for fn in calls.values():  # warm-up
             fn()
         FORM_CHOICES[key] = fastest(calls, rounds=3)
@@ -181,6 +189,15 @@ def glow_conditioner_by_convolutions(x, w1, b1, w2, b2, w3, b3):
     h = F.conv2d(x, w1, b1, padding=1).relu_()
     h = F.conv2d(h, w2, b2).relu_()
     return F.conv2d(h, w3, b3, padding=1)
+
+
+def glow_conditioner_channels_last(x, w1, b1, w2, b2, w3, b3):
+    """:func:`glow_conditioner_by_convolutions` over ``x`` in the channels-last memory format, which oneDNN's
+    convolutions take without reordering their activations; the output is channels-last too.
+
+    Shapes: as :func:`glow_conditioner_by_matmul`.
+    """
+    return glow_conditioner_by_convolutions(x.contiguous(memory_format=torch.channels_last), w1, b1, w2, b2, w3, b3)
 
 
 def glow_conditioner_by_matmul(x, w1, b1, w2, b2, w3, b3):
@@ -204,6 +221,12 @@ def glow_conditioner_by_matmul(x, w1, b1, w2, b2, w3, b3):
     taps = w3.flip(2, 3).transpose(0, 1).reshape(h.shape[1], c_out * 9)
     per_tap = (h @ taps).view(n, pixels, c_out * 9).transpose(1, 2)
     return F.fold(per_tap, (height, width), 3, padding=1) + b3.view(1, -1, 1, 1)
+
+
+#: the function computing each of :attr:`GlowConditioner.FORMS` from the folded weights
+FORM_FUNCTIONS = {"convolutions": glow_conditioner_by_convolutions,
+                  "channels-last convolutions": glow_conditioner_channels_last,
+                  "matrix products": glow_conditioner_by_matmul}
 
 
 class _ResidualBlock(nn.Module):

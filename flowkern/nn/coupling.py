@@ -2,12 +2,11 @@ import torch
 from torch import nn
 
 from .. import functional
-from ..reference import conditioner_channels, coupling_condition
 from .._validation import check_choice, check_count, check_layer_input, check_number
-from ..reference import MASKS, SCALES
-from .actnorm import ActNorm
 from ..backends import get_backend
-from .conditioners import GlowConditioner
+from ..reference import MASKS, SCALES, conditioner_channels, coupling_condition
+from .actnorm import ActNorm
+from .conditioners import GlowConditioner, form_input
 from .glow_coupling import GlowCoupling, conditioner_activations, conditioner_weights
 
 
@@ -68,7 +67,8 @@ class AffineCoupling(nn.Module):
     def forward(self, x):
         if self._one_node(x):
             check_layer_input(self, x, "x")
-            return GlowCoupling.apply(x, *conditioner_weights(self.conditioner), self, None)
+            form = self.conditioner.form_of(x)
+            return GlowCoupling.apply(x, *conditioner_weights(self.conditioner), self, None, form)
         return functional.coupling_forward(x, self._conditioner_output(x, "x"), **self._options())
 
     def inverse(self, y):
@@ -95,12 +95,13 @@ class AffineCoupling(nn.Module):
         if self._one_node(y):  # the conditioner runs once, to invert; the node then reuses its activations
             check_layer_input(self, y, "y")
             weights = conditioner_weights(self.conditioner)
+            form = self.conditioner.form_of(y)
             with torch.no_grad():
-                activations = conditioner_activations(coupling_condition(y, self.mask, self.parity), weights,
-                                                      self.conditioner.paddings())
+                condition = form_input(coupling_condition(y, self.mask, self.parity), form)
+                activations = conditioner_activations(condition, weights, self.conditioner.paddings())
                 x = functional.coupling_inverse(y, activations[2], **self._options())[0]
             leaf = x.detach().requires_grad_()
-            return (x, leaf, *GlowCoupling.apply(leaf, *weights, self, activations))
+            return (x, leaf, *GlowCoupling.apply(leaf, *weights, self, activations, form))
         leaf = y.detach().requires_grad_()
         h = self._conditioner_output(leaf, "y")
         with torch.no_grad():

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .. import backends, functional
 from ..reference import coupling_condition
+from .conditioners import form_input
 
 
 def conditioner_weights(conditioner):
@@ -61,7 +62,8 @@ def _fold_grads(grad_folded, folded, scale, weight, log_scale):
     dtypes."""
     grad_weight = grad_folded * scale.view(-1, 1, 1, 1)
     out = folded.shape[0]
-    grad_log_scale = torch.bmm(grad_folded.to(folded.dtype).view(out, 1, -1), folded.view(out, -1, 1)).view(out)
+    # reshape: the weight gradient of a channels-last convolution is channels-last itself
+    grad_log_scale = torch.bmm(grad_folded.to(folded.dtype).reshape(out, 1, -1), folded.view(out, -1, 1)).view(out)
     return grad_weight.to(weight.dtype), grad_log_scale.to(log_scale.dtype)
 
 
@@ -70,20 +72,22 @@ class GlowCoupling(torch.autograd.Function):
     :class:`~flowkern.nn.AffineCoupling` (or additive one) with a folding
     :class:`~flowkern.nn.conditioners.GlowConditioner`, as one node.
 
-    ``apply(x, *conditioner_weights(conditioner), coupling, activations)``: ``coupling`` the layer (its mask,
-    parity, scale and bound, and the conditioner's paddings); ``activations`` ``None``, or what
+    ``apply(x, *conditioner_weights(conditioner), coupling, activations, form)``: ``coupling`` the layer (its
+    mask, parity, scale and bound, and the conditioner's paddings); ``activations`` ``None``, or what
     :func:`conditioner_activations` returned for this ``x`` when the caller ran it already (training by
-    inversion: the conditioner ran to invert the coupling, and does not run again).
+    inversion: the conditioner ran to invert the coupling, and does not run again); ``form`` the conditioner's
+    form for this call (``"convolutions"`` or ``"channels-last convolutions"``), chosen by the caller where
+    gradients are recorded.
 
     Shapes: x (N, C, H, W) → y (N, C, H, W), logdet (N,).
     """
 
     @staticmethod
-    def forward(ctx, x, w1, log_scale1, b1, w2, log_scale2, b2, w3, b3, coupling, activations):
+    def forward(ctx, x, w1, log_scale1, b1, w2, log_scale2, b2, w3, b3, coupling, activations, form):
         weights = (w1, log_scale1, b1, w2, log_scale2, b2, w3, b3)
-        condition = coupling_condition(x, coupling.mask, coupling.parity)
         paddings = coupling.conditioner.paddings()
         if activations is None:
+            condition = form_input(coupling_condition(x, coupling.mask, coupling.parity), form)
             activations = conditioner_activations(condition, weights, paddings)
         h1, h2, h, scales, folded, operands = activations
         options = coupling._options()
@@ -119,4 +123,4 @@ class GlowCoupling(torch.autograd.Function):
         grad_w1, grad_log_scale1 = _fold_grads(grad_w1f, folded1, scale1, w1, log_scale1)
         grad_w2, grad_log_scale2 = _fold_grads(grad_w2f, folded2, scale2, w2, log_scale2)
         return (grad_x if need_x else None, grad_w1, grad_log_scale1, grad_b1.to(b1.dtype), grad_w2, grad_log_scale2,
-                grad_b2.to(b2.dtype), grad_w3.to(w3_param.dtype), grad_b3.to(b3.dtype), None, None)
+                grad_b2.to(b2.dtype), grad_w3.to(w3_param.dtype), grad_b3.to(b3.dtype), None, None, None)
