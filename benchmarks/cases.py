@@ -486,12 +486,15 @@ def _glow_shape(device, real_shapes):
 
 
 def headline_cases(device, real_shapes=False):
-    """What ``make bench`` runs: the whole-model Glow's training step and sampling, and one op table (the
-    coupling's forward and backward at a Glow's first level, float32)."""
+    """What ``make bench`` runs: the whole-model Glow's training step and sampling, the peers' Glows' training
+    steps original and accelerated, and one op table (the coupling's forward and backward at a Glow's first
+    level, float32)."""
     n, c, size = (64, 12, 32)
     coupling = [case for case in coupling_cases(n, c, size, torch.float32, device)
                 if case.name == "coupling_forward_backward"]
-    return glow_cases(*_glow_shape(device, real_shapes), torch.float32, device) + coupling
+    glow_shape = _glow_shape(device, real_shapes)
+    dropin = [case for case in dropin_cases(*glow_shape, torch.float32, device) if case.name.endswith("train_step")]
+    return glow_cases(*glow_shape, torch.float32, device) + dropin + coupling
 
 
 def all_cases(device, real_shapes=False):
