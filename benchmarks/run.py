@@ -64,6 +64,8 @@ def device_slug(device):
         name = torch.cuda.get_device_name(device)
     else:
         name = f"cpu-{os.cpu_count()}core-{cpu_description().split(',')[0]}"
+    for mark in ("(r)", "(tm)", " processor", " cpu"):  # Intel(R) Xeon(R) Processor -> intel-xeon
+        name = name.lower().replace(mark, "")
     slug = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name.lower())
     while "--" in slug:
         slug = slug.replace("--", "-")
