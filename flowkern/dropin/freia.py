@@ -1,4 +1,4 @@
-"""FrEIA's affine couplings and ActNorm on flowkern's ops.
+"""FrEIA's affine couplings, AllInOneBlock and ActNorm on flowkern's ops.
 
 FrEIA's ``forward(x, c=[], rev=False, jac=True)`` maps x → z (``rev=True`` z → x) and returns ``((out,),
 log_jac_det (N,))``, the log-det of the direction called; those conventions are kept. In flowkern's terms its
