@@ -467,3 +467,28 @@ def test_freia_float32_within_tolerance():
     inn(x)
     original, accelerated = accelerated_copy(perturb(inn))
     assert_same_map(original, accelerated, lambda m, v: m(v), [x], tol=F32_MODEL, grad_tol=F32_GRAD)
+
+
+def test_accelerated_normflows_glow_keeps_the_flow_math_in_float32_under_autocast():
+    """Under torch.autocast (CPU, bfloat16) the accelerated Glow's conditioners run in bfloat16 while its
+    couplings, ActNorms, 1×1 convs and log-dets stay float32, as flowkern's own layers: the latents and the
+    log-likelihood come back in float32, within the conditioners' rounding of the float32 values, and the LU
+    factors' gradients equal float32's (at initialisation they do not depend on the conditioners)."""
+    torch.manual_seed(0)
+    model = flowkern.accelerate(_normflows_glow())
+    x = torch.rand(4, 3, 8, 8) - 0.5
+    model.log_prob(x, None)  # ActNorm's initialisation
+    convs = [m for m in model.modules() if isinstance(m, nf.flows.Invertible1x1Conv)]
+    results = []
+    for low in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=low):
+            z, log_det = model.inverse_and_log_det(x)
+            log_p = model.log_prob(x, None)
+        assert all(t.dtype == torch.float32 for t in (*z, log_det, log_p))
+        log_p.sum().backward()
+        results.append((log_p.detach(), [c.L.grad.clone() for c in convs]))
+    (log_p32, grads32), (log_p16, grads16) = results
+    torch.testing.assert_close(log_p16, log_p32, rtol=2 * 2 ** -8, atol=0)
+    for got, want in zip(grads16, grads32):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
