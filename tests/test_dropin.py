@@ -304,6 +304,12 @@ def test_accelerated_normflows_glow_compiles_without_graph_breaks():
     assert breaks["accelerated"] == 0 and breaks["normflows"] > 0
     compiled = torch.compile(lambda v: accelerated.log_prob(v, None), fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), accelerated.log_prob(x, None))
+    # a checkpoint loaded into a fresh accelerated model and compiled at once: its ActNorms are not initialised again
+    torch._dynamo.reset()
+    fresh = flowkern.accelerate(_normflows_glow(levels=1, steps=2))
+    fresh.load_state_dict(model.state_dict())
+    loaded = torch.compile(lambda v: fresh.log_prob(v, None), fullgraph=True, backend="eager")
+    torch.testing.assert_close(loaded(2 * x), model.log_prob(2 * x, None))
 
 
 # --- FrEIA -----------------------------------------------------------------------------------------------------

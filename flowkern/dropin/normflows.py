@@ -29,9 +29,14 @@ class ActNorm(nf.flows.ActNorm):
 
     def flowkern_adopt(self):
         self._done = BufferFlag()
+        self.initialized()  # read eagerly, for code compiled before the next eager call
 
     def flowkern_runs(self):
         return "the fused ActNorm op; its initialisation flag read without a host sync"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.initialized()  # as above: a loaded flag is known to compiled code
 
     def initialized(self) -> bool:
         return self._done(self.data_dep_init_done)
