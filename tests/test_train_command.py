@@ -186,8 +186,10 @@ def test_a_resumed_run_keeps_the_backends_auto_chose(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_kill_9_at_a_random_moment_loses_no_logged_step_before_the_checkpoint(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    # two processes: a named backend, since "auto" measures in each process and may choose differently
-    backend = ["--backend", "native" if "native" in flowkern.available_backends() else "reference"]
+    # two processes: a named backend and conditioner form, since "auto" measures in each process and may choose
+    # differently
+    backend = ["--backend", "native" if "native" in flowkern.available_backends() else "reference",
+               "--conditioner-form", "convolutions"]
     assert run(whole, "--steps", "40", "--no-sample", *backend) == 0
     # the same number of threads as this process: the losses must match bit for bit
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": ROOT}

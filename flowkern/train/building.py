@@ -8,6 +8,7 @@ from torch import nn
 
 from .. import data as datasets
 from ..models import FFJORD, Glow, RealNVP, RealNVP2d
+from ..nn.conditioners import GlowConditioner
 from .folder import CHECKPOINT, read_checkpoint
 from .options import DEPTHS, Config, data_kind, default_model, resumed_config
 
@@ -102,6 +103,9 @@ def build_model(cfg: Config, data_shape) -> nn.Module:
         if cfg.model == "glow":
             model = Glow(channels, height, levels=cfg.levels, steps=cfg.depth, hidden_channels=cfg.hidden,
                          coupling=cfg.coupling)
+            for conditioner in model.modules():
+                if isinstance(conditioner, GlowConditioner) and cfg.conditioner_form != "auto":
+                    conditioner.form = cfg.conditioner_form
         else:
             model = RealNVP(channels, height, scales=cfg.levels, hidden_channels=cfg.hidden, blocks=cfg.blocks)
     return model.set_memory_saving(cfg.memory_saving, cfg.check_reconstruction)

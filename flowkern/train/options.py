@@ -10,6 +10,7 @@ import torch
 
 from .. import data as datasets
 from ..backends import _MODULES, AUTO
+from ..nn.conditioners import GlowConditioner
 from ..nn.continuous import SOLVERS
 
 MODELS = ("glow", "realnvp", "realnvp2d", "ffjord")
@@ -145,6 +146,10 @@ class Config:
                          resumable=False)
     coupling: str = option("affine", "the coupling's transform", applies=_for("glow"), resumable=False,
                            choices=("affine", "additive"))
+    conditioner_form: str = option(AUTO, "how the conditioners compute: auto (the fastest form measured per shape; "
+                                   "two processes may measure differently, and round differently) or one of "
+                                   "them, for runs that must match bit for bit", applies=_for("glow"),
+                                   choices=(AUTO, *GlowConditioner.FORMS))
     divergence: str | None = option(None, "ffjord's trace in training: exact, or hutchinson (default: exact up "
                                     "to 64 dimensions); evaluation takes the exact trace up to 64 dimensions",
                                     applies=_for("ffjord"), choices=("exact", "hutchinson"))
