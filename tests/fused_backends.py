@@ -6,7 +6,7 @@ import torch
 import flowkern
 from flowkern import backends
 
-FUSED_BACKENDS = [name for name in backends._MODULES if name != "reference"]
+FUSED_BACKENDS = [name for name in backends.MODULES if name != "reference"]
 # Fused backends are tested on the GPU where there is one, on the CPU (Triton's interpreter) otherwise.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LAYOUTS = ("contiguous", "channel-slice", "channels-last")

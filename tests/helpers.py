@@ -52,6 +52,6 @@ def fake_backend(monkeypatch, name, op_wrapper):
     for op in flowkern.reference.OPS + flowkern.reference.BACKWARD_OPS:
         setattr(module, op, op_wrapper(op, getattr(flowkern.reference, op)))
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setitem(backends._MODULES, name, module.__name__)
-    monkeypatch.setattr(backends, "_loaded", dict(backends._loaded))  # loaded here, forgotten after the test
+    monkeypatch.setitem(backends.MODULES, name, module.__name__)
+    monkeypatch.setattr(backends.registry, "_loaded", dict(backends.registry._loaded))  # loaded here, forgotten after the test
     return module

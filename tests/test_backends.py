@@ -35,21 +35,21 @@ def test_auto_times_each_candidate_once_and_keeps_the_fastest(monkeypatch):
         return op_fn
     fake_backend(monkeypatch, "sleepy", _slow(0.05))  # far above the others' time even on a loaded machine
     fake_backend(monkeypatch, "counted", counted)
-    monkeypatch.setattr(backends, "AUTO_PREFERENCE", {"cpu": ("sleepy", "counted", "reference")})
-    monkeypatch.setattr(backends, "_choices", {})
+    monkeypatch.setattr(backends.auto, "AUTO_PREFERENCE", {"cpu": ("sleepy", "counted", "reference")})
+    monkeypatch.setattr(backends.auto, "_choices", {})
     x, log_scale, bias = torch.randn(2, 3, 4, 5, requires_grad=True), torch.randn(3), torch.randn(3)
 
     y, logdet = functional.actnorm_forward(x, log_scale, bias)
     choice = backends.auto_choices()[("cpu", "actnorm_forward")]
     assert choice.backward  # x records a gradient, so forward and backward were timed
     assert choice.seconds["sleepy"] >= 0.05 and choice.backend != "sleepy"
-    assert choice.backend == "counted" or choice.seconds["reference"] < backends.AUTO_MARGIN * choice.seconds["counted"]
+    assert choice.backend == "counted" or choice.seconds["reference"] < backends.auto.AUTO_MARGIN * choice.seconds["counted"]
     torch.testing.assert_close((y, logdet), flowkern.reference.actnorm_forward(x, log_scale, bias))
 
     ran_it = choice.backend == "counted"
-    assert len(calls) == 1 + backends.AUTO_ROUNDS + ran_it  # a warm-up and the timed rounds, then the call
+    assert len(calls) == 1 + backends.auto.AUTO_ROUNDS + ran_it  # a warm-up and the timed rounds, then the call
     functional.actnorm_forward(x, log_scale, bias)
-    assert len(calls) == 1 + backends.AUTO_ROUNDS + 2 * ran_it  # no second measurement
+    assert len(calls) == 1 + backends.auto.AUTO_ROUNDS + 2 * ran_it  # no second measurement
     with torch.no_grad():
         functional.coupling_forward(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3))
     assert not backends.auto_choices()[("cpu", "coupling_forward")].backward
@@ -61,8 +61,8 @@ def test_auto_skips_a_candidate_that_cannot_run_the_inputs(monkeypatch):
             raise RuntimeError("no kernel for this shape")
         return op_fn
     fake_backend(monkeypatch, "failing", failing)
-    monkeypatch.setattr(backends, "AUTO_PREFERENCE", {"cpu": ("failing", "reference")})
-    monkeypatch.setattr(backends, "_choices", {})
+    monkeypatch.setattr(backends.auto, "AUTO_PREFERENCE", {"cpu": ("failing", "reference")})
+    monkeypatch.setattr(backends.auto, "_choices", {})
     x, weight = torch.randn(2, 3, 4, 4), torch.randn(5, 3)
     torch.testing.assert_close(functional.conv1x1(x, weight), flowkern.reference.conv1x1(x, weight))
     choice = backends.auto_choices()[("cpu", "conv1x1")]
@@ -74,7 +74,7 @@ def test_auto_chooses_only_among_backends_that_run_on_the_device(monkeypatch):
     if "native" in flowkern.available_backends():
         assert backends.unsupported("native", "cpu") is None
         assert "not meta" in backends.unsupported("native", "meta")
-    monkeypatch.setattr(backends, "_choices", {})
+    monkeypatch.setattr(backends.auto, "_choices", {})
     y, logdet = functional.actnorm_forward(torch.empty(2, 3, 4, 4, device="meta"), torch.zeros(3, device="meta"),
                                            torch.zeros(3, device="meta"))
     assert y.device.type == "meta" and logdet.shape == (2,)
@@ -82,7 +82,7 @@ def test_auto_chooses_only_among_backends_that_run_on_the_device(monkeypatch):
 
 
 def test_compiled_code_chooses_at_trace_time_without_a_graph_break(monkeypatch):
-    monkeypatch.setattr(backends, "_choices", {})
+    monkeypatch.setattr(backends.auto, "_choices", {})
     x, h = torch.randn(2, 4, 5, 3), torch.randn(2, 4, 5, 3)
     torch._dynamo.reset()
     compiled = torch.compile(lambda x, h: functional.coupling_forward(x, h), fullgraph=True, backend="eager")
@@ -90,7 +90,7 @@ def test_compiled_code_chooses_at_trace_time_without_a_graph_break(monkeypatch):
     assert ("cpu", "coupling_forward") in backends.auto_choices()
     with flowkern.use_backend("reference"):  # a different backend is guarded on: recompiled, same result
         torch.testing.assert_close(compiled(x, h), flowkern.reference.coupling_forward(x, h))
-    monkeypatch.setattr(backends, "_choices", {})
+    monkeypatch.setattr(backends.auto, "_choices", {})
     torch._dynamo.reset()
     dynamic = torch.compile(lambda x, h, parity: functional.coupling_forward(x, h, "checkerboard", parity),
                             fullgraph=True, backend="eager", dynamic=True)  # sizes and numbers are symbols
@@ -146,10 +146,10 @@ def test_unknown_backend_name():
 
 
 def test_backend_that_fails_to_load_is_reported_and_skipped(monkeypatch):
-    monkeypatch.setitem(backends._MODULES, "broken", "flowkern._no_such_module")
-    monkeypatch.setattr(backends, "AUTO_PREFERENCE", {"cpu": ("broken", "reference")})
-    monkeypatch.setattr(backends, "_reasons", {})
-    monkeypatch.setattr(backends, "_choices", {})
+    monkeypatch.setitem(backends.MODULES, "broken", "flowkern._no_such_module")
+    monkeypatch.setattr(backends.auto, "AUTO_PREFERENCE", {"cpu": ("broken", "reference")})
+    monkeypatch.setattr(backends.registry, "_reasons", {})
+    monkeypatch.setattr(backends.auto, "_choices", {})
     with pytest.raises(backends.BackendUnavailable, match="backend 'broken' is unavailable: .*_no_such_module"):
         flowkern.set_backend("broken")
     status = flowkern.available_backends(with_reasons=True)
@@ -161,8 +161,8 @@ def test_backend_that_fails_to_load_is_reported_and_skipped(monkeypatch):
 
 
 def test_backend_missing_an_op_is_unavailable(monkeypatch):
-    monkeypatch.setitem(backends._MODULES, "partial", "flowkern.reference.squeeze")
-    monkeypatch.setattr(backends, "_reasons", {})
+    monkeypatch.setitem(backends.MODULES, "partial", "flowkern.reference.squeeze")
+    monkeypatch.setattr(backends.registry, "_reasons", {})
     with pytest.raises(backends.BackendUnavailable, match="does not define coupling_forward"):
         flowkern.set_backend("partial")
 

@@ -124,9 +124,9 @@ def test_flowkern_works_and_says_why_when_the_extension_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "flowkern._C", None)  # import of flowkern._C now fails
     monkeypatch.delattr(flowkern, "_C", raising=False)
     monkeypatch.delitem(sys.modules, "flowkern.backends.native", raising=False)
-    monkeypatch.setattr(backends, "_loaded", {k: v for k, v in backends._loaded.items() if k != "native"})
-    monkeypatch.setattr(backends, "_reasons", {})
-    monkeypatch.setattr(backends, "_choices", {})
+    monkeypatch.setattr(backends.registry, "_loaded", {k: v for k, v in backends.registry._loaded.items() if k != "native"})
+    monkeypatch.setattr(backends.registry, "_reasons", {})
+    monkeypatch.setattr(backends.auto, "_choices", {})
     status = flowkern.available_backends(with_reasons=True)
     assert "flowkern._C" in status["native"]
     assert "native" not in flowkern.available_backends()
@@ -167,9 +167,9 @@ def test_an_extension_built_for_avx2_is_not_loaded_on_a_cpu_without_it(monkeypat
     monkeypatch.setattr(cpu_features, "build_features", lambda: ("avx2", "fma", "f16c"))
     monkeypatch.setattr(cpu_features, "cpu_features", lambda: {"sse2"})
     monkeypatch.delitem(sys.modules, "flowkern.backends.native", raising=False)
-    monkeypatch.setattr(backends, "_loaded", {k: v for k, v in backends._loaded.items() if k != "native"})
-    monkeypatch.setattr(backends, "_reasons", {})
-    monkeypatch.setattr(backends, "_choices", {})
+    monkeypatch.setattr(backends.registry, "_loaded", {k: v for k, v in backends.registry._loaded.items() if k != "native"})
+    monkeypatch.setattr(backends.registry, "_reasons", {})
+    monkeypatch.setattr(backends.auto, "_choices", {})
     reason = flowkern.available_backends(with_reasons=True)["native"]
     assert "this CPU lacks AVX2, FMA, F16C; rebuild it on this machine" in reason
     y, _ = flowkern.nn.ActNorm(3)(torch.randn(2, 3, 4, 4))  # flowkern runs on without it

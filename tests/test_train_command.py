@@ -177,8 +177,8 @@ def test_a_resumed_run_keeps_the_backends_auto_chose(tmp_path, monkeypatch):
     assert run(tmp_path, "--steps", "3", "--no-sample") == 0
     chosen = torch.load(tmp_path / train.CHECKPOINT, weights_only=True)["backend"]
     assert {"coupling_forward", "conv1x1"} <= set(chosen)
-    monkeypatch.setattr(flowkern.backends, "_choices", {})  # as in a new process
-    monkeypatch.setattr(flowkern.backends, "_measure", None)  # which must not measure again
+    monkeypatch.setattr(flowkern.backends.auto, "_choices", {})  # as in a new process
+    monkeypatch.setattr(flowkern.backends.auto, "_measure", None)  # which must not measure again
     assert run(tmp_path, "--resume", "--steps", "5", "--no-sample") == 0
     assert {op: c.backend for (_, op), c in flowkern.backends.auto_choices().items()} == chosen
 

@@ -364,7 +364,7 @@ def test_measuring_on_the_first_call_leaves_the_random_stream_alone(monkeypatch)
     """The first sampling call measures the conditioners' form and the ``auto`` backend's choices on random
     inputs of their own: sampling with a seed gives the same images on the first call as on the next."""
     monkeypatch.setattr(conditioners, "FORM_CHOICES", {})
-    monkeypatch.setattr(flowkern.backends, "_choices", {})
+    monkeypatch.setattr(flowkern.backends.auto, "_choices", {})
     model = flowkern.Glow(3, 16, levels=2, steps=1, hidden_channels=128).eval()
     torch.manual_seed(5)
     first = model.sample(2)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .. import data as datasets
-from ..backends import _MODULES, AUTO
+from ..backends import AUTO, MODULES
 from ..nn.conditioners import GlowConditioner
 from ..nn.continuous import SOLVERS
 
@@ -122,7 +122,7 @@ class Config:
     clip: float = option(50.0, "largest gradient norm; larger ones are scaled down to it", check=_positive)
     seed: int = option(0, "seeds the model, the batches and the dequantisation noise", check=_between(0, 2 ** 63 - 1),
                        resumable=False)
-    backend: str = option("auto", "the fused ops' implementation", choices=(*_MODULES, AUTO))
+    backend: str = option("auto", "the fused ops' implementation", choices=(*MODULES, AUTO))
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)", check=_device)
     memory_saving: bool = option(False, "train by inversion: activation memory flat in depth",
                                  applies=_for("glow", "realnvp", "realnvp2d"))
