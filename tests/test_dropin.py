@@ -340,6 +340,7 @@ def test_freia_couplings(backend, block_class, clamp_activation, dims, subnet):
     block = getattr(Fm, block_class)([dims], subnet_constructor=subnet, clamp=1.7, clamp_activation=clamp_activation)
     original, accelerated = accelerated_copy(perturb(block.double()))
     assert_accelerated(accelerated, 1)
+    assert acceleration_report(accelerated)[0].kind == f"{type(block).__module__}.{block_class}"
     x = torch.randn(3, *dims, dtype=torch.float64)
     for call in freia_calls():
         assert_same_map(original, accelerated, call, [x])

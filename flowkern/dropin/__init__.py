@@ -50,14 +50,16 @@ def _rules():
 
 
 def _accelerated_classes(rules):
-    return {subclass for rule in rules.values() for subclass in getattr(rule, "subclasses", ())}
+    """{flowkern subclass: the peer class it accelerates}."""
+    return {subclass: peer for peer, rule in rules.items() for subclass in getattr(rule, "subclasses", ())}
 
 
 def _describe(module, rules, accelerated):
     """The :class:`Entry` fields for ``module``, or None when flowkern does not know its class."""
     cls = type(module)
     if cls in accelerated:
-        return f"{cls.__bases__[0].__module__}.{cls.__bases__[0].__qualname__}", True, module.flowkern_runs()
+        peer = accelerated[cls]
+        return f"{peer.__module__}.{peer.__qualname__}", True, module.flowkern_runs()
     rule = rules.get(cls)
     if rule is not None:
         subclass, how = rule(module)
