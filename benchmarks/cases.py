@@ -13,6 +13,7 @@ libraries normflows and FrEIA where installed.
 A case's ``build(provider)`` returns a zero-argument callable to time, or None where the provider has no
 counterpart of the case.
 """
+import dataclasses
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -486,14 +487,16 @@ def _glow_shape(device, real_shapes):
 
 
 def headline_cases(device, real_shapes=False):
-    """What ``make bench`` runs: the whole-model Glow's training step and sampling, the peers' Glows' training
-    steps original and accelerated, and one op table (the coupling's forward and backward at a Glow's first
-    level, float32)."""
+    """What ``make bench`` runs, within 10 minutes on a 2-core CPU: the whole-model Glow's training step and
+    sampling, normflows' Glow's training step original and accelerated (eager; the compiled rows and FrEIA's
+    are in the full suite), and one op table (the coupling's forward and backward at a Glow's first level,
+    float32)."""
     n, c, size = (64, 12, 32)
     coupling = [case for case in coupling_cases(n, c, size, torch.float32, device)
                 if case.name == "coupling_forward_backward"]
     glow_shape = _glow_shape(device, real_shapes)
-    dropin = [case for case in dropin_cases(*glow_shape, torch.float32, device) if case.name.endswith("train_step")]
+    dropin = [dataclasses.replace(case, providers=case.providers[:2])
+              for case in dropin_cases(*glow_shape, torch.float32, device) if case.name == "normflows_glow_train_step"]
     return glow_cases(*glow_shape, torch.float32, device) + dropin + coupling
 
 
