@@ -88,7 +88,7 @@ class GlowConditioner(nn.Sequential):
             ConvActNorm(hidden_channels, hidden_channels, 1),
             zero_conv(hidden_channels, out_channels),
         )
-        #: one of :attr:`FORMS`, or None: the faster, measured on the first call of each shape
+        #: one of :attr:`FORMS`, or None: the fastest, measured on the first call of each shape
         self.form = None
 
     def form_of(self, x) -> str:
@@ -155,8 +155,8 @@ def form_input(x, form):
 
 
 def _faster_form(x, widths, weights, candidates):
-    """The faster of :attr:`GlowConditioner.FORMS` with ``weights`` on inputs of ``x``'s batch, image size,
-    dtype and device, measured on the first call for each: forward, and backward to the weights where a
+    """The fastest of ``candidates`` (forms of :attr:`GlowConditioner.FORMS`) with ``weights`` on inputs of
+    ``x``'s batch, image size, dtype and device, measured on the first call for each: forward, and backward to the weights where a
     gradient is recorded, on a random input and detached copies of ``weights()`` (the parameters, their
     gradients and the global random state are not touched)."""
     grad = torch.is_grad_enabled()
