@@ -468,12 +468,18 @@ def test_freia_left_alone_with_reasons():
 
 
 def test_freia_float32_within_tolerance():
+    """float32 latents as close to the float64 ones as FrEIA's own float32 latents are (three blocks amplify a
+    rounding by their conditioners' Lipschitz constants, so a fixed tolerance says little), and parameter
+    gradients within float32's tolerance."""
     torch.manual_seed(0)
     inn = _freia_image_inn()
     x = torch.randn(3, 4, 8, 8)
     inn(x)
     original, accelerated = accelerated_copy(perturb(inn))
-    assert_same_map(original, accelerated, lambda m, v: m(v), [x], tol=F32_MODEL, grad_tol=F32_GRAD)
+    truth = copy.deepcopy(original).double()(x.double())[0]
+    errors = [(m(x)[0].double() - truth).abs().max().item() for m in (original, accelerated)]
+    assert errors[1] <= 4 * errors[0], errors
+    assert_same_map(original, accelerated, lambda m, v: m(v)[1], [x], tol=F32_MODEL, grad_tol=F32_GRAD)
 
 
 def test_accelerated_normflows_glow_keeps_the_flow_math_in_float32_under_autocast():
