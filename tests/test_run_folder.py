@@ -86,6 +86,22 @@ def test_a_damaged_line_in_the_middle_of_the_log_is_skipped_not_the_rest(tmp_pat
     assert steps == [s for s in range(22) if s not in (4, 9)]
 
 
+@pytest.mark.parametrize("tail", ['{"step": 6, "bits_per', '{"step": 6, "bits_per_dim": 5.0}', "\0\0\0\0",
+                                  '{"step": 7, "bits_per_dim": 5.0}\n{"st'])
+def test_what_a_killed_run_left_after_its_checkpoint_is_replaced_on_resume(tmp_path, tail):
+    # a kill mid-write leaves a line without its end (or a filesystem's zeros); lines of steps after the
+    # checkpoint are written again by the resumed run
+    assert run(tmp_path, "--steps", "6", "--no-sample") == 0
+    logged = (tmp_path / train.LOG).read_text()
+    with open(tmp_path / train.LOG, "a") as f:
+        f.write(tail)
+    assert run(tmp_path, "--resume", "--steps", "8", "--no-sample") == 0
+    text = (tmp_path / train.LOG).read_text()
+    assert text.startswith(logged) and text.endswith("\n")
+    assert [r["step"] for r in read_log(tmp_path)] == list(range(8))
+    assert all(r["bits_per_dim"] != 5.0 for r in read_log(tmp_path))
+
+
 def test_train_bits_per_dim_spans_a_resume(tmp_path):
     assert run(tmp_path, "--steps", "6", "--no-sample") == 0
     assert run(tmp_path, "--resume", "--steps", "9", "--no-sample") == 0
