@@ -11,7 +11,7 @@ CMAKE_BUILD := build/cmake
 # triton ships with it on Linux and is listed for platforms where it does not.
 DEPS := torch numpy triton pybind11 ninja cmake pytest pytest-benchmark scikit-learn tqdm pillow matplotlib torchdiffeq
 # peer flow libraries: flowkern.accelerate's conformance tests run against them, the benchmark suite measures them
-PEERS := normflows FrEIA
+PEERS := normflows FrEIA nflows
 CSRC := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 
 # the fused backends that must load, so that none of their tests is skipped
@@ -33,7 +33,7 @@ $(STAMP): $(DEPS_STAMP) setup.py tools/cuda_toolkit.py $(CSRC)
 	touch $@
 
 test: setup $(PEERS_STAMP) ctest gpu-check
-	FLOWKERN_REQUIRE_BACKENDS=$(REQUIRE_BACKENDS) FLOWKERN_REQUIRE_PEERS=normflows,FrEIA $(PY) -m pytest tests
+	FLOWKERN_REQUIRE_BACKENDS=$(REQUIRE_BACKENDS) FLOWKERN_REQUIRE_PEERS=normflows,FrEIA,nflows $(PY) -m pytest tests
 
 # every Triton kernel compiled for the H100 (sm_90) without a GPU, and the CUDA kernels' resources; fails on a
 # compile error, a spill at a Glow shape, too much shared memory, or tables that differ from the committed ones
@@ -55,7 +55,7 @@ ctest: $(DEPS_STAMP)
 	$(VENV)/bin/cmake --build $(CMAKE_BUILD) -j 2
 	$(VENV)/bin/ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
-$(PEERS_STAMP): $(STAMP)
+$(PEERS_STAMP): $(STAMP) Makefile
 	$(PY) -m pip install --quiet $(PEERS)
 	touch $@
 

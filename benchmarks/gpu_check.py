@@ -49,7 +49,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # (scale, h layout) of the couplings: every scale in flowkern's layout, and normflows' interleaved layout (a
 # stride of 2 between h's planes, which Triton specialises differently from 1) with its scales
 COUPLING_VARIANTS = [*((scale, "halves") for scale in ("sigmoid", "reciprocal_sigmoid", "exp", "plain_exp", "atan",
-                                                      "additive")),
+                                                      "offset_sigmoid", "additive")),
                      *((scale, "interleaved") for scale in ("sigmoid", "reciprocal_sigmoid", "plain_exp"))]
 # (x dtype, h dtype) of the couplings: each dtype alone, and a float32 flow under autocast
 COUPLING_DTYPES = [(d, d) for d in DTYPES] + [(torch.float32, torch.bfloat16), (torch.float32, torch.float16)]
@@ -68,7 +68,8 @@ def _triton_modules():
         package.__path__ = [os.path.join(os.path.dirname(importlib.import_module("flowkern.backends").__file__),
                                          "triton")]
         sys.modules[name] = package
-    return {op: importlib.import_module(f"{name}.{op}") for op in ("coupling", "actnorm", "conv1x1", "lu_weight")}
+    return {op: importlib.import_module(f"{name}.{op}")
+            for op in ("coupling", "actnorm", "conv1x1", "lu_weight", "fold_actnorms")}
 
 
 @contextlib.contextmanager
@@ -181,6 +182,17 @@ def triton_launches(modules):
         yield "folded_lu_weight_backward", where, functools.partial(
             lu_weight.launch_folded_lu_weight_backward, square, vector, torch.randn(()), *factors, square)
         yield "folded_lu_weight_inverse", where, functools.partial(lu_weight.launch_folded_lu_weight_inverse, *factors)
+    fold = modules["fold_actnorms"]
+    # a conditioner's first two weights, (hidden, C/2, 3, 3) and (hidden, hidden, 1, 1)
+    for c, hidden in ((12, 64), (48, 512)):
+        for dtype in DTYPES:
+            w1, w2 = torch.randn(hidden, c // 2, 3, 3).to(dtype), torch.randn(hidden, hidden, 1, 1).to(dtype)
+            log_scale = torch.randn(hidden).to(dtype)
+            where = dict(C=c, HW=f"hidden {hidden}", dtype=_name(dtype))
+            yield "fold_actnorms", where, functools.partial(fold.launch_fold_actnorms, w1, log_scale, w2, log_scale)
+            yield "fold_actnorms_backward", where, functools.partial(
+                fold.launch_fold_actnorms_backward, torch.randn_like(w1), w1, log_scale, torch.randn_like(w2), w2,
+                log_scale)
 
 
 def _name(dtype):

@@ -96,6 +96,34 @@ void check_folded_lu_weight_grads(const at::Tensor& perm, const at::Tensor& grad
   check_lu_part(weight, {c, c}, perm, "weight", op);
 }
 
+void check_fold_actnorms(const at::Tensor& weight1, const at::Tensor& log_scale1, const at::Tensor& weight2,
+                         const at::Tensor& log_scale2, const at::Tensor& grad1, const at::Tensor& grad2,
+                         const char* op) {
+  TORCH_CHECK(weight1.defined() && at::isFloatingType(weight1.scalar_type()), op,
+              ": expected weight1 to be a floating-point tensor");
+  const at::Tensor* weights[] = {&weight1, &weight2};
+  const at::Tensor* log_scales[] = {&log_scale1, &log_scale2};
+  const at::Tensor* grads[] = {&grad1, &grad2};
+  const char* weight_names[] = {"weight1", "weight2"};
+  const char* log_scale_names[] = {"log_scale1", "log_scale2"};
+  const char* grad_names[] = {"grad1", "grad2"};
+  for (int i = 0; i < 2; ++i) {
+    const at::Tensor &weight = *weights[i], &log_scale = *log_scales[i];
+    TORCH_CHECK(weight.defined() && weight.dim() >= 1, op, ": expected ", weight_names[i],
+                " with at least one dimension (its output channels)");
+    TORCH_CHECK(log_scale.defined() && log_scale.dim() == 1 && log_scale.size(0) == weight.size(0), op,
+                ": expected ", log_scale_names[i], " of shape (", weight.size(0), "), one scale per output channel "
+                "of ", weight_names[i], ", got ", log_scale.defined() ? log_scale.sizes() : at::IntArrayRef{});
+    check_same_device_and_dtype(weight, weight1, weight_names[i], op);
+    check_same_device_and_dtype(log_scale, weight1, log_scale_names[i], op);
+    if (grads[i]->defined()) {
+      TORCH_CHECK(grads[i]->sizes() == weight.sizes(), op, ": expected ", grad_names[i], " of shape ",
+                  weight.sizes(), ", got ", grads[i]->sizes());
+      check_same_device_and_dtype(*grads[i], weight, grad_names[i], op);
+    }
+  }
+}
+
 void check_grad_out(const at::Tensor& grad_out, const at::Tensor& input, const char* op) {
   check_image(grad_out, "grad_out", op);
   check_same_device_and_dtype(grad_out, input, "grad_out", op);
@@ -119,11 +147,12 @@ CouplingOptions coupling_options(const at::Tensor& x, const at::Tensor& h, c10::
   TORCH_CHECK(parity == 0 || parity == 1, op, ": parity must be 0 or 1, got ", parity);
   static const std::pair<const char*, Scale> scales[] = {
       {"sigmoid", Scale::Sigmoid}, {"reciprocal_sigmoid", Scale::ReciprocalSigmoid}, {"exp", Scale::Exp},
-      {"plain_exp", Scale::PlainExp}, {"atan", Scale::Atan}, {"additive", Scale::Additive}};
+      {"plain_exp", Scale::PlainExp}, {"atan", Scale::Atan}, {"offset_sigmoid", Scale::OffsetSigmoid},
+      {"additive", Scale::Additive}};
   const auto found = std::find_if(std::begin(scales), std::end(scales), [&](const auto& e) { return scale == e.first; });
   TORCH_CHECK(found != std::end(scales), op,
-              ": scale must be 'sigmoid', 'reciprocal_sigmoid', 'exp', 'plain_exp', 'atan' or 'additive', got '",
-              std::string(scale), "'");
+              ": scale must be 'sigmoid', 'reciprocal_sigmoid', 'exp', 'plain_exp', 'atan', 'offset_sigmoid' or "
+              "'additive', got '", std::string(scale), "'");
   const Scale s = found->second;
   TORCH_CHECK(layout == "halves" || layout == "shift_halves" || layout == "interleaved", op,
               ": layout must be 'halves', 'shift_halves' or 'interleaved', got '", std::string(layout), "'");

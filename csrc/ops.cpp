@@ -59,6 +59,9 @@ TORCH_LIBRARY(flowkern, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("folded_lu_weight_inverse(Tensor perm, Tensor lower, Tensor upper, Tensor sign, Tensor log_s, "
         "Tensor log_scale, Tensor bias) -> (Tensor, Tensor)");
+  m.def("fold_actnorms(Tensor weight1, Tensor log_scale1, Tensor weight2, Tensor log_scale2) -> (Tensor, Tensor)");
+  m.def("fold_actnorms_backward(Tensor grad1, Tensor weight1, Tensor log_scale1, Tensor grad2, Tensor weight2, "
+        "Tensor log_scale2) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("_cuda_launch(str kernel, int n, int c, int hw, ScalarType dtype, int wave=0) -> int[]", &cuda_launch);
 }
 

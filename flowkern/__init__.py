@@ -2,7 +2,7 @@
 
 Layers and models call :mod:`flowkern.functional`, which runs each fused op on the active backend:
 ``set_backend(name)``, ``get_backend()``, ``use_backend(name)`` and ``available_backends()``.
-``accelerate(model)`` runs the layers of a normflows or FrEIA model on the same ops.
+``accelerate(model)`` runs the layers of a normflows, FrEIA or nflows model on the same ops.
 """
 from . import data, functional, nn, reference
 from .backends import BackendUnavailable, available_backends, get_backend, set_backend, use_backend

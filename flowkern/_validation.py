@@ -160,6 +160,25 @@ def check_folded_lu_weight(perm, lower, upper, sign, log_s, log_scale, bias):
             raise ValueError(f"expected {name} on the device of perm ({perm.device}), got {t.device}")
 
 
+def check_fold_actnorms(weight1, log_scale1, weight2, log_scale2, grad1=None, grad2=None):
+    """Two (weight (O, ...), log_scale (O,)) pairs of one floating dtype on one device, and the gradients of
+    the folded weights (the weights' shapes, any floating dtype) when given."""
+    for i, (weight, log_scale, grad) in enumerate(((weight1, log_scale1, grad1), (weight2, log_scale2, grad2)), 1):
+        check_tensor(weight, f"weight{i}")
+        check_tensor(log_scale, f"log_scale{i}", ndim=1)
+        if weight.dim() == 0 or log_scale.shape[0] != weight.shape[0]:
+            raise ValueError(f"log_scale{i} must have shape ({weight.shape[0] if weight.dim() else 'O'},) for one "
+                             f"scale per output channel of weight{i} (shape {tuple(weight.shape)}), got "
+                             f"{tuple(log_scale.shape)}")
+        for name, t in ((f"weight{i}", weight), (f"log_scale{i}", log_scale)):
+            check_like(t, weight1, name, "weight1")
+        if grad is not None:
+            check_tensor(grad, f"grad{i}")
+            if grad.shape != weight.shape or grad.device != weight.device:
+                raise ValueError(f"grad{i} must have the shape {tuple(weight.shape)} of weight{i}, on "
+                                 f"{weight.device}, got {tuple(grad.shape)} on {grad.device}")
+
+
 def check_conv1x1(x, weight, bias, x_name="x"):
     """A 1×1 conv's inputs: ``x`` (N, C_in, H, W), ``weight`` (C_out, C_in), ``bias`` (C_out,) or None."""
     check_image(x, x_name)

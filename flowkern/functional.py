@@ -8,7 +8,8 @@ assembly, squeeze, Gaussian standardisation) is not dispatched, and layers take 
 import torch
 
 from . import backends, reference
-from ._validation import check_actnorm, check_conv1x1, check_coupling, check_folded_lu_weight, check_weight
+from ._validation import (check_actnorm, check_conv1x1, check_coupling, check_fold_actnorms, check_folded_lu_weight,
+                          check_weight)
 from .reference._dtypes import compute_dtype, full_precision
 
 
@@ -39,6 +40,23 @@ def actnorm_inverse(y, log_scale, bias):
     """``x = (y − bias) · exp(−log_scale)`` → ``(x, logdet (N,) of the forward map)``."""
     check_actnorm(y, log_scale, bias, "y")
     return backends.dispatch("actnorm_inverse", y, log_scale, bias)
+
+
+def fold_actnorms(weight1, log_scale1, weight2, log_scale2):
+    """A Glow conditioner's two ActNorms folded into the convolutions before them → ``(W1·e^log_scale1,
+    W2·e^log_scale2)``, each scale over its weight's output channels (dim 0); see
+    :func:`flowkern.reference.fold_actnorms`."""
+    check_fold_actnorms(weight1, log_scale1, weight2, log_scale2)
+    return backends.dispatch("fold_actnorms", weight1, log_scale1, weight2, log_scale2)
+
+
+def fold_actnorms_backward(grad1, weight1, log_scale1, grad2, weight2, log_scale2, backend):
+    """``(∂W1, ∂log_scale1, ∂W2, ∂log_scale2)`` of :func:`fold_actnorms` from the gradients of its outputs, as
+    backend ``backend`` computes them (the one ``backends.choose("fold_actnorms", ...)`` named for the
+    forward), in the dtypes of the weights and log-scales."""
+    check_fold_actnorms(weight1, log_scale1, weight2, log_scale2, grad1, grad2)
+    grad1, grad2 = grad1.to(weight1.dtype), grad2.to(weight2.dtype)  # under autocast, the convolutions' dtype
+    return backends.run(backend, "fold_actnorms_backward", grad1, weight1, log_scale1, grad2, weight2, log_scale2)
 
 
 @full_precision

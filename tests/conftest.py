@@ -8,6 +8,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import flowkern  # noqa: E402
+from fused_backends import whole_model_backends  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -27,3 +28,13 @@ def _fresh_state():
     yield
     flowkern.set_backend("auto")
     torch.set_default_device(None)
+
+
+@pytest.fixture(params=whole_model_backends(["reference", "native", "triton"]))
+def each_backend(request):
+    """Each backend in turn, active for the test (whole models on Triton's interpreter marked slow)."""
+    reason = flowkern.available_backends(with_reasons=True)[request.param]
+    if reason is not None:
+        pytest.skip(reason)
+    with flowkern.use_backend(request.param):
+        yield request.param

@@ -3,7 +3,6 @@ models as their documentation builds them, on perturbed parameters, both directi
 log-dets to 1e-10 relative, parameter gradients to 1e-8) and float32; checkpoints both ways; what is left
 alone and why; graph breaks under torch.compile."""
 import copy
-import os
 
 import pytest
 import torch
@@ -13,92 +12,14 @@ import flowkern
 from flowkern.dropin import acceleration_report
 
 from fused_backends import whole_model_backends
+from peer_conformance import (F32, F32_GRAD, F32_MODEL, F64, peer, accelerated_copy, assert_accelerated,
+                              assert_same_map, directions, flat, perturb)
 
 
-def _peer(name):
-    """The installed peer library; ``make test`` requires it (``FLOWKERN_REQUIRE_PEERS``), elsewhere a missing
-    one skips."""
-    if name in os.environ.get("FLOWKERN_REQUIRE_PEERS", "").split(","):
-        return __import__(name)
-    return pytest.importorskip(name)
-
-
-nf = _peer("normflows")
-FrEIA = _peer("FrEIA")
+nf = peer("normflows")
+FrEIA = peer("FrEIA")
 Fm = pytest.importorskip("FrEIA.modules")
 Ff = pytest.importorskip("FrEIA.framework")
-
-F64 = dict(rtol=1e-10, atol=1e-10)
-GRAD64 = dict(rtol=1e-8, atol=1e-10)
-F32 = dict(rtol=1e-5, atol=1e-5)
-F32_MODEL = dict(rtol=1e-4, atol=1e-5)  # latents after many layers, as tests/test_fused_models.py compares them
-# A parameter's gradient sums thousands of products over the batch and the pixels, whose float32 roundings
-# differ between the fused and the peer's order: compared by the norm of the difference per tensor.
-F32_GRAD = dict(norm=1e-5)
-
-
-def perturb(module, scale=0.1):
-    """Every parameter moved off its initial value (zero-initialised last layers make couplings the identity)."""
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:  # FrEIA keeps its permutations as parameters without gradients
-                p.add_(scale * torch.randn_like(p))
-    return module
-
-
-def accelerated_copy(module):
-    """(original, accelerated deep copy)."""
-    return module, flowkern.accelerate(copy.deepcopy(module))
-
-
-def flat(out):
-    """The tensors of a layer's output, in order (nested tuples and lists flattened, scalars as tensors)."""
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in flat(o)]
-    return [torch.as_tensor(out)]
-
-
-def assert_same_map(original, accelerated, call, inputs, tol=F64, grad_tol=GRAD64):
-    """``call(module, *inputs)`` by both: each output (shape and dtype included) and the gradients of every
-    parameter and input from one random projection of the outputs."""
-    results = []
-    for module in (original, accelerated):
-        leaves = [t.detach().clone().requires_grad_() for t in inputs]
-        outs = flat(call(module, *leaves))
-        params = [p for p in module.parameters() if p.requires_grad]
-        torch.manual_seed(1)
-        loss = sum((o * torch.randn(o.shape, dtype=o.dtype)).sum() for o in outs if o.requires_grad)
-        grads = torch.autograd.grad(loss, params + leaves, allow_unused=True)
-        results.append((outs, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, params + leaves)]))
-    (outs_o, grads_o), (outs_a, grads_a) = results
-    assert [(o.shape, o.dtype) for o in outs_a] == [(o.shape, o.dtype) for o in outs_o]
-    for got, want in zip(outs_a, outs_o):
-        torch.testing.assert_close(got, want, **tol)
-    for got, want in zip(grads_a, grads_o):
-        if "norm" in grad_tol:
-            assert (got - want).norm() <= grad_tol["norm"] * want.norm(), ((got - want).norm() / want.norm()).item()
-        else:
-            torch.testing.assert_close(got, want, **grad_tol)
-
-
-def assert_accelerated(model, count):
-    report = acceleration_report(model)
-    print(report)
-    assert sum(e.accelerated for e in report) == count, str(report)
-
-
-@pytest.fixture(params=whole_model_backends(["reference", "native", "triton"]))
-def backend(request):
-    reason = flowkern.available_backends(with_reasons=True)[request.param]
-    if reason is not None:
-        pytest.skip(reason)
-    with flowkern.use_backend(request.param):
-        yield request.param
-
-
-def directions(module):
-    return [lambda m, z: m(z), lambda m, z: m.inverse(z)]
-
 
 # --- normflows -------------------------------------------------------------------------------------------------
 
@@ -154,7 +75,7 @@ def _coupling_block(channels, scale, scale_map, split_mode, hidden=8):
 @pytest.mark.parametrize("split_mode", ["channel", "channel_inv"])
 @pytest.mark.parametrize("scale,scale_map", [(True, "sigmoid"), (True, "sigmoid_inv"), (True, "exp"),
                                              (False, "sigmoid")])
-def test_normflows_affine_coupling_block(backend, scale, scale_map, split_mode):
+def test_normflows_affine_coupling_block(each_backend, scale, scale_map, split_mode):
     """Every scale map and channel split mode (odd C: the halves differ), on every backend."""
     original, accelerated = accelerated_copy(_coupling_block(5, scale, scale_map, split_mode))
     assert_accelerated(accelerated, 2)  # the coupling and its ConvNet2d
@@ -335,7 +256,7 @@ def freia_calls():
 @pytest.mark.parametrize("block_class", ["GLOWCouplingBlock", "AffineCouplingOneSided"])
 @pytest.mark.parametrize("clamp_activation", ["ATAN", "TANH"])
 @pytest.mark.parametrize("dims,subnet", [((6, 4, 5), _conv_subnet), ((6, 4, 5), _glow_subnet), ((7,), _dense_subnet)])
-def test_freia_couplings(backend, block_class, clamp_activation, dims, subnet):
+def test_freia_couplings(each_backend, block_class, clamp_activation, dims, subnet):
     torch.manual_seed(0)
     block = getattr(Fm, block_class)([dims], subnet_constructor=subnet, clamp=1.7, clamp_activation=clamp_activation)
     original, accelerated = accelerated_copy(perturb(block.double()))
@@ -403,7 +324,7 @@ def test_freia_sequence_inn(build, shape):
 @pytest.mark.parametrize("permute_soft", [False, True])
 @pytest.mark.parametrize("global_affine_type", ["SOFTPLUS", "SIGMOID", "EXP"])
 @pytest.mark.parametrize("dims,subnet", [((5, 4, 3), _conv_subnet), ((5, 4, 3), _glow_subnet), ((6,), _dense_subnet)])
-def test_freia_all_in_one_block(backend, permute_soft, global_affine_type, dims, subnet):
+def test_freia_all_in_one_block(each_backend, permute_soft, global_affine_type, dims, subnet):
     torch.manual_seed(0)
     block = Fm.AllInOneBlock([dims], subnet_constructor=subnet, affine_clamping=1.5, permute_soft=permute_soft,
                              global_affine_type=global_affine_type)

@@ -232,6 +232,50 @@ def test_folded_lu_weight_of_low_precision_factors_is_assembled_in_float32(fused
     assert all(inputs[i].grad.dtype == torch.bfloat16 for i in (1, 2, 4, 5, 6))
 
 
+def fold_inputs(dtype, layout="contiguous", hidden=7, c_in=5):
+    """A Glow conditioner's (w1 (hidden, c_in, 3, 3), log_scale1, w2 (hidden, hidden, 1, 1), log_scale2) in
+    ``layout`` ("channels-last" weights, or "sliced": views into larger tensors)."""
+    w1, w2 = make((hidden, c_in, 3, 3), dtype, "channels-last" if layout == "channels-last" else "contiguous"), \
+        make((hidden, hidden, 1, 1), dtype)
+    log_scales = [(0.3 * torch.randn(2 * hidden + 2, dtype=torch.float64)).to(dtype) for _ in range(2)]
+    if layout == "sliced":
+        w1 = make((hidden + 1, c_in + 2, 3, 3), dtype)[1:, 1:c_in + 1]
+        return w1, log_scales[0][::2][:hidden], w2, log_scales[1][2:hidden + 2]
+    return w1, log_scales[0][:hidden], w2, log_scales[1][:hidden]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("layout,hidden,c_in", [("contiguous", 7, 5), ("sliced", 13, 3), ("channels-last", 6, 4),
+                                                ("contiguous", 1, 1), ("contiguous", 40, 129)])
+def test_fold_actnorms_matches_reference(fused, layout, hidden, c_in, dtype):
+    """Both folded weights, and the backward op's four gradients from random upstream gradients (a channels-last
+    convolution's weight gradient among them), against the reference's autograd."""
+    inputs = fold_inputs(dtype, layout, hidden, c_in)
+    got, expected = fused.fold_actnorms(*inputs), reference.fold_actnorms(*inputs)
+    assert [t.dtype for t in got] == [dtype] * 2
+    assert_close(got, expected, dtype, "fold_actnorms")
+    grads = make(tuple(inputs[0].shape), dtype, "channels-last"), make(tuple(inputs[2].shape), dtype)
+    w1, log_scale1, w2, log_scale2 = inputs
+    got = fused.fold_actnorms_backward(grads[0], w1, log_scale1, grads[1], w2, log_scale2)
+    expected = reference.fold_actnorms_backward(grads[0], w1, log_scale1, grads[1], w2, log_scale2)
+    assert [t.dtype for t in got] == [dtype] * 4 and [t.shape for t in got] == [t.shape for t in inputs]
+    assert_close(got, expected, dtype, "fold_actnorms_backward (w1, log_scale1, w2, log_scale2)")
+    # and the op's autograd gives the same
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    through_autograd = torch.autograd.grad(fused.fold_actnorms(*leaves), leaves, grads)
+    assert_close(through_autograd, expected, dtype, "gradients of fold_actnorms through autograd")
+
+
+def test_fold_actnorms_gradcheck_and_determinism(fused):
+    inputs = [t.requires_grad_() for t in fold_inputs(torch.float64, hidden=4, c_in=3)]
+    assert torch.autograd.gradcheck(fused.fold_actnorms, inputs)
+    inputs = [t.detach().float() for t in inputs]
+    grads = torch.randn(inputs[0].shape), torch.randn(inputs[2].shape)
+    first, second = (fused.fold_actnorms_backward(grads[0], inputs[0], inputs[1], grads[1], inputs[2], inputs[3])
+                     for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 GRADCHECK_CASES = [
     ("coupling_forward", ("channel", 1, "sigmoid", 2.0)),
     ("coupling_inverse", ("channel", 0, "exp", 1.5)),
@@ -325,6 +369,10 @@ def _opcheck_samples(ops):
         (ops.folded_lu_weight_inverse, tuple(lu_inputs(3, torch.float64))),
         (ops.folded_lu_weight_backward, (torch.randn(4, 4), torch.randn(4), torch.randn(()), *lu_inputs(4, torch.float32),
                                          torch.randn(4, 4))),
+        (ops.fold_actnorms, tuple(t.requires_grad_() for t in fold_inputs(torch.float32))),
+        (ops.fold_actnorms, tuple(t.requires_grad_() for t in fold_inputs(torch.float64, "sliced", 3, 2))),
+        (ops.fold_actnorms_backward, (torch.randn(7, 5, 3, 3), *fold_inputs(torch.float32)[:2], torch.randn(7, 7, 1, 1),
+                                      *fold_inputs(torch.float32)[2:])),
     ]
 
 

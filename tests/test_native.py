@@ -56,6 +56,14 @@ def test_cpp_schemas_are_the_shared_ones(native):
     (lambda ops: ops.folded_lu_weight_backward(torch.randn(4, 4), torch.randn(4), torch.randn(1), torch.eye(4),
                                                *[torch.randn(4, 4)] * 2, *[torch.randn(4)] * 4, torch.randn(4, 4)),
      r"expected grad_per_pixel of shape \[\], got \[1\]"),
+    (lambda ops: ops.fold_actnorms(torch.randn(4, 3, 3, 3), torch.randn(3), torch.randn(4, 4, 1, 1), torch.randn(4)),
+     r"flowkern::fold_actnorms: expected log_scale1 of shape \(4\), one scale per output channel of weight1"),
+    (lambda ops: ops.fold_actnorms(torch.randn(4, 3, 3, 3), torch.randn(4), torch.randn(4, 4, 1, 1).double(),
+                                   torch.randn(4)),
+     r"expected weight2 of dtype Float, got Double"),
+    (lambda ops: ops.fold_actnorms_backward(torch.randn(4, 3, 3, 3), torch.randn(4, 3, 3, 3), torch.randn(4),
+                                            torch.randn(4, 4), torch.randn(4, 4, 1, 1), torch.randn(4)),
+     r"expected grad2 of shape \[4, 4, 1, 1\], got \[4, 4\]"),
 ])
 def test_bad_input_raises_a_clear_error(native, call, message):
     with pytest.raises(RuntimeError, match=message):

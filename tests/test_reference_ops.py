@@ -193,8 +193,8 @@ def test_standardize_is_a_gaussian_prior():
     eps, logdet = R.standardize(z, mean, log_std)
     prior = torch.distributions.Normal(mean, log_std.exp()).log_prob(z).sum(dim=(1, 2, 3))
     torch.testing.assert_close(R.standard_normal_log_prob(eps) + logdet, prior)
-    z_back, logdet_back = R.unstandardize(eps, mean, log_std)
-    assert (z_back - z).abs().max() < 1e-12 and torch.equal(logdet_back, logdet)
+    z_back = R.unstandardize(eps, mean, log_std)
+    assert z_back.shape == z.shape and (z_back - z).abs().max() < 1e-12
     args = tuple(t[:1, :, :2, :2].clone().requires_grad_() for t in (z, mean, log_std))
     assert torch.autograd.gradcheck(R.standardize, args)
     assert torch.autograd.gradcheck(R.unstandardize, args)

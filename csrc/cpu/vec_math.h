@@ -10,6 +10,7 @@ namespace flowkern {
 // log1p and tanh without Sleef's general log1p and tanh, which cost here several times an exp.
 struct VecMath {
   template <typename V> static V exp(const V& v) { return v.exp(); }
+  template <typename V> static V log(const V& v) { return v.log(); }
 
   // log(1 + u) for u in [0, 1] (the kernels pass e^{−|z|}): 2·atanh(v) with v = u / (2 + u) ≤ 1/3, whose
   // odd series 2·(v + v³/3 + v⁵/5 + …) reaches the type's precision within 8 terms (float) or 17 (double).

@@ -45,6 +45,11 @@ void check_folded_lu_weight(const at::Tensor& perm, const at::Tensor& lower, con
 // and device
 void check_folded_lu_weight_grads(const at::Tensor& perm, const at::Tensor& grad_weight, const at::Tensor& grad_bias,
                                   const at::Tensor& grad_per_pixel, const at::Tensor& weight, const char* op);
+// Two (weight (O, ...), log_scale (O,)) pairs of one floating-point dtype and device, that of weight1; with
+// grad1 and grad2 defined, the gradients of the folded weights too, each of its weight's shape, dtype and device.
+void check_fold_actnorms(const at::Tensor& weight1, const at::Tensor& log_scale1, const at::Tensor& weight2,
+                         const at::Tensor& log_scale2, const at::Tensor& grad1, const at::Tensor& grad2,
+                         const char* op);
 // grad_out of the input's shape, device and dtype
 void check_grad_out(const at::Tensor& grad_out, const at::Tensor& input, const char* op);
 
@@ -58,6 +63,7 @@ void dispatch_scale(Scale scale, F&& f) {
     case Scale::ReciprocalSigmoid: return f(std::integral_constant<Scale, Scale::ReciprocalSigmoid>{});
     case Scale::PlainExp: return f(std::integral_constant<Scale, Scale::PlainExp>{});
     case Scale::Atan: return f(std::integral_constant<Scale, Scale::Atan>{});
+    case Scale::OffsetSigmoid: return f(std::integral_constant<Scale, Scale::OffsetSigmoid>{});
   }
 }
 

@@ -11,10 +11,13 @@
 
 namespace flowkern {
 
-enum class Scale : int { Sigmoid = 0, Exp = 1, Additive = 2, ReciprocalSigmoid = 3, PlainExp = 4, Atan = 5 };
+enum class Scale : int { Sigmoid = 0, Exp = 1, Additive = 2, ReciprocalSigmoid = 3, PlainExp = 4, Atan = 5,
+                         OffsetSigmoid = 6 };
 
 // FrEIA's factor before atan in its "ATAN" clamp (for 2/π): log s = kAtanGain · bound · atan(raw).
 constexpr double kAtanGain = 0.636;
+// nflows' floor on its sigmoid scale: s = sigmoid(raw + 2) + kSigmoidOffset.
+constexpr double kSigmoidOffset = 1e-3;
 
 // On the device the CUDA math library's overloads, on the host std::.
 #ifdef __CUDA_ARCH__
@@ -25,6 +28,7 @@ constexpr double kAtanGain = 0.636;
 
 struct ScalarMath {
   template <typename T> C10_HOST_DEVICE static T exp(T v) { return FLOWKERN_MATH(exp)(v); }
+  template <typename T> C10_HOST_DEVICE static T log(T v) { return FLOWKERN_MATH(log)(v); }
   template <typename T> C10_HOST_DEVICE static T log1p(T v) { return FLOWKERN_MATH(log1p)(v); }
   template <typename T> C10_HOST_DEVICE static T tanh(T v) { return FLOWKERN_MATH(tanh)(v); }
   template <typename T> C10_HOST_DEVICE static T atan(T v) { return FLOWKERN_MATH(atan)(v); }
@@ -53,6 +57,7 @@ C10_HOST_DEVICE inline void sigmoid_terms(T raw, T& z, T& e, T& r, T& s) {
 //   Exp (RealNVP):       log s = bound · tanh(raw), s = e^{log s}.
 //   PlainExp:            log s = raw.
 //   Atan (FrEIA):        log s = kAtanGain · bound · atan(raw).
+//   OffsetSigmoid (nflows): s = sigmoid(z) + kSigmoidOffset, log s = log(s) (s ≥ kSigmoidOffset: no cancellation).
 template <Scale S, typename M, typename T>
 C10_HOST_DEVICE inline void scale_and_log(T raw, T bound, T& s, T& logs) {
   if constexpr (S == Scale::Sigmoid || S == Scale::ReciprocalSigmoid) {
@@ -65,6 +70,11 @@ C10_HOST_DEVICE inline void scale_and_log(T raw, T bound, T& s, T& logs) {
     } else {
       s = sig;
     }
+  } else if constexpr (S == Scale::OffsetSigmoid) {
+    T z, e, r, sig;
+    sigmoid_terms<M>(raw, z, e, r, sig);
+    s = sig + T(kSigmoidOffset);
+    logs = M::log(s);
   } else {
     if constexpr (S == Scale::Exp) {
       logs = bound * M::tanh(raw);
@@ -80,6 +90,7 @@ C10_HOST_DEVICE inline void scale_and_log(T raw, T bound, T& s, T& logs) {
 // The scale at raw for the backward: s and d(log s)/d(raw), without a logarithm.
 //   Sigmoid: d log s/d raw = 1 − sigmoid = e/(1+e) or 1/(1+e); ReciprocalSigmoid its negative.
 //   Exp: bound · (1 − tanh²(raw)).   PlainExp: 1.   Atan: kAtanGain · bound / (1 + raw²).
+//   OffsetSigmoid: sigmoid · (1 − sigmoid) / s.
 template <Scale S, typename M, typename T>
 C10_HOST_DEVICE inline void scale_and_slope(T raw, T bound, T& s, T& dlogs) {
   if constexpr (S == Scale::Sigmoid || S == Scale::ReciprocalSigmoid) {
@@ -92,6 +103,11 @@ C10_HOST_DEVICE inline void scale_and_slope(T raw, T bound, T& s, T& dlogs) {
     } else {
       s = sig;
     }
+  } else if constexpr (S == Scale::OffsetSigmoid) {
+    T z, e, r, sig;
+    sigmoid_terms<M>(raw, z, e, r, sig);
+    s = sig + T(kSigmoidOffset);
+    dlogs = sig * M::select_nonnegative(z, e * r, r) / s;
   } else if constexpr (S == Scale::Exp) {
     const T t = M::tanh(raw);
     s = M::exp(bound * t);

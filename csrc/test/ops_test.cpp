@@ -41,6 +41,7 @@ at::Tensor reference_log_scale(const at::Tensor& raw, const std::string& scale, 
   if (scale == "reciprocal_sigmoid") return -at::log_sigmoid(raw + 2);
   if (scale == "plain_exp") return raw;
   if (scale == "atan") return 0.636 * bound * at::atan(raw);
+  if (scale == "offset_sigmoid") return at::log(at::sigmoid(raw + 2) + 1e-3);
   return bound * at::tanh(raw);
 }
 
@@ -110,7 +111,8 @@ void test_coupling(at::ScalarType dtype, at::ScalarType h_dtype) {
   auto backward = op<CouplingBackward>("flowkern::coupling_backward");
   for (const bool checkerboard : {false, true}) {
     for (const int64_t parity : {0, 1}) {
-      for (const std::string scale : {"sigmoid", "reciprocal_sigmoid", "exp", "plain_exp", "atan", "additive"}) {
+      for (const std::string scale : {"sigmoid", "reciprocal_sigmoid", "exp", "plain_exp", "atan", "offset_sigmoid",
+                                       "additive"}) {
         for (const std::string layout : {"halves", "shift_halves", "interleaved"}) {
           if (scale == "additive" && layout != "halves") continue;  // additive h is the shift alone
           const int64_t c = 5, first = 3, n_t = checkerboard ? c : (parity == 0 ? c - first : first);
@@ -239,6 +241,34 @@ void test_folded_lu_weight(at::ScalarType dtype) {
                tolerance(dtype, true));
 }
 
+// A Glow conditioner's two ActNorms folded into its first two weights, and their gradients, against the products
+// written out here: W_folded = W·e^log_scale over W's output channels.
+void test_fold_actnorms(at::ScalarType dtype) {
+  const std::string suffix = dtype_name(dtype);
+  using Fold = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                  const at::Tensor&);
+  using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+  std::vector<at::Tensor> leaves;
+  for (const auto& t : {at::randn({11, 3, 3, 3}, dtype), 0.3 * at::randn({11}, dtype), at::randn({11, 11, 1, 1}, dtype),
+                        0.3 * at::randn({11}, dtype)})
+    leaves.push_back(t.detach().requires_grad_());
+  const at::Tensor ref1 = leaves[0] * leaves[1].exp().view({-1, 1, 1, 1}),
+                   ref2 = leaves[2] * leaves[3].exp().view({-1, 1, 1, 1});
+  const auto [folded1, folded2] = op<Fold>("flowkern::fold_actnorms").call(leaves[0].detach(), leaves[1].detach(),
+                                                                           leaves[2].detach(), leaves[3].detach());
+  expect_close(folded1, ref1, "fold_actnorms first weight" + suffix, tolerance(dtype, true));
+  expect_close(folded2, ref2, "fold_actnorms second weight" + suffix, tolerance(dtype, true));
+  const at::Tensor g1 = at::randn_like(folded1), g2 = at::randn_like(folded2);
+  const auto ref = torch::autograd::grad({ref1, ref2}, leaves, {g1, g2});
+  const auto grads = op<Backward>("flowkern::fold_actnorms_backward")
+                         .call(g1, leaves[0].detach(), leaves[1].detach(), g2, leaves[2].detach(), leaves[3].detach());
+  const at::Tensor got[] = {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads), std::get<3>(grads)};
+  const char* names[] = {"∂weight1", "∂log_scale1", "∂weight2", "∂log_scale2"};
+  for (int i = 0; i < 4; ++i)
+    expect_close(got[i], ref[i], std::string("fold_actnorms_backward ") + names[i] + suffix, tolerance(dtype, true));
+}
+
 void test_bad_input_is_refused() {
   auto forward = op<Coupling>("flowkern::coupling_forward");
   try {
@@ -260,6 +290,7 @@ int main() {
     test_coupling(dtype, dtype);
     test_actnorm_and_conv1x1(dtype);
     test_folded_lu_weight(dtype);
+    test_fold_actnorms(dtype);
   }
   test_coupling(at::kFloat, at::kBFloat16);
   test_coupling(at::kFloat, at::kHalf);

@@ -1,6 +1,6 @@
 """The torch ops a fused backend registers, with the fake implementations and autograd they share.
 
-A fused backend defines ten ops in the ``flowkern`` namespace under its prefix (``triton_`` for the
+A fused backend defines twelve ops in the ``flowkern`` namespace under its prefix (``triton_`` for the
 Triton kernels, none for the compiled extension) with the schemas below, and kernels for them. This
 module adds what does not depend on the kernels: fake implementations (shapes for ``torch.compile``) and
 the autograd formulas wiring each op to its backward op.
@@ -19,6 +19,7 @@ function               op (``torch.ops.flowkern.<prefix><op>``)
 ``folded_lu_weight``   ``folded_lu_weight``; its backward ``folded_lu_weight_backward``
 ``folded_lu_weight_inverse``  ``folded_lu_weight_inverse`` (no gradient: a differentiated inverse composes the
                        reference's triangular solves)
+``fold_actnorms``      ``fold_actnorms``; its backward ``fold_actnorms_backward``
 =====================  ======================================================================
 """
 import torch
@@ -45,6 +46,9 @@ SCHEMAS = {
                                  "Tensor bias, Tensor weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "folded_lu_weight_inverse": "(Tensor perm, Tensor lower, Tensor upper, Tensor sign, Tensor log_s, "
                                 "Tensor log_scale, Tensor bias) -> (Tensor, Tensor)",
+    "fold_actnorms": "(Tensor weight1, Tensor log_scale1, Tensor weight2, Tensor log_scale2) -> (Tensor, Tensor)",
+    "fold_actnorms_backward": "(Tensor grad1, Tensor weight1, Tensor log_scale1, Tensor grad2, Tensor weight2, "
+                              "Tensor log_scale2) -> (Tensor, Tensor, Tensor, Tensor)",
 }
 
 
@@ -86,6 +90,14 @@ def _folded_lu_weight_backward_fake(grad_weight, grad_bias, grad_per_pixel, perm
     return torch.empty_like(perm), torch.empty_like(perm), *(torch.empty_like(log_s) for _ in range(3))
 
 
+def _fold_actnorms_fake(weight1, log_scale1, weight2, log_scale2):
+    return _dense_like(weight1), _dense_like(weight2)
+
+
+def _fold_actnorms_backward_fake(grad1, weight1, log_scale1, grad2, weight2, log_scale2):
+    return _dense_like(weight1), torch.empty_like(log_scale1), _dense_like(weight2), torch.empty_like(log_scale2)
+
+
 _FAKES = {
     "coupling_forward": _coupling_fake,
     "coupling_inverse": _coupling_fake,
@@ -97,6 +109,8 @@ _FAKES = {
     "folded_lu_weight": _folded_lu_weight_fake,
     "folded_lu_weight_backward": _folded_lu_weight_backward_fake,
     "folded_lu_weight_inverse": lambda perm, *factors: (torch.empty_like(perm), torch.empty_like(factors[-1])),
+    "fold_actnorms": _fold_actnorms_fake,
+    "fold_actnorms_backward": _fold_actnorms_backward_fake,
 }
 
 
@@ -161,6 +175,18 @@ def _folded_lu_weight_autograd(ops):
     return backward, setup_context
 
 
+def _fold_actnorms_autograd(ops):
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad1, grad2):
+        weight1, log_scale1, weight2, log_scale2 = ctx.saved_tensors
+        grad1 = torch.zeros_like(weight1) if grad1 is None else grad1.to(weight1.dtype)
+        grad2 = torch.zeros_like(weight2) if grad2 is None else grad2.to(weight2.dtype)
+        return ops.fold_actnorms_backward(grad1, weight1, log_scale1, grad2, weight2, log_scale2)
+    return backward, setup_context
+
+
 class FusedOps:
     """The ops registered under ``prefix``, called with the signatures of :mod:`flowkern.reference`."""
 
@@ -178,6 +204,7 @@ class FusedOps:
             "actnorm": _actnorm_autograd(self),
             "conv1x1": _conv1x1_autograd(self),
             "folded_lu_weight": _folded_lu_weight_autograd(self),
+            "fold_actnorms": _fold_actnorms_autograd(self),
         }
         for name, (backward, setup_context) in autograd.items():
             torch.library.register_autograd(f"{NAMESPACE}::{self.prefix}{name}", backward,

@@ -92,6 +92,8 @@ def _problem(op, described, device):
         shapes, options = [PROBLEM, (c,), (c,)], []
     elif op.startswith("folded_lu_weight"):
         shapes, options = [(c, c)] * 3 + [(c,)] * 4, []
+    elif op == "fold_actnorms":  # a Glow conditioner's first two convolutions, 256 hidden channels
+        shapes, options = [(256, c // 2, 3, 3), (256,), (256, 256, 1, 1), (256,)], []
     else:
         shapes, options = [PROBLEM, (c, c), (c,)], []
     generator = torch.Generator().manual_seed(0)  # drawn on the CPU, for every device

@@ -1,8 +1,9 @@
-"""Drop-in acceleration: :func:`accelerate` runs the layers of a normflows or FrEIA model on flowkern's ops.
+"""Drop-in acceleration: :func:`accelerate` runs the layers of a normflows, FrEIA or nflows model on flowkern's
+ops.
 
-Each peer library has a module here (:mod:`.normflows`, :mod:`.freia`) holding, for each layer it covers, a
-subclass of that layer computing the same map through flowkern's fused ops, and a rule saying when a module
-takes it. :func:`accelerate` gives each recognised module its subclass in place (``module.__class__``), so the
+Each peer library has a module here (:mod:`.normflows`, :mod:`.freia`, :mod:`.nflows`) holding, for each layer
+it covers, a subclass of that layer computing the same map through flowkern's fused ops, and a rule saying when
+a module takes it. :func:`accelerate` gives each recognised module its subclass in place (``module.__class__``), so the
 module keeps its very ``Parameter`` and buffer objects, its ``state_dict`` keys, its hooks, its methods and
 ``isinstance``: an optimiser built before keeps working and checkpoints load both ways. A module it does not
 know is not touched; a library that is not installed is not looked for.
@@ -13,7 +14,7 @@ import importlib.util
 from torch import nn
 
 #: the peer libraries looked for: (import name, flowkern module holding its rules)
-LIBRARIES = (("normflows", "normflows"), ("FrEIA", "freia"))
+LIBRARIES = (("normflows", "normflows"), ("FrEIA", "freia"), ("nflows", "nflows"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +32,7 @@ class Report(list):
 
     def __str__(self):
         if not self:
-            return "no module of normflows or FrEIA found"
+            return "no module of normflows, FrEIA or nflows found"
         width = max(len(e.name or "(model)") for e in self)
         lines = [f"{e.name or '(model)':<{width}}  {e.kind}: {'accelerated' if e.accelerated else 'left alone'}"
                  f" ({e.how})" for e in self]
@@ -72,7 +73,7 @@ def _describe(module, rules, accelerated):
 
 
 def accelerate(model: nn.Module, *, report: bool = False) -> nn.Module:
-    """Run every module of ``model`` that flowkern recognises from normflows or FrEIA on flowkern's fused ops,
+    """Run every module of ``model`` that flowkern recognises from normflows, FrEIA or nflows on flowkern's fused ops,
     in place, and return ``model``.
 
     A recognised module is one whose class is exactly one of those listed in ``docs/dropin.md``, in a

@@ -80,7 +80,7 @@ class FlowModel(nn.Module):
         check_count(n, "n", minimum=0)
         temperature = check_temperature(temperature)
         param = next(self.parameters())
-        zs = [temperature * torch.randn(n, *shape, generator=generator, device=param.device, dtype=param.dtype)
+        zs = [torch.normal(0.0, temperature, (n, *shape), generator=generator, device=param.device, dtype=param.dtype)
               for shape in self.latent_shapes()]
         training = self.training
         try:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import functional
 from .._validation import check_choice, check_count
 from ..backends import fastest
 from .actnorm import ActNorm
@@ -99,8 +100,18 @@ class GlowConditioner(nn.Sequential):
         if not (first.folds() and hidden.folds()):
             return "convolutions"
         widths = (first.conv.in_channels, last.in_channels, last.out_channels)
-        return conditioner_form(x, widths, lambda: (*first.folded(), *hidden.folded(), last.weight, last.bias),
-                                self.form, self.MATMUL_DEVICES)
+        return conditioner_form(x, widths, self.folded, self.form, self.MATMUL_DEVICES)
+
+    def folded(self):
+        """``(w1, b1, w2, b2, w3, b3)``: the three convolutions' weights and biases with both ActNorms folded in,
+        by one fused op (:func:`flowkern.functional.fold_actnorms`); in compiled code by the modules' own
+        folds, which inductor fuses with the rest of the graph."""
+        first, hidden, last = self
+        if torch.compiler.is_compiling():
+            return (*first.folded(), *hidden.folded(), last.weight, last.bias)
+        w1, w2 = functional.fold_actnorms(first.conv.weight, first.norm.log_scale, hidden.conv.weight,
+                                          hidden.norm.log_scale)
+        return w1, first.norm.bias, w2, hidden.norm.bias, last.weight, last.bias
 
     def runs_as_one_node(self, x) -> bool:
         """Whether a coupling runs this conditioner inside its one autograd node
@@ -116,11 +127,10 @@ class GlowConditioner(nn.Sequential):
         return first.conv.padding, hidden.conv.padding, last.padding
 
     def forward(self, x):
-        form = self.form_of(x)
-        if form == "matrix products":
-            first, hidden, last = self
-            return glow_conditioner_by_matmul(x, *first.folded(), *hidden.folded(), last.weight, last.bias)
-        return super().forward(form_input(x, form))
+        first, hidden, _ = self
+        if not (first.folds() and hidden.folds()):
+            return super().forward(x)
+        return FORM_FUNCTIONS[self.form_of(x)](x, *self.folded())
 
 
 #: {(device, dtype, input shape, hidden and output widths, records a gradient): (form, {form: seconds})}: what

@@ -4,9 +4,9 @@ The conditioner ``conv3×3 → ActNorm → ReLU → conv1×1 → ActNorm → ReL
 into their convolutions, :class:`~flowkern.nn.conditioners.ConvActNorm`) and the coupling transform with its
 log-det run in one forward, and one hand-written backward computes every gradient: each convolution's input,
 weight and bias gradients in one ``convolution_backward``, each ReLU's in one ``threshold_backward`` on the
-saved post-ReLU activation, each folded ActNorm's two in two ops, and the conditioner's input gradient added
-into the coupling's in place. Autograd through the same modules records each small op of the folds, the channel
-split's zero-padded ``cat`` and the gradient accumulation besides. The coupling transform runs as the active
+saved post-ReLU activation, both folded ActNorms' in one ``fold_actnorms_backward``, and the conditioner's input
+gradient added into the coupling's in place. Autograd through the same modules records the channel split's
+zero-padded ``cat`` and the gradient accumulation besides. The coupling transform runs as the active
 backend's op, and its backward as that backend's ``coupling_backward``.
 
 Under ``torch.autocast`` the conditioner runs in the autocast dtype, as the modules do, and its gradients come
@@ -33,14 +33,12 @@ def _low_precision(device_type):
 
 
 def conditioner_activations(condition, weights, paddings):
-    """The conditioner's forward from its input (N, C_in, H, W): ``(h1, h2, h, scales, folded, operands)``,
-    ``h1, h2`` the post-ReLU hidden activations, ``h`` its output, ``scales`` the ActNorms' ``e^log_scale``,
-    ``folded`` their folded weights and ``operands`` the convolutions' input and weights as they ran (in the
-    autocast dtype under autocast)."""
+    """The conditioner's forward from its input (N, C_in, H, W): ``(h1, h2, h, operands)``, ``h1, h2`` the
+    post-ReLU hidden activations, ``h`` its output and ``operands`` the convolutions' input and weights as they
+    ran (the ActNorms folded in by :func:`flowkern.functional.fold_actnorms`; in the autocast dtype under
+    autocast)."""
     w1, log_scale1, b1, w2, log_scale2, b2, w3, b3 = weights
-    scales = (log_scale1.exp(), log_scale2.exp())
-    folded = (w1 * scales[0].view(-1, 1, 1, 1), w2 * scales[1].view(-1, 1, 1, 1))
-    operands = (condition, *folded, w3, b1, b2, b3)
+    operands = (condition, *functional.fold_actnorms(w1, log_scale1, w2, log_scale2), w3, b1, b2, b3)
     low = _low_precision(condition.device.type)
     if low is not None:
         operands = tuple(t.to(low) for t in operands)
@@ -49,22 +47,12 @@ def conditioner_activations(condition, weights, paddings):
         h1 = F.conv2d(condition, w1f, b1, padding=paddings[0]).relu_()
         h2 = F.conv2d(h1, w2f, b2, padding=paddings[1]).relu_()
         h = F.conv2d(h2, w3, b3, padding=paddings[2])
-    return h1, h2, h, scales, folded, operands[:4]
+    return h1, h2, h, operands[:4]
 
 
 def _convolution_backward(grad, inp, weight, padding, input_needed):
     return torch.ops.aten.convolution_backward(grad, inp, weight, [weight.shape[0]], [1, 1], list(padding), [1, 1],
                                                False, [0, 0], 1, [input_needed, True, True])
-
-
-def _fold_grads(grad_folded, folded, scale, weight, log_scale):
-    """``∂W = ∂W_folded·e^log_scale`` and ``∂log_scale[o] = Σ ∂W_folded[o]·W_folded[o]``, in the parameters'
-    dtypes."""
-    grad_weight = grad_folded * scale.view(-1, 1, 1, 1)
-    out = folded.shape[0]
-    # reshape: the weight gradient of a channels-last convolution is channels-last itself
-    grad_log_scale = torch.bmm(grad_folded.to(folded.dtype).reshape(out, 1, -1), folded.view(out, -1, 1)).view(out)
-    return grad_weight.to(weight.dtype), grad_log_scale.to(log_scale.dtype)
 
 
 class GlowCoupling(torch.autograd.Function):
@@ -89,19 +77,20 @@ class GlowCoupling(torch.autograd.Function):
         if activations is None:
             condition = form_input(coupling_condition(x, coupling.mask, coupling.parity), form)
             activations = conditioner_activations(condition, weights, paddings)
-        h1, h2, h, scales, folded, operands = activations
+        h1, h2, h, operands = activations
         options = coupling._options()
-        # the backend that runs the coupling's forward runs its backward too
+        # the backends that run the coupling's forward and the folds run their backwards too
         ctx.backend = backends.choose("coupling_forward", x, h, *options.values())
+        ctx.fold_backend = backends.choose("fold_actnorms", w1, log_scale1, w2, log_scale2)
         y, logdet = functional.coupling_forward(x, h, **options)
-        ctx.save_for_backward(x, h, h1, h2, *scales, *folded, *operands, *weights)
+        ctx.save_for_backward(x, h, h1, h2, *operands, *weights)
         ctx.coupling, ctx.paddings = coupling, paddings
         return y, logdet
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_logdet):
-        x, h, h1, h2, scale1, scale2, folded1, folded2, condition, w1f, w2f, w3, *weights = ctx.saved_tensors
+        x, h, h1, h2, condition, w1f, w2f, w3, *weights = ctx.saved_tensors
         w1, log_scale1, b1, w2, log_scale2, b2, w3_param, b3 = weights
         coupling = ctx.coupling
         grad_x, grad_h = functional.coupling_backward(grad_y, grad_logdet, x, h, **coupling._options(),
@@ -120,7 +109,7 @@ class GlowCoupling(torch.autograd.Function):
                 grad_x.chunk(2, dim=1)[coupling.parity].add_(grad_condition)
             else:
                 grad_x = grad_x + coupling_condition(grad_condition, coupling.mask, coupling.parity)
-        grad_w1, grad_log_scale1 = _fold_grads(grad_w1f, folded1, scale1, w1, log_scale1)
-        grad_w2, grad_log_scale2 = _fold_grads(grad_w2f, folded2, scale2, w2, log_scale2)
+        grad_w1, grad_log_scale1, grad_w2, grad_log_scale2 = functional.fold_actnorms_backward(
+            grad_w1f, w1, log_scale1, grad_w2f, w2, log_scale2, ctx.fold_backend)
         return (grad_x if need_x else None, grad_w1, grad_log_scale1, grad_b1.to(b1.dtype), grad_w2, grad_log_scale2,
                 grad_b2.to(b2.dtype), grad_w3.to(w3_param.dtype), grad_b3.to(b3.dtype), None, None, None)

@@ -47,7 +47,7 @@ class Split(nn.Module):
         check_module_input(self, z1, "z1")
         if eps.shape[0] != z1.shape[0] or eps.shape[2:] != z1.shape[2:]:
             raise ValueError(f"z1 and eps must share N, H, W, got {tuple(z1.shape)} and {tuple(eps.shape)}")
-        z2, _ = unstandardize(eps, *self._mean_log_std(z1))
+        z2 = unstandardize(eps, *self._mean_log_std(z1))
         return torch.cat([z1, z2], dim=1)
 
     def extra_repr(self):
@@ -74,7 +74,7 @@ class Gaussianize(nn.Module):
     def inverse(self, y):
         check_image(y, "y", self.channels)
         check_module_input(self, y, "y")
-        return unstandardize(y, self.mean, self.log_std)[0]
+        return unstandardize(y, self.mean, self.log_std)
 
     def extra_repr(self):
         return f"{self.channels}"

@@ -17,7 +17,8 @@ Notation, for an input ``x`` of shape (N, C, H, W):
   ``"sigmoid"`` (Glow) ``log s = log sigmoid(raw + 2)``; ``"reciprocal_sigmoid"`` ``log s = −log sigmoid(raw + 2)``
   (normflows' "sigmoid", whose latent → data map divides by the sigmoid); ``"exp"`` (RealNVP)
   ``log s = bound · tanh(raw)``; ``"plain_exp"`` ``log s = raw``; ``"atan"`` (FrEIA's default clamp)
-  ``log s = 0.636 · bound · atan(raw)``, with FrEIA's constant 0.636 for 2/π; ``"additive"`` ``s = 1``.
+  ``log s = 0.636 · bound · atan(raw)``, with FrEIA's constant 0.636 for 2/π; ``"offset_sigmoid"`` (nflows)
+  ``s = sigmoid(raw + 2) + 0.001``; ``"additive"`` ``s = 1``.
 * The log-det is ``Σ log s`` over the transformed elements of each sample, shape (N,), accumulated in
   float32 (float64 for float64 inputs). ``coupling_inverse`` returns the same quantity: the log-det of the
   forward map at the reconstructed ``x``.
@@ -28,9 +29,10 @@ import torch.nn.functional as F
 from ._dtypes import compute_dtype
 
 MASKS = ("channel", "checkerboard")
-SCALES = ("sigmoid", "reciprocal_sigmoid", "exp", "plain_exp", "atan", "additive")
+SCALES = ("sigmoid", "reciprocal_sigmoid", "exp", "plain_exp", "atan", "offset_sigmoid", "additive")
 LAYOUTS = ("halves", "shift_halves", "interleaved")
 ATAN_GAIN = 0.636  # FrEIA's factor before atan: log s stays inside ±0.999·bound
+SIGMOID_OFFSET = 1e-3  # nflows' floor on its sigmoid scale
 
 
 def channel_split_sizes(channels: int, parity: int) -> tuple[int, int]:
@@ -103,6 +105,8 @@ def log_scale(raw: torch.Tensor, scale: str, bound: float) -> torch.Tensor:
         return raw
     if scale == "atan":
         return ATAN_GAIN * bound * torch.atan(raw)
+    if scale == "offset_sigmoid":
+        return torch.log(torch.sigmoid(raw + 2.0) + SIGMOID_OFFSET)
     return bound * torch.tanh(raw)
 
 

@@ -20,11 +20,9 @@ def standardize(z, mean, log_std):
 
 
 def unstandardize(eps, mean, log_std):
-    """The inverse of :func:`standardize`: → (z, logdet (N,) of the forward map)."""
+    """The inverse of :func:`standardize`: (eps, mean, log_std), broadcastable, → z of eps's shape and dtype."""
     ct = compute_dtype(eps.dtype)
-    log_std = log_std.to(ct).expand(eps.shape)
-    z = eps.to(ct) * torch.exp(log_std) + mean.to(ct)
-    return z.to(eps.dtype), -log_std.flatten(1).sum(dim=1)
+    return torch.addcmul(mean.to(ct), eps.to(ct), torch.exp(log_std.to(ct))).to(eps.dtype)
 
 
 def standard_normal_log_prob(z):

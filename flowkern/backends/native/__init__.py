@@ -64,6 +64,16 @@ def folded_lu_weight_inverse(perm, lower, upper, sign, log_s, log_scale, bias):
     return ops.folded_lu_weight_inverse(perm, lower, upper, sign, log_s, log_scale, bias)
 
 
+def fold_actnorms(weight1, log_scale1, weight2, log_scale2):
+    """(weight_i (O_i, ...), log_scale_i (O_i,)) → (W1·e^log_scale1, W2·e^log_scale2), contiguous."""
+    return ops.fold_actnorms(weight1, log_scale1, weight2, log_scale2)
+
+
+def fold_actnorms_backward(grad1, weight1, log_scale1, grad2, weight2, log_scale2):
+    """(∂W1, ∂log_scale1, ∂W2, ∂log_scale2) of :func:`fold_actnorms` from the gradients of its outputs."""
+    return ops.fold_actnorms_backward(grad1, weight1, log_scale1, grad2, weight2, log_scale2)
+
+
 def unsupported(device: torch.device) -> "str | None":
     """Why the extension cannot run ops on ``device``, or ``None`` when it has kernels for it."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
@@ -75,4 +85,5 @@ def unsupported(device: torch.device) -> "str | None":
 
 
 __all__ = ["ops", "PREFIX", "unsupported", "actnorm_forward", "actnorm_inverse", "conv1x1", "coupling_backward",
-           "coupling_forward", "coupling_inverse", "folded_lu_weight", "folded_lu_weight_inverse"]
+           "coupling_forward", "coupling_inverse", "fold_actnorms", "fold_actnorms_backward", "folded_lu_weight",
+           "folded_lu_weight_inverse"]

@@ -13,7 +13,7 @@ from ._common import interpreting
 if not (torch.cuda.is_available() or interpreting()):
     raise RuntimeError("Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 to run them on the CPU")
 
-from . import actnorm, conv1x1, coupling, lu_weight  # noqa: E402
+from . import actnorm, conv1x1, coupling, fold_actnorms, lu_weight  # noqa: E402
 
 PREFIX = "triton_"
 _KERNELS = {  # torch.ops.flowkern.<name>: its launcher
@@ -27,6 +27,8 @@ _KERNELS = {  # torch.ops.flowkern.<name>: its launcher
     "triton_folded_lu_weight": lu_weight.launch_folded_lu_weight,
     "triton_folded_lu_weight_backward": lu_weight.launch_folded_lu_weight_backward,
     "triton_folded_lu_weight_inverse": lu_weight.launch_folded_lu_weight_inverse,
+    "triton_fold_actnorms": fold_actnorms.launch_fold_actnorms,
+    "triton_fold_actnorms_backward": fold_actnorms.launch_fold_actnorms_backward,
 }
 for _name, _launch in _KERNELS.items():
     torch.library.define(f"{NAMESPACE}::{_name}", SCHEMAS[_name.removeprefix(PREFIX)])
@@ -81,6 +83,16 @@ def folded_lu_weight_inverse(perm, lower, upper, sign, log_s, log_scale, bias):
     return ops.folded_lu_weight_inverse(perm, lower, upper, sign, log_s, log_scale, bias)
 
 
+def fold_actnorms(weight1, log_scale1, weight2, log_scale2):
+    """(weight_i (O_i, ...), log_scale_i (O_i,)) → (W1·e^log_scale1, W2·e^log_scale2), contiguous."""
+    return ops.fold_actnorms(weight1, log_scale1, weight2, log_scale2)
+
+
+def fold_actnorms_backward(grad1, weight1, log_scale1, grad2, weight2, log_scale2):
+    """(∂W1, ∂log_scale1, ∂W2, ∂log_scale2) of :func:`fold_actnorms` from the gradients of its outputs."""
+    return ops.fold_actnorms_backward(grad1, weight1, log_scale1, grad2, weight2, log_scale2)
+
+
 def unsupported(device: torch.device) -> "str | None":
     """Why the Triton kernels cannot run on ``device``, or ``None`` when they can."""
     if device.type == "cuda" and torch.cuda.is_available():
@@ -91,4 +103,5 @@ def unsupported(device: torch.device) -> "str | None":
 
 
 __all__ = ["ops", "PREFIX", "unsupported", "actnorm_forward", "actnorm_inverse", "conv1x1", "coupling_backward",
-           "coupling_forward", "coupling_inverse", "folded_lu_weight", "folded_lu_weight_inverse"]
+           "coupling_forward", "coupling_inverse", "fold_actnorms", "fold_actnorms_backward", "folded_lu_weight",
+           "folded_lu_weight_inverse"]

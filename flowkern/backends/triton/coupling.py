@@ -11,10 +11,13 @@ import triton.language as tl
 from ..._validation import check_coupling, check_grad_out
 from ...reference import h_planes, transformed_range
 from ...reference._dtypes import compute_dtype
+from ...reference.coupling import SIGMOID_OFFSET
 from ._common import accumulator, check_launchable, empty, inner_dense, pixel_block, warps_for
 
 _MASK = {"channel": 0, "checkerboard": 1}
-_SCALE = {"sigmoid": 0, "exp": 1, "additive": 2, "reciprocal_sigmoid": 3, "plain_exp": 4, "atan": 5}
+_SIGMOID_OFFSET = tl.constexpr(SIGMOID_OFFSET)
+_SCALE = {"sigmoid": 0, "exp": 1, "additive": 2, "reciprocal_sigmoid": 3, "plain_exp": 4, "atan": 5,
+          "offset_sigmoid": 6}
 
 
 @triton.jit
@@ -99,6 +102,10 @@ def _scale_and_log(raw, bound, SCALE: tl.constexpr):
         z, e, r, sig = _sigmoid_terms(raw)
         logs = _log1p(e) - tl.minimum(z, 0.0)
         s = 1.0 / sig
+    elif SCALE == 6:
+        z, e, r, sig = _sigmoid_terms(raw)
+        s = sig + _SIGMOID_OFFSET
+        logs = tl.log(s)
     else:
         if SCALE == 1:
             logs = bound * _tanh(raw)
@@ -127,6 +134,10 @@ def _scale_and_slope(raw, bound, SCALE: tl.constexpr):
     elif SCALE == 4:
         s = tl.exp(raw)
         dlogs = tl.full(raw.shape, 1.0, raw.dtype)
+    elif SCALE == 6:
+        z, e, r, sig = _sigmoid_terms(raw)
+        s = sig + _SIGMOID_OFFSET
+        dlogs = sig * tl.where(z >= 0, e * r, r) / s
     else:
         s = tl.exp((0.636 * bound) * _atan(raw))
         dlogs = (0.636 * bound) / (1.0 + raw * raw)
