@@ -1,7 +1,8 @@
 """flowkern.accelerate against the real nflows: its affine and additive couplings (every mask the fused coupling
-covers, vectors and images, with a context) and ActNorm, and a whole flow as its documentation builds one, on
-perturbed parameters, both directions, in float64 (outputs and log-dets to 1e-10 relative, parameter gradients to
-1e-8) and float32; checkpoints both ways; what is left alone and why; graph breaks under torch.compile."""
+covers, vectors and images, with a context), ActNorm, LULinear and OneByOneConvolution, and whole flows of them
+(vectors and images), on perturbed parameters, both directions, in float64 (outputs and log-dets to 1e-10
+relative, parameter gradients to 1e-8) and float32; checkpoints both ways; what is left alone and why; graph
+breaks under torch.compile."""
 import pytest
 import torch
 
@@ -16,7 +17,8 @@ from nflows.distributions.normal import StandardNormal  # noqa: E402
 from nflows.flows.base import Flow  # noqa: E402
 from nflows.nn import nets  # noqa: E402
 from nflows.transforms import (ActNorm, AdditiveCouplingTransform, AffineCouplingTransform,  # noqa: E402
-                               CompositeTransform, RandomPermutation)
+                               CompositeTransform, LULinear, OneByOneConvolution, RandomPermutation)
+from nflows.transforms.reshape import SqueezeTransform  # noqa: E402
 from nflows.utils.torchutils import create_alternating_binary_mask, create_mid_split_binary_mask  # noqa: E402
 
 
@@ -85,6 +87,54 @@ def test_nflows_actnorm(shape):
     assert not bool(fresh.initialized) and not fresh.log_scale.any()
 
 
+@pytest.mark.parametrize("identity_init", [True, False])
+def test_nflows_lu_linear_and_one_by_one_convolution(each_backend, identity_init):
+    """W = L·U with nflows' softplus diagonal and its bias, both directions; the 1×1 convolution with its fixed
+    permutation folded into W."""
+    torch.manual_seed(0)
+    for module, shape in ((LULinear(7, identity_init=identity_init), (5, 7)),
+                          (OneByOneConvolution(6, identity_init=identity_init), (3, 6, 4, 5))):
+        original, accelerated = accelerated_copy(perturb(module.double()))
+        assert_accelerated(accelerated, 1)
+        x = torch.randn(*shape, dtype=torch.float64)
+        for call in calls():
+            assert_same_map(original, accelerated, call, [x])
+        assert list(accelerated.state_dict()) == list(original.state_dict())
+
+
+def test_nflows_lu_linear_over_images_runs_its_own_code():
+    """nflows' LULinear mixes the last dimension of a 4-D input (F.linear) and cannot invert one: that stays
+    nflows' code, errors included."""
+    torch.manual_seed(0)
+    original, accelerated = accelerated_copy(perturb(LULinear(5).double()))
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    assert_same_map(original, accelerated, lambda m, v: m(v), [x])
+    for module in (original, accelerated):
+        with pytest.raises(RuntimeError, match="t\\(\\) expects a tensor with <= 2 dimensions"):
+            module.inverse(x)
+
+
+def _nflows_image_flow(channels=3, size=8, steps=2):
+    """A Glow-like flow of nflows' layers: squeeze, then ActNorm, 1×1 convolution and affine coupling steps."""
+    transforms, c = [SqueezeTransform()], channels * 4
+    for i in range(steps):
+        mask = create_mid_split_binary_mask(c)
+        transforms += [ActNorm(c), OneByOneConvolution(c),
+                       AffineCouplingTransform(mask if i % 2 == 0 else 1 - mask, transform_net(True))]
+    return Flow(CompositeTransform(transforms), StandardNormal([c, size // 2, size // 2]))
+
+
+def test_nflows_image_flow():
+    torch.manual_seed(0)
+    flow = _nflows_image_flow().double()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    flow.log_prob(x)  # ActNorm's initialisation
+    original, accelerated = accelerated_copy(perturb(flow))
+    assert_accelerated(accelerated, 6)
+    assert_same_map(original, accelerated, lambda m, v: m.log_prob(v), [x])
+    original.load_state_dict(accelerated.state_dict())
+
+
 def _nflows_flow(features=6, layers=3):
     """A RealNVP-style flow as nflows' README builds one, with ActNorm between its couplings."""
     transforms = []
@@ -141,10 +191,11 @@ def test_nflows_left_alone_with_reasons():
         assert type(module) is AffineCouplingTransform
 
 
-def test_accelerated_nflows_flow_compiles_without_graph_breaks():
+@pytest.mark.parametrize("build,shape", [(_nflows_flow, (8, 6)), (_nflows_image_flow, (4, 3, 8, 8))])
+def test_accelerated_nflows_flow_compiles_without_graph_breaks(build, shape):
     torch.manual_seed(0)
-    flow = _nflows_flow()
-    x = torch.randn(8, 6)
+    flow = build()
+    x = torch.randn(*shape)
     flow.log_prob(x)
     original, accelerated = accelerated_copy(perturb(flow))
     breaks = {name: torch._dynamo.explain(lambda v, m=m: m.log_prob(v))(x).graph_break_count

@@ -1,14 +1,17 @@
-"""nflows' couplings and ActNorm on flowkern's ops.
+"""nflows' couplings, ActNorm, LU linear map and 1×1 convolution on flowkern's ops.
 
 nflows' ``forward(inputs, context=None)`` maps data → noise and ``inverse`` noise → data, each returning
 ``(outputs, logabsdet (N,))`` of the direction called; those conventions are kept. In flowkern's terms its
 affine coupling is ``coupling_forward`` / ``coupling_inverse`` over ``h = [shift | raw]`` (``"shift_halves"``)
 with the scale ``sigmoid(raw + 2) + 1e-3`` (``"offset_sigmoid"``), its additive coupling the ``"additive"``
 scale over ``h = shift``; a mask that transforms the first ⌈D/2⌉ features is the channel mask's parity 1, one
-that transforms the rest its parity 0. Inputs are (N, D) vectors or (N, C, H, W) images, as in nflows.
+that transforms the rest its parity 0. Its LU parametrisation (a softplus diagonal, the bias after the product)
+is assembled in the layer and run by ``folded_lu_weight``, ``folded_lu_weight_inverse`` and ``conv1x1``.
+Inputs are (N, D) vectors or (N, C, H, W) images, as in nflows.
 """
 import torch
-from nflows.transforms import coupling, normalization
+import torch.nn.functional as F
+from nflows.transforms import conv, coupling, lu, normalization
 
 from .. import functional
 from ..nn.actnorm import BufferFlag
@@ -135,7 +138,95 @@ def _actnorm(module):
     return ActNorm, ActNorm.flowkern_runs(module)
 
 
+class LULinear(lu.LULinear):
+    """``nflows.transforms.LULinear`` over (N, D) vectors by the fused 1×1 convolution of (N, D, 1, 1) (other
+    ranks, which nflows mixes along their last dimension, run nflows' own code): ``W = L·U`` with
+    nflows' parametrisation (unit lower ``L``, upper ``U`` with diagonal ``softplus(u) + eps``) assembled by
+    ``folded_lu_weight`` (no permutation, ``log_s = log(softplus(u) + eps)``), the bias added after; ``inverse``
+    by ``folded_lu_weight_inverse``, no triangular solve over the data. Log-det ``±Σ log(softplus(u) + eps)``
+    per sample. nflows' weight cache (``using_cache``) is not needed: the weight costs one op."""
+
+    def flowkern_adopt(self):
+        d, like = self.features, self.bias
+        below = torch.ones(d, d, dtype=torch.bool, device=like.device).tril(-1)
+        constants = {"below": below, "above": below.t().contiguous(), "identity": torch.eye(d).to(like),
+                     "zeros": torch.zeros(d).to(like), "ones": torch.ones(d).to(like)}
+        for name, t in constants.items():  # non-persistent: the checkpoint keys stay nflows'
+            self.register_buffer(f"_flowkern_{name}", t, persistent=False)
+
+    def flowkern_runs(self):
+        return "the fused 1×1 convolution; W from its LU factors in one op, W⁻¹ by triangular substitutions"
+
+    def _factors(self):
+        """The arguments of ``folded_lu_weight``: nflows' entries in row-major order, as it places them."""
+        identity, zeros = self._flowkern_identity, self._flowkern_zeros
+        lower = identity.masked_scatter(self._flowkern_below, self.lower_entries)  # their diagonals are not read
+        upper = identity.masked_scatter(self._flowkern_above, self.upper_entries)
+        log_s = torch.log(F.softplus(self.unconstrained_upper_diag) + self.eps)
+        return identity, lower, upper, self._flowkern_ones, log_s, zeros, zeros
+
+    def _weight(self, inverse):
+        """(W or W⁻¹ (D, D), the log-det of the forward map per position (0-d))."""
+        factors = self._factors()
+        if inverse:
+            return functional.folded_lu_weight_inverse(*factors)[0], factors[4].sum()
+        weight, _, per_pixel = functional.folded_lu_weight(*factors)
+        return weight, per_pixel
+
+    def _map(self, inputs, inverse, weight, per_pixel):
+        image = as_image(inputs)
+        if inverse:
+            out = functional.conv1x1(image, weight, -(weight @ self.bias))
+        else:
+            out = functional.conv1x1(image, weight, self.bias)
+        logdet = (per_pixel * (image.shape[2] * image.shape[3])).expand(image.shape[0])
+        return like(out, inputs), -logdet if inverse else logdet
+
+    def forward(self, inputs, context=None):
+        if inputs.dim() != 2:  # nflows' F.linear then mixes the last dimension: its own code runs
+            return super().forward(inputs, context)
+        return self._map(inputs, False, *self._weight(inverse=False))
+
+    def inverse(self, inputs, context=None):
+        if inputs.dim() != 2:
+            return super().inverse(inputs, context)
+        return self._map(inputs, True, *self._weight(inverse=True))
+
+
+class OneByOneConvolution(LULinear, conv.OneByOneConvolution):
+    """``nflows.transforms.OneByOneConvolution``: its fixed channel permutation folded into the LU weight
+    (``W·P``, and ``P⁻¹·W⁻¹`` for the inverse, each one ``index_copy``) and the whole map one fused 1×1
+    convolution per pixel, as :class:`LULinear`."""
+
+    def _weight(self, inverse):
+        weight, per_pixel = super()._weight(inverse)
+        permutation = self.permutation._permutation  # the input's channel i is channel permutation[i] of x
+        return torch.empty_like(weight).index_copy_(0 if inverse else 1, permutation, weight), per_pixel
+
+    def forward(self, inputs, context=None):
+        if inputs.dim() != 4:
+            raise ValueError("Inputs must be a 4D tensor.")
+        return self._map(inputs, False, *self._weight(inverse=False))
+
+    def inverse(self, inputs, context=None):
+        if inputs.dim() != 4:
+            raise ValueError("Inputs must be a 4D tensor.")
+        return self._map(inputs, True, *self._weight(inverse=True))
+
+
+@rule(LULinear)
+def _lu_linear(module):
+    return LULinear, LULinear.flowkern_runs(module)
+
+
+@rule(OneByOneConvolution)
+def _one_by_one(module):
+    return OneByOneConvolution, OneByOneConvolution.flowkern_runs(module)
+
+
 RULES = {
+    lu.LULinear: _lu_linear,
+    conv.OneByOneConvolution: _one_by_one,
     normalization.ActNorm: _actnorm,
     coupling.AffineCouplingTransform: _coupling_rule(AffineCouplingTransform),
     coupling.AdditiveCouplingTransform: _coupling_rule(AdditiveCouplingTransform),
