@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <iterator>
+#include <string>
 #include <utility>
+#include <vector>
 
 namespace flowkern {
 
@@ -137,11 +139,15 @@ CouplingOptions coupling_options(const at::Tensor& x, const at::Tensor& h, c10::
   check_image(h, "h", op);
   TORCH_CHECK(h.device() == x.device(), op, ": expected h on ", x.device(), ", got ", h.device());
   const at::ScalarType xt = x.scalar_type(), ht = h.scalar_type();
-  const bool lower = (xt == at::kFloat && (ht == at::kHalf || ht == at::kBFloat16)) ||
-                     (xt == at::kDouble && (ht == at::kFloat || ht == at::kHalf || ht == at::kBFloat16));
-  TORCH_CHECK(ht == xt || lower, op, ": expected h of dtype ", xt,
-              xt == at::kFloat ? ", Half or BFloat16" : xt == at::kDouble ? ", Float, Half or BFloat16" : "",
-              " for an input of dtype ", xt, ", got ", ht);
+  if (!reads_h_type(xt, ht)) {  // "Float, Half or BFloat16": x's dtype, then the lower ones it reads
+    std::vector<std::string> allowed{c10::toString(xt)};
+    for (const at::ScalarType t : {at::kFloat, at::kHalf, at::kBFloat16}) {
+      if (t != xt && reads_h_type(xt, t)) allowed.emplace_back(c10::toString(t));
+    }
+    std::string list = allowed[0];
+    for (size_t i = 1; i < allowed.size(); ++i) list += (i + 1 == allowed.size() ? " or " : ", ") + allowed[i];
+    TORCH_CHECK(false, op, ": expected h of dtype ", list, " for an input of dtype ", xt, ", got ", ht);
+  }
   TORCH_CHECK(mask == "channel" || mask == "checkerboard", op, ": mask must be 'channel' or 'checkerboard', got '",
               std::string(mask), "'");
   TORCH_CHECK(parity == 0 || parity == 1, op, ": parity must be 0 or 1, got ", parity);

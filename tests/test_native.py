@@ -70,6 +70,24 @@ def test_bad_input_raises_a_clear_error(native, call, message):
         call(native.ops)
 
 
+def test_the_h_dtypes_the_kernels_read_are_those_python_allows(native):
+    """The C++ list of h dtypes (reads_h_type in csrc/flowkern/checks.h) and Python's (LOWER_PRECISION) agree."""
+    from flowkern.reference._dtypes import LOWER_PRECISION
+
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    for x_dtype in dtypes:
+        for h_dtype in dtypes:
+            x, h = torch.randn(1, 4, 2, 2).to(x_dtype), torch.randn(1, 4, 2, 2).to(h_dtype)
+            allowed = h_dtype == x_dtype or h_dtype in LOWER_PRECISION.get(x_dtype, ())
+            try:
+                native.ops.coupling_forward(x, h, "channel", 0, "sigmoid", 2.0, "halves")
+                accepted = True
+            except RuntimeError as error:
+                assert "expected h of dtype" in str(error)
+                accepted = False
+            assert accepted == allowed, (x_dtype, h_dtype)
+
+
 SHAPES = [(1, 1, 1), (3, 5, 7 * 9), (64, 12, 64 * 64), (64, 48, 32 * 32), (2, 384, 16 * 16), (70000, 3, 2)]
 
 

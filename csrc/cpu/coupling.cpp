@@ -70,6 +70,46 @@ acc_t transform_checkerboard_plane(const scalar_t* x, const h_t* raw, const h_t*
   return total;
 }
 
+// The coupling over every (sample, channel) plane, planes in parallel; then each sample's log-det from its
+// transformed planes' sums, in channel order.
+template <Scale S, bool Inverse, typename scalar_t, typename h_t>
+void couple_planes(const at::Tensor& x, const at::Tensor& h, const CouplingOptions& o, at::Tensor& out,
+                   at::Tensor& partial, at::Tensor& logdet) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = x.size(0), c = x.size(1), height = x.size(2), width = x.size(3), hw = height * width;
+  const CouplingChannels ch = o.channels;
+  const acc_t bound = static_cast<acc_t>(o.bound);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const h_t* hp = h.const_data_ptr<h_t>();
+  scalar_t* op_out = out.mutable_data_ptr<scalar_t>();
+  acc_t* part = partial.mutable_data_ptr<acc_t>();
+  const int64_t xsn = x.stride(0), xsc = x.stride(1), hsn = h.stride(0), hsc = h.stride(1);
+  at::parallel_for(0, n * c, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t s = row / c, k_all = row % c;
+      const scalar_t* x_row = xp + s * xsn + k_all * xsc;
+      scalar_t* out_row = op_out + row * hw;
+      const int64_t k = k_all - ch.t_start;
+      if (k < 0 || k >= ch.n_t) {  // pass-through channel
+        std::copy(x_row, x_row + hw, out_row);
+        continue;
+      }
+      const h_t* raw = hp + s * hsn + ch.raw_plane(k) * hsc;
+      const h_t* shift = hp + s * hsn + ch.shift_plane(k) * hsc;
+      part[s * ch.n_t + k] =
+          o.checkerboard
+              ? transform_checkerboard_plane<S, Inverse>(x_row, raw, shift, out_row, height, width, o.parity, bound)
+              : transform_plane<S, Inverse>(x_row, raw, shift, out_row, hw, bound);
+    }
+  });
+  acc_t* ld = logdet.mutable_data_ptr<acc_t>();
+  for (int64_t s = 0; s < n; ++s) {
+    acc_t total = 0;
+    for (int64_t k = 0; k < ch.n_t; ++k) total += part[s * ch.n_t + k];
+    ld[s] = total;
+  }
+}
+
 template <bool Inverse>
 std::tuple<at::Tensor, at::Tensor> coupling_cpu(const at::Tensor& x_in, const at::Tensor& h_in,
                                                 c10::string_view mask, int64_t parity, c10::string_view scale,
@@ -77,52 +117,14 @@ std::tuple<at::Tensor, at::Tensor> coupling_cpu(const at::Tensor& x_in, const at
   const char* op = Inverse ? "flowkern::coupling_inverse" : "flowkern::coupling_forward";
   const CouplingOptions o = coupling_options(x_in, h_in, mask, parity, scale, bound, layout, op);
   const at::Tensor x = inner_dense(x_in), h = inner_dense(h_in);
-  const int64_t n = x.size(0), c = x.size(1), height = x.size(2), width = x.size(3), hw = height * width;
-  const CouplingChannels ch = o.channels;
-  at::Tensor out = at::empty({n, c, height, width}, x.options());
   const auto acc_dtype = at::toOpMathType(x.scalar_type());
-  at::Tensor partial = at::empty({n, ch.n_t}, x.options().dtype(acc_dtype));
-  at::Tensor logdet = at::empty({n}, x.options().dtype(acc_dtype));
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_cpu", [&] {
-    dispatch_h_type<scalar_t>(h.scalar_type(), [&](auto h_value) {
-      using h_t = decltype(h_value);
-      using acc_t = at::opmath_type<scalar_t>;
-      const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      const h_t* hp = h.const_data_ptr<h_t>();
-      scalar_t* op_out = out.mutable_data_ptr<scalar_t>();
-      acc_t* part = partial.mutable_data_ptr<acc_t>();
-      const int64_t xsn = x.stride(0), xsc = x.stride(1), hsn = h.stride(0), hsc = h.stride(1);
-      dispatch_scale(o.scale, [&](auto scale_constant) {
-        constexpr Scale S = decltype(scale_constant)::value;
-        at::parallel_for(0, n * c, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t row = begin; row < end; ++row) {
-            const int64_t s = row / c, k_all = row % c;
-            const scalar_t* x_row = xp + s * xsn + k_all * xsc;
-            scalar_t* out_row = op_out + row * hw;
-            const int64_t k = k_all - ch.t_start;
-            if (k < 0 || k >= ch.n_t) {  // pass-through channel
-              std::copy(x_row, x_row + hw, out_row);
-              continue;
-            }
-            const h_t* raw = hp + s * hsn + ch.raw_plane(k) * hsc;
-            const h_t* shift = hp + s * hsn + ch.shift_plane(k) * hsc;
-            part[s * ch.n_t + k] =
-                o.checkerboard
-                    ? transform_checkerboard_plane<S, Inverse>(x_row, raw, shift, out_row, height, width, parity,
-                                                               acc_t(bound))
-                    : transform_plane<S, Inverse>(x_row, raw, shift, out_row, hw, acc_t(bound));
-          }
-        });
-      });
-      acc_t* ld = logdet.mutable_data_ptr<acc_t>();
-      for (int64_t s = 0; s < n; ++s) {
-        acc_t total = 0;
-        for (int64_t k = 0; k < ch.n_t; ++k) total += part[s * ch.n_t + k];
-        ld[s] = total;
-      }
-    });
-  });
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor partial = at::empty({x.size(0), o.channels.n_t}, x.options().dtype(acc_dtype));
+  at::Tensor logdet = at::empty({x.size(0)}, x.options().dtype(acc_dtype));
+  dispatch_coupling(x.scalar_type(), h.scalar_type(), o.scale, Inverse,
+                    [&]<Scale S, bool Inv, typename scalar_t, typename h_t>() {
+                      couple_planes<S, Inv, scalar_t, h_t>(x, h, o, out, partial, logdet);
+                    });
   return {out, logdet};
 }
 
@@ -163,6 +165,35 @@ void backward_plane(const scalar_t* g, acc_t gld, const scalar_t* v, const h_t* 
   }
 }
 
+// The gradients over every (sample, channel) plane, planes in parallel: a pass-through plane's ∂in is g.
+template <Scale S, bool Inverse, typename scalar_t, typename h_t>
+void couple_planes_backward(const at::Tensor& g, const at::Tensor& gld, const at::Tensor& v, const at::Tensor& h,
+                            const CouplingOptions& o, at::Tensor& grad_in, at::Tensor& grad_h) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = v.size(0), c = v.size(1), height = v.size(2), width = v.size(3), hw = height * width;
+  const int64_t h_channels = h.size(1);
+  const CouplingChannels ch = o.channels;
+  const acc_t* gldp = gld.const_data_ptr<acc_t>();
+  const scalar_t *gp = g.const_data_ptr<scalar_t>(), *vp = v.const_data_ptr<scalar_t>();
+  const h_t* hp = h.const_data_ptr<h_t>();
+  scalar_t* gin = grad_in.mutable_data_ptr<scalar_t>();
+  h_t* gh = grad_h.mutable_data_ptr<h_t>();
+  at::parallel_for(0, n * c, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t s = row / c, k = row % c - ch.t_start;
+      if (k < 0 || k >= ch.n_t) {
+        std::copy(gp + row * hw, gp + (row + 1) * hw, gin + row * hw);
+        continue;
+      }
+      const int64_t raw_row = (s * h_channels + ch.raw_plane(k)) * hw;
+      const int64_t shift_row = (s * h_channels + ch.shift_plane(k)) * hw;
+      backward_plane<S, Inverse>(gp + row * hw, gldp[s], vp + row * hw, hp + raw_row, hp + shift_row, gin + row * hw,
+                                 gh + raw_row, gh + shift_row, height, width, o.checkerboard, o.parity,
+                                 static_cast<acc_t>(o.bound));
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> coupling_backward_cpu(const at::Tensor& grad_out_in,
                                                          const at::Tensor& grad_logdet, const at::Tensor& input_in,
                                                          const at::Tensor& h_in, c10::string_view mask,
@@ -172,46 +203,14 @@ std::tuple<at::Tensor, at::Tensor> coupling_backward_cpu(const at::Tensor& grad_
   const CouplingOptions o = coupling_options(input_in, h_in, mask, parity, scale, bound, layout, op);
   check_grad_out(grad_out_in, input_in, op);
   check_vector(grad_logdet, input_in.size(0), input_in, "grad_logdet", op);
-  const at::Tensor g = grad_out_in.contiguous(), v = input_in.contiguous();
-  const at::Tensor h = h_in.contiguous();
-  const int64_t n = v.size(0), c = v.size(1), height = v.size(2), width = v.size(3), hw = height * width;
-  const CouplingChannels ch = o.channels;
+  const at::Tensor g = grad_out_in.contiguous(), v = input_in.contiguous(), h = h_in.contiguous();
+  const at::Tensor gld = grad_logdet.to(at::toOpMathType(v.scalar_type())).contiguous();
   at::Tensor grad_in = at::empty_like(v, at::MemoryFormat::Contiguous);
   at::Tensor grad_h = at::empty_like(h, at::MemoryFormat::Contiguous);
-  const int64_t h_channels = h.size(1);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "coupling_backward_cpu", [&] {
-    dispatch_h_type<scalar_t>(h.scalar_type(), [&](auto h_value) {
-      using h_t = decltype(h_value);
-      using acc_t = at::opmath_type<scalar_t>;
-      const at::Tensor gld = grad_logdet.to(at::toOpMathType(v.scalar_type())).contiguous();
-      const acc_t* gldp = gld.const_data_ptr<acc_t>();
-      const scalar_t *gp = g.const_data_ptr<scalar_t>(), *vp = v.const_data_ptr<scalar_t>();
-      const h_t* hp = h.const_data_ptr<h_t>();
-      scalar_t* gin = grad_in.mutable_data_ptr<scalar_t>();
-      h_t* gh = grad_h.mutable_data_ptr<h_t>();
-      dispatch_scale(o.scale, [&](auto scale_constant) {
-        constexpr Scale S = decltype(scale_constant)::value;
-        dispatch_bool(inverse, [&](auto inverse_constant) {
-          constexpr bool Inverse = decltype(inverse_constant)::value;
-          at::parallel_for(0, n * c, 1, [&](int64_t begin, int64_t end) {
-            for (int64_t row = begin; row < end; ++row) {
-              const int64_t s = row / c, k = row % c - ch.t_start;
-              if (k < 0 || k >= ch.n_t) {
-                std::copy(gp + row * hw, gp + (row + 1) * hw, gin + row * hw);
-                continue;
-              }
-              const int64_t raw_row = (s * h_channels + ch.raw_plane(k)) * hw;
-              const int64_t shift_row = (s * h_channels + ch.shift_plane(k)) * hw;
-              backward_plane<S, Inverse>(gp + row * hw, gldp[s], vp + row * hw, hp + raw_row, hp + shift_row,
-                                         gin + row * hw, gh + raw_row, gh + shift_row, height, width, o.checkerboard,
-                                         parity, acc_t(bound));
-            }
-          });
-        });
-      });
-    });
-  });
+  dispatch_coupling(v.scalar_type(), h.scalar_type(), o.scale, inverse,
+                    [&]<Scale S, bool Inverse, typename scalar_t, typename h_t>() {
+                      couple_planes_backward<S, Inverse, scalar_t, h_t>(g, gld, v, h, o, grad_in, grad_h);
+                    });
   return {grad_in, grad_h};
 }
 

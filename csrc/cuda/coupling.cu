@@ -149,21 +149,16 @@ std::tuple<at::Tensor, at::Tensor> coupling_cuda(const at::Tensor& x_in, const a
   const launch::Launch shape = launch::coupling(n, c, hw);
   const dim3 blocks = checked_grid(shape, op);
   at::Tensor partial = at::empty({shape.grid_x}, logdet.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_cuda", [&] {
-    dispatch_h_type<scalar_t>(h.scalar_type(), [&](auto h_value) {
-      using h_t = decltype(h_value);
-      using acc_t = at::opmath_type<scalar_t>;
-      dispatch_scale(o.scale, [&](auto scale_constant) {
-        constexpr Scale S = decltype(scale_constant)::value;
-        coupling_kernel<S, Inverse, scalar_t, h_t, acc_t><<<blocks, kThreads, 0, stream()>>>(
-            x.const_data_ptr<scalar_t>(), h.const_data_ptr<h_t>(), out.mutable_data_ptr<scalar_t>(),
-            partial.mutable_data_ptr<acc_t>(), c, hw, static_cast<int>(width), tiles_per_plane(hw), x.stride(0),
-            x.stride(1), h.stride(0), h.stride(1), o.channels, o.checkerboard, parity, static_cast<acc_t>(bound));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-      sum_partials(Partials<acc_t>{partial.const_data_ptr<acc_t>(), logdet.mutable_data_ptr<acc_t>(), n, 1,
-                                   c * tiles_per_plane(hw)});
-    });
+  dispatch_coupling(x.scalar_type(), h.scalar_type(), o.scale, Inverse,
+                    [&]<Scale S, bool Inv, typename scalar_t, typename h_t>() {
+    using acc_t = at::opmath_type<scalar_t>;
+    coupling_kernel<S, Inv, scalar_t, h_t, acc_t><<<blocks, kThreads, 0, stream()>>>(
+        x.const_data_ptr<scalar_t>(), h.const_data_ptr<h_t>(), out.mutable_data_ptr<scalar_t>(),
+        partial.mutable_data_ptr<acc_t>(), c, hw, static_cast<int>(width), tiles_per_plane(hw), x.stride(0),
+        x.stride(1), h.stride(0), h.stride(1), o.channels, o.checkerboard, parity, static_cast<acc_t>(bound));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sum_partials(Partials<acc_t>{partial.const_data_ptr<acc_t>(), logdet.mutable_data_ptr<acc_t>(), n, 1,
+                                 c * tiles_per_plane(hw)});
   });
   return {out, logdet};
 }
@@ -185,23 +180,15 @@ std::tuple<at::Tensor, at::Tensor> coupling_backward_cuda(const at::Tensor& grad
   check_plane(hw, op);
   const dim3 blocks = checked_grid(launch::coupling(n, c, hw), op);
   const at::Tensor gld = grad_logdet.to(at::toOpMathType(v.scalar_type())).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "coupling_backward_cuda", [&] {
-    dispatch_h_type<scalar_t>(h.scalar_type(), [&](auto h_value) {
-      using h_t = decltype(h_value);
-      using acc_t = at::opmath_type<scalar_t>;
-      dispatch_scale(o.scale, [&](auto scale_constant) {
-        constexpr Scale S = decltype(scale_constant)::value;
-        dispatch_bool(inverse, [&](auto inverse_constant) {
-          constexpr bool Inverse = decltype(inverse_constant)::value;
-          coupling_backward_kernel<S, Inverse, scalar_t, h_t, acc_t><<<blocks, kThreads, 0, stream()>>>(
-              g.const_data_ptr<scalar_t>(), gld.const_data_ptr<acc_t>(), v.const_data_ptr<scalar_t>(),
-              h.const_data_ptr<h_t>(), grad_in.mutable_data_ptr<scalar_t>(), grad_h.mutable_data_ptr<h_t>(), c,
-              h.size(1), hw, static_cast<int>(width), tiles_per_plane(hw), o.channels, o.checkerboard, parity,
-              static_cast<acc_t>(bound));
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-      });
-    });
+  dispatch_coupling(v.scalar_type(), h.scalar_type(), o.scale, inverse,
+                    [&]<Scale S, bool Inverse, typename scalar_t, typename h_t>() {
+    using acc_t = at::opmath_type<scalar_t>;
+    coupling_backward_kernel<S, Inverse, scalar_t, h_t, acc_t><<<blocks, kThreads, 0, stream()>>>(
+        g.const_data_ptr<scalar_t>(), gld.const_data_ptr<acc_t>(), v.const_data_ptr<scalar_t>(),
+        h.const_data_ptr<h_t>(), grad_in.mutable_data_ptr<scalar_t>(), grad_h.mutable_data_ptr<h_t>(), c, h.size(1),
+        hw, static_cast<int>(width), tiles_per_plane(hw), o.channels, o.checkerboard, parity,
+        static_cast<acc_t>(bound));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_in, grad_h};
 }

@@ -1,6 +1,7 @@
 // Argument checks and small helpers shared by every kernel file (host code only).
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
@@ -67,21 +68,32 @@ void dispatch_scale(Scale scale, F&& f) {
   }
 }
 
-// Calls f with a value of h's element type, for the h dtypes a coupling over x of type scalar_t takes: its own,
-// or a lower precision (float32 x: float16, bfloat16; float64 x: float32, float16, bfloat16). The kernels
-// read such an h directly and do their arithmetic in x's math type; ∂h is written in h's dtype.
+// Whether a coupling over x of dtype x_type reads h of dtype h_type: its own, or a lower precision (float32 x:
+// float16, bfloat16; float64 x: float32, float16, bfloat16), as a conditioner under autocast gives it. The one
+// list of the h dtypes: coupling_options checks it, dispatch_h_type instantiates it (the Python side's is
+// flowkern/reference/_dtypes.py LOWER_PRECISION; tests/test_native.py checks that the two agree).
+constexpr bool reads_h_type(at::ScalarType x_type, at::ScalarType h_type) {
+  const bool lower = h_type == at::kHalf || h_type == at::kBFloat16;
+  return h_type == x_type || (x_type == at::kFloat && lower) ||
+         (x_type == at::kDouble && (lower || h_type == at::kFloat));
+}
+
+// Calls f with a value of h's element type, for the h dtypes reads_h_type allows beside x of type scalar_t. The
+// kernels read such an h directly and do their arithmetic in x's math type; ∂h is written in h's dtype.
 template <typename scalar_t, typename F>
 void dispatch_h_type(at::ScalarType h_type, F&& f) {
-  if (h_type == c10::CppTypeToScalarType<scalar_t>::value) return f(scalar_t{});
-  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+  constexpr at::ScalarType x_type = c10::CppTypeToScalarType<scalar_t>::value;
+  if (h_type == x_type) return f(scalar_t{});
+  if constexpr (reads_h_type(x_type, at::kHalf)) {
     if (h_type == at::kHalf) return f(c10::Half{});
+  }
+  if constexpr (reads_h_type(x_type, at::kBFloat16)) {
     if (h_type == at::kBFloat16) return f(c10::BFloat16{});
   }
-  if constexpr (std::is_same_v<scalar_t, double>) {
+  if constexpr (reads_h_type(x_type, at::kFloat)) {
     if (h_type == at::kFloat) return f(float{});
   }
-  TORCH_CHECK(false, "flowkern: unchecked h dtype ", h_type, " for x of dtype ",
-              c10::CppTypeToScalarType<scalar_t>::value);
+  TORCH_CHECK(false, "flowkern: unchecked h dtype ", h_type, " for x of dtype ", x_type);
 }
 
 template <typename F>
@@ -91,6 +103,21 @@ void dispatch_bool(bool value, F&& f) {
   } else {
     f(std::false_type{});
   }
+}
+
+// Calls f.template operator()<S, Inverse, scalar_t, h_t>() with x's and h's element types, the scale and the
+// direction as compile-time constants, so that a launcher is one call of a template lambda naming its kernel.
+template <typename F>
+void dispatch_coupling(at::ScalarType x_type, at::ScalarType h_type, Scale scale, bool inverse, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_type, "flowkern_coupling", [&] {
+    dispatch_h_type<scalar_t>(h_type, [&](auto h_value) {
+      dispatch_scale(scale, [&](auto s) {
+        dispatch_bool(inverse, [&](auto i) {
+          f.template operator()<decltype(s)::value, decltype(i)::value, scalar_t, decltype(h_value)>();
+        });
+      });
+    });
+  });
 }
 
 }  // namespace flowkern
