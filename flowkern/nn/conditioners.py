@@ -113,13 +113,16 @@ class GlowConditioner(nn.Sequential):
                                           hidden.norm.log_scale)
         return w1, first.norm.bias, w2, hidden.norm.bias, last.weight, last.bias
 
-    def runs_as_one_node(self, x) -> bool:
-        """Whether a coupling runs this conditioner inside its one autograd node
-        (:class:`~flowkern.nn.glow_coupling.GlowCoupling`): with both ActNorms folded, in eager code, where
-        convolutions are taken (on the CPU's matrix-product path autograd keeps its ops)."""
+    def one_node_form(self, x) -> "str | None":
+        """The form (:meth:`form_of`) a coupling runs this conditioner in inside its one autograd node
+        (:class:`~flowkern.nn.glow_coupling.GlowCoupling`), or None where it does not: the node takes it with both
+        ActNorms folded, in eager code, where convolutions are taken (on the CPU's matrix-product path autograd
+        keeps its ops)."""
         first, hidden, _ = self
-        return (first.folds() and hidden.folds() and not torch.compiler.is_compiling()
-                and self.form_of(x) != "matrix products")
+        if not (first.folds() and hidden.folds()) or torch.compiler.is_compiling():
+            return None
+        form = self.form_of(x)
+        return None if form == "matrix products" else form
 
     def paddings(self):
         """The three convolutions' paddings."""

@@ -57,17 +57,19 @@ class AffineCoupling(nn.Module):
     def _options(self):
         return dict(mask=self.mask, parity=self.parity, scale=self.scale, bound=self.bound, layout=self.layout)
 
-    def _one_node(self, x):
-        """Whether this call runs as one :class:`~flowkern.nn.glow_coupling.GlowCoupling` node: a default
-        conditioner that folds, a gradient to record and a fused backend (the reference backend keeps the
-        composition of plain ops, the node's specification)."""
-        return (isinstance(self.conditioner, GlowConditioner) and torch.is_grad_enabled()
-                and get_backend() != "reference" and self.conditioner.runs_as_one_node(x))
+    def _one_node_form(self, x):
+        """The conditioner's form where this call runs as one :class:`~flowkern.nn.glow_coupling.GlowCoupling`
+        node (a default conditioner that folds, a gradient to record and a fused backend: the reference backend
+        keeps the composition of plain ops, the node's specification), else None."""
+        if (isinstance(self.conditioner, GlowConditioner) and torch.is_grad_enabled()
+                and get_backend() != "reference"):
+            return self.conditioner.one_node_form(x)
+        return None
 
     def forward(self, x):
-        if self._one_node(x):
+        form = self._one_node_form(x)
+        if form is not None:
             check_layer_input(self, x, "x")
-            form = self.conditioner.form_of(x)
             return GlowCoupling.apply(x, *conditioner_weights(self.conditioner), self, None, form)
         return functional.coupling_forward(x, self._conditioner_output(x, "x"), **self._options())
 
@@ -92,10 +94,10 @@ class AffineCoupling(nn.Module):
         is computed from ``leaf`` (``y`` as a new leaf of the graph, sharing its memory), and ``leaf + (x − y)``
         carries ``x``'s values with an identity Jacobian into the transform.
         """
-        if self._one_node(y):  # the conditioner runs once, to invert; the node then reuses its activations
+        form = self._one_node_form(y)
+        if form is not None:  # the conditioner runs once, to invert; the node then reuses its activations
             check_layer_input(self, y, "y")
             weights = conditioner_weights(self.conditioner)
-            form = self.conditioner.form_of(y)
             with torch.no_grad():
                 condition = form_input(coupling_condition(y, self.mask, self.parity), form)
                 activations = conditioner_activations(condition, weights, self.conditioner.paddings())
