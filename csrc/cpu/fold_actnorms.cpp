@@ -14,8 +14,6 @@ namespace {
 // Tasks of about 16K entries.
 int64_t grain(int64_t row_size) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_size, 1)); }
 
-int64_t row_size(const at::Tensor& weight) { return weight.size(0) ? weight.numel() / weight.size(0) : 0; }
-
 std::tuple<at::Tensor, at::Tensor> fold_actnorms_cpu(const at::Tensor& weight1_in, const at::Tensor& log_scale1_in,
                                                      const at::Tensor& weight2_in, const at::Tensor& log_scale2_in) {
   check_fold_actnorms(weight1_in, log_scale1_in, weight2_in, log_scale2_in, {}, {}, "flowkern::fold_actnorms");
@@ -24,11 +22,8 @@ std::tuple<at::Tensor, at::Tensor> fold_actnorms_cpu(const at::Tensor& weight1_i
   at::Tensor folded1 = at::empty_like(weight1), folded2 = at::empty_like(weight2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight1.scalar_type(), "fold_actnorms_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const fold::Pair<scalar_t> pairs[] = {
-        {weight1.const_data_ptr<scalar_t>(), log_scale1.const_data_ptr<scalar_t>(),
-         folded1.mutable_data_ptr<scalar_t>(), weight1.size(0), row_size(weight1)},
-        {weight2.const_data_ptr<scalar_t>(), log_scale2.const_data_ptr<scalar_t>(),
-         folded2.mutable_data_ptr<scalar_t>(), weight2.size(0), row_size(weight2)}};
+    const fold::Pair<scalar_t> pairs[] = {fold::pair_of<scalar_t>(weight1, log_scale1, folded1),
+                                          fold::pair_of<scalar_t>(weight2, log_scale2, folded2)};
     for (const auto& p : pairs) {
       at::parallel_for(0, p.rows, grain(p.row_size), [&](int64_t begin, int64_t end) {
         for (int64_t o = begin; o < end; ++o) fold::fold_entries<scalar_t, acc_t>(p, o, 0, 1);
@@ -52,12 +47,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fold_actnorms_backwar
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight1.scalar_type(), "fold_actnorms_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const fold::GradPair<scalar_t> pairs[] = {
-        {grad1.const_data_ptr<scalar_t>(), weight1.const_data_ptr<scalar_t>(), log_scale1.const_data_ptr<scalar_t>(),
-         grad_weight1.mutable_data_ptr<scalar_t>(), grad_log_scale1.mutable_data_ptr<scalar_t>(), weight1.size(0),
-         row_size(weight1)},
-        {grad2.const_data_ptr<scalar_t>(), weight2.const_data_ptr<scalar_t>(), log_scale2.const_data_ptr<scalar_t>(),
-         grad_weight2.mutable_data_ptr<scalar_t>(), grad_log_scale2.mutable_data_ptr<scalar_t>(), weight2.size(0),
-         row_size(weight2)}};
+        fold::grad_pair_of<scalar_t>(grad1, weight1, log_scale1, grad_weight1, grad_log_scale1),
+        fold::grad_pair_of<scalar_t>(grad2, weight2, log_scale2, grad_weight2, grad_log_scale2)};
     for (const auto& p : pairs) {
       at::parallel_for(0, p.rows, grain(p.row_size), [&](int64_t begin, int64_t end) {
         for (int64_t o = begin; o < end; ++o) {

@@ -29,8 +29,6 @@ __global__ void fold_actnorms_backward_kernel(fold::GradPair<T> first, fold::Gra
   if (threadIdx.x == 0) p.grad_log_scale[o] = static_cast<T>(scale * total);
 }
 
-int64_t row_size(const at::Tensor& weight) { return weight.size(0) ? weight.numel() / weight.size(0) : 0; }
-
 dim3 grid_for(const at::Tensor& weight1, const at::Tensor& weight2, const char* op) {
   const int64_t rows = std::max(weight1.size(0), weight2.size(0));
   TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 output channels, got ", rows);
@@ -50,10 +48,7 @@ std::tuple<at::Tensor, at::Tensor> fold_actnorms_cuda(const at::Tensor& weight1_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight1.scalar_type(), "fold_actnorms_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     fold_actnorms_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream()>>>(
-        {weight1.const_data_ptr<scalar_t>(), log_scale1.const_data_ptr<scalar_t>(),
-         folded1.mutable_data_ptr<scalar_t>(), weight1.size(0), row_size(weight1)},
-        {weight2.const_data_ptr<scalar_t>(), log_scale2.const_data_ptr<scalar_t>(),
-         folded2.mutable_data_ptr<scalar_t>(), weight2.size(0), row_size(weight2)});
+        fold::pair_of<scalar_t>(weight1, log_scale1, folded1), fold::pair_of<scalar_t>(weight2, log_scale2, folded2));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {folded1, folded2};
@@ -75,12 +70,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fold_actnorms_backwar
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight1.scalar_type(), "fold_actnorms_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     fold_actnorms_backward_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream()>>>(
-        {grad1.const_data_ptr<scalar_t>(), weight1.const_data_ptr<scalar_t>(), log_scale1.const_data_ptr<scalar_t>(),
-         grad_weight1.mutable_data_ptr<scalar_t>(), grad_log_scale1.mutable_data_ptr<scalar_t>(), weight1.size(0),
-         row_size(weight1)},
-        {grad2.const_data_ptr<scalar_t>(), weight2.const_data_ptr<scalar_t>(), log_scale2.const_data_ptr<scalar_t>(),
-         grad_weight2.mutable_data_ptr<scalar_t>(), grad_log_scale2.mutable_data_ptr<scalar_t>(), weight2.size(0),
-         row_size(weight2)});
+        fold::grad_pair_of<scalar_t>(grad1, weight1, log_scale1, grad_weight1, grad_log_scale1),
+        fold::grad_pair_of<scalar_t>(grad2, weight2, log_scale2, grad_weight2, grad_log_scale2));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_weight1, grad_log_scale1, grad_weight2, grad_log_scale2};

@@ -1,8 +1,10 @@
 // A Glow conditioner's two ActNorms folded into the convolutions before them, per entry, shared by the CPU and
 // CUDA kernels: W_folded[o, k] = W[o, k]·e^log_scale[o]; backward ∂W[o, k] = ∂W_folded[o, k]·e^log_scale[o] and
-// ∂log_scale[o] = e^log_scale[o]·Σ_k ∂W_folded[o, k]·W[o, k]. Conventions: flowkern/reference/actnorm.py.
+// ∂log_scale[o] = e^log_scale[o]·Σ_k ∂W_folded[o, k]·W[o, k]; and the rows of both launchers' tensors.
+// Conventions: flowkern/reference/actnorm.py.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
@@ -30,6 +32,23 @@ struct GradPair {
   T* grad_log_scale;
   int64_t rows, row_size;
 };
+
+// The launchers' views of contiguous tensors: a weight (O, ...) has O rows of numel / O entries.
+inline int64_t row_size(const at::Tensor& weight) { return weight.size(0) ? weight.numel() / weight.size(0) : 0; }
+
+template <typename T>
+Pair<T> pair_of(const at::Tensor& weight, const at::Tensor& log_scale, at::Tensor& folded) {
+  return {weight.const_data_ptr<T>(), log_scale.const_data_ptr<T>(), folded.mutable_data_ptr<T>(), weight.size(0),
+          row_size(weight)};
+}
+
+template <typename T>
+GradPair<T> grad_pair_of(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& log_scale,
+                         at::Tensor& grad_weight, at::Tensor& grad_log_scale) {
+  return {grad.const_data_ptr<T>(),          weight.const_data_ptr<T>(),         log_scale.const_data_ptr<T>(),
+          grad_weight.mutable_data_ptr<T>(), grad_log_scale.mutable_data_ptr<T>(), weight.size(0),
+          row_size(weight)};
+}
 
 // Entries begin, begin + step, ... < row_size of row o.
 template <typename T, typename acc_t>
